@@ -1,0 +1,96 @@
+"""Dataset registry and DataLoader construction."""
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from Dataset.camvid import CamVid
+from Dataset.errors import DatasetError
+from Dataset.seg_transfo import eval_transform, train_transform
+from Dataset.specs import LOADABLE, SPECS, DatasetSpec
+
+__all__ = ["DATASETS", "DatasetError", "build_dataset", "build_loader", "data_loader",
+           "seed_worker"]
+
+# name -> builder(root, split, transform) -> Dataset. Synthetic shares CamVid's layout.
+DATASETS: dict[str, Callable[..., Dataset]] = {"CamVid": CamVid, "Synthetic": CamVid}
+assert set(DATASETS) == set(LOADABLE), "DATASETS and specs.LOADABLE must list the same names"
+
+
+def dataset_builder(name: str) -> Callable[..., Dataset]:
+    """The registered builder of ``name``; DatasetError for unknown or not-yet-loadable names."""
+    if name in DATASETS:
+        return DATASETS[name]
+    if name in SPECS:
+        raise DatasetError(f"dataset '{name}': loader not implemented yet "
+                           f"(loadable: {', '.join(DATASETS)})")
+    raise DatasetError(f"unknown dataset '{name}' (known: {', '.join(SPECS)})")
+
+
+def build_dataset(spec: DatasetSpec, root: str | Path, split: str,
+                  size: tuple[int, int] | None = None, train: bool = False) -> Dataset:
+    """One split of ``spec``'s dataset at ``size`` (H, W), with training or eval transforms."""
+    builder = dataset_builder(spec.name)
+    transform = train_transform(spec, size) if train else eval_transform(spec, size)
+    return builder(Path(root).expanduser(), split, transform)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python and numpy in a DataLoader worker from its torch seed (base seed + id)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _sampler(dataset: Dataset, train: bool, seed: int,
+             distributed: bool) -> DistributedSampler | None:
+    """DistributedSampler under DDP (shuffled and dropping the tail in training), else None.
+
+    Callers must call ``loader.sampler.set_epoch(epoch)`` each epoch for a new shuffle.
+    """
+    if not distributed:
+        return None
+    return DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+
+
+def _rank(distributed: bool) -> int:
+    """This process's rank under DDP, 0 otherwise."""
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0,
+                 seed: int = 0, distributed: bool = False) -> DataLoader:
+    """DataLoader over ``dataset``: shuffled full batches in training, ordered and complete in eval.
+
+    Under ``distributed`` each rank reads its share through a DistributedSampler (in eval
+    the sampler pads the last ranks with repeated images so every rank has as many).
+    Worker processes get seeds derived from ``seed`` (and the rank), so augmentations are
+    reproducible; numpy and python are seeded per worker by ``seed_worker``.
+    """
+    sampler = _sampler(dataset, train, seed, distributed)
+    per_rank = len(sampler) if sampler is not None else len(dataset)
+    if train and per_rank < bsize:
+        source = getattr(dataset, "list_file", type(dataset).__name__)
+        raise DatasetError(f"{source}: training split has {per_rank} image(s) per process, "
+                           f"fewer than one batch of {bsize}; lower the batch size")
+    generator = torch.Generator().manual_seed(seed + _rank(distributed))
+    return DataLoader(dataset, batch_size=bsize, shuffle=train and sampler is None,
+                      sampler=sampler, drop_last=train, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
+                      generator=generator)
+
+
+def data_loader(spec: DatasetSpec, root: str | Path, size: tuple[int, int] | None, bsize: int,
+                num_workers: int = 0, seed: int = 0,
+                distributed: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train, validation and test loaders of ``spec`` (its train/val/test split names)."""
+    loaders = []
+    for split, train in ((spec.train_split, True), (spec.val_split, False),
+                         (spec.test_split, False)):
+        dataset = build_dataset(spec, root, split, size, train)
+        loaders.append(build_loader(dataset, bsize, train, num_workers, seed, distributed))
+    return tuple(loaders)

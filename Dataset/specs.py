@@ -1,0 +1,85 @@
+"""Dataset specification registry: every per-dataset number lives here, once."""
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static facts and training presets of one dataset.
+
+    Label ids ``0 .. nclass - 1`` are the classes the SegNet predicts (``void_id``, when set,
+    is one of them); ``anomaly_ids`` only appear in OOD splits; ``ignore_id`` marks pixels
+    that count nowhere.
+    """
+
+    name: str
+    size: tuple[int, int]  # (H, W) the images are resized to
+    crop: tuple[int, int]  # pixels cropped at random from (H, W) before the resize, in training
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pos_weight: float  # BCE weight of the "SegNet is wrong" pixels
+    patch_size: tuple[int, int, int, int]  # attack region (H, W), shape size (min, max), at `size`
+    class_names: tuple[str, ...]  # names of the ids 0 .. nclass - 1
+    colors: tuple[tuple[int, int, int], ...]  # RGB per id, anomaly ids included
+    anomaly_ids: tuple[int, ...]
+    void_id: int | None = None  # a predicted class left out of mIoU and of OOD negatives
+    ignore_id: int | None = 255
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test_ood"
+
+    @property
+    def nclass(self) -> int:
+        """Number of classes the segmentation network predicts."""
+        return len(self.class_names)
+
+
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol",
+                  "Fence", "Car", "Pedestrian", "Bicyclist", "Void")
+CAMVID_COLORS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192),
+                 (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
+                 (0, 128, 192), (0, 0, 0), (255, 255, 0))
+
+SPECS: dict[str, DatasetSpec] = {
+    "CamVid": DatasetSpec(
+        name="CamVid", size=(360, 480), crop=(50, 80),
+        mean=(0.4108, 0.4240, 0.4316), std=(0.3066, 0.3111, 0.3068), pos_weight=2.0,
+        patch_size=(128, 128, 60, 80), class_names=CAMVID_CLASSES, colors=CAMVID_COLORS,
+        anomaly_ids=(12,), void_id=11),
+    # Generated road scenes in the CamVid layout and label set (Dataset/synthetic.py).
+    "Synthetic": DatasetSpec(
+        name="Synthetic", size=(96, 128), crop=(12, 16),
+        mean=(0.45, 0.45, 0.45), std=(0.25, 0.25, 0.25), pos_weight=2.0,
+        patch_size=(40, 40, 14, 22), class_names=CAMVID_CLASSES, colors=CAMVID_COLORS,
+        anomaly_ids=(12,), void_id=11),
+    "StreetHazard": DatasetSpec(
+        name="StreetHazard", size=(360, 640), crop=(80, 150),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_weight=3.0, patch_size=(300, 360, 160, 200),
+        class_names=("unlabeled", "building", "fence", "other", "pedestrian", "pole",
+                     "road line", "road", "sidewalk", "vegetation", "car", "wall",
+                     "traffic sign"),
+        colors=((0, 0, 0), (70, 70, 70), (190, 153, 153), (250, 170, 160), (220, 20, 60),
+                (153, 153, 153), (157, 234, 50), (128, 64, 128), (244, 35, 232),
+                (107, 142, 35), (0, 0, 142), (102, 102, 156), (220, 220, 0), (255, 255, 255)),
+        anomaly_ids=(13,), void_id=0, train_split="train", val_split="validation",
+        test_split="test"),
+    "BddAnomaly": DatasetSpec(
+        name="BddAnomaly", size=(360, 640), crop=(80, 150),
+        mean=(0.3698, 0.4145, 0.4247), std=(0.2525, 0.2695, 0.2870), pos_weight=3.0,
+        patch_size=(300, 360, 160, 200),
+        class_names=("other", "road", "sidewalk", "building", "wall", "fence", "pole",
+                     "traffic light", "traffic sign", "vegetation", "terrain", "sky",
+                     "person", "rider", "car", "truck", "bus"),
+        colors=((0, 0, 0), (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156),
+                (190, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0),
+                (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+                (0, 0, 142), (0, 0, 70), (0, 60, 100), (255, 255, 255), (255, 255, 255),
+                (255, 255, 255)),
+        anomaly_ids=(17, 18, 19), void_id=0, train_split="train", val_split="validation",
+        test_split="test"),
+}
+
+# Datasets whose loader exists in this version; the others are declared for their numbers.
+LOADABLE = ("CamVid", "Synthetic")

@@ -1,0 +1,124 @@
+"""Building blocks shared by the SegNet and the observer networks.
+
+Attribute names (``convN.cbr_unit``) follow the original project so that its checkpoints
+load strictly.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def scaled(channels: int, width_mult: float) -> int:
+    """Channel count of a layer at a given width multiplier (at least 1)."""
+    return max(1, int(round(channels * width_mult)))
+
+
+class ConvBNReLU(nn.Module):
+    """3x3 convolution, batch norm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.cbr_unit = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.cbr_unit(x)
+
+
+def _add_convs(module: nn.Module, channels: list[int]) -> None:
+    """Register conv1..convN as ConvBNReLU layers chaining ``channels``."""
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:]), start=1):
+        module.add_module(f"conv{i}", ConvBNReLU(cin, cout))
+
+
+class EncoderBlock(nn.Module):
+    """``n_convs`` conv layers then a 2x2 max-pool that also returns its indices."""
+
+    def __init__(self, in_channels: int, out_channels: int, n_convs: int):
+        super().__init__()
+        _add_convs(self, [in_channels] + [out_channels] * n_convs)
+        self.n_convs = n_convs
+
+    def forward(self, x):
+        """Return (pooled map, pooling indices, shape before pooling)."""
+        for i in range(1, self.n_convs + 1):
+            x = getattr(self, f"conv{i}")(x)
+        pooled, indices = F.max_pool2d(x, 2, 2, return_indices=True)
+        return pooled, indices, x.shape
+
+
+class DecoderBlock(nn.Module):
+    """Upsampling (max-unpool with indices, or nearest x2 without) then ``n_convs`` conv layers.
+
+    All layers keep ``in_channels`` except the last, which maps to ``out_channels``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, n_convs: int):
+        super().__init__()
+        _add_convs(self, [in_channels] * n_convs + [out_channels])
+        self.n_convs = n_convs
+
+    def forward(self, x, indices=None, output_shape=None):
+        if indices is None:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            x = F.max_unpool2d(x, indices, 2, 2, output_size=output_shape[-2:])
+        for i in range(1, self.n_convs + 1):
+            x = getattr(self, f"conv{i}")(x)
+        return x
+
+
+class EncoderDecoder(nn.Module):
+    """The SegNet topology: five encoder blocks, five decoder blocks joined by pool indices.
+
+    ``dropout`` gives the dropout rate applied after down3, down4, down5, up5, up4 and up3
+    (the original's placement). ``forward`` optionally adds external feature maps (one per
+    block, the SegNet's) to the input of every block after the first: the observer's path.
+    """
+
+    DROPOUT_AFTER = ("down3", "down4", "down5", "up5", "up4", "up3")
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: tuple, width_mult: float):
+        super().__init__()
+        c64, c128, c256, c512 = (scaled(c, width_mult) for c in (64, 128, 256, 512))
+        self.down1 = EncoderBlock(in_channels, c64, 2)
+        self.down2 = EncoderBlock(c64, c128, 2)
+        self.down3 = EncoderBlock(c128, c256, 3)
+        self.down4 = EncoderBlock(c256, c512, 3)
+        self.down5 = EncoderBlock(c512, c512, 3)
+        self.up5 = DecoderBlock(c512, c512, 3)
+        self.up4 = DecoderBlock(c512, c256, 3)
+        self.up3 = DecoderBlock(c256, c128, 3)
+        self.up2 = DecoderBlock(c128, c64, 2)
+        self.up1 = DecoderBlock(c64, out_channels, 2)
+        self.dropout = dict(zip(self.DROPOUT_AFTER, dropout))
+
+    def _drop(self, name, x, force):
+        p = self.dropout.get(name, 0.0)
+        return F.dropout(x, p, training=self.training or force) if p > 0 else x
+
+    def run(self, x, extra=None, mc_drop=False):
+        """Forward pass; returns the 10 block outputs, down1 .. down5, up5 .. up1.
+
+        ``extra``: 9 maps added to the inputs of down2 .. down5, up5 .. up1.
+        ``mc_drop``: keep dropout active even in eval mode (Monte Carlo dropout).
+        """
+        names_down = ("down1", "down2", "down3", "down4", "down5")
+        outputs, pools = [], []
+        for i, name in enumerate(names_down):
+            if i > 0 and extra is not None:
+                x = x + extra[i - 1]
+            x, indices, shape = getattr(self, name)(x)
+            outputs.append(x)
+            pools.append((indices, shape))
+            x = self._drop(name, x, mc_drop)
+        for i, name in enumerate(("up5", "up4", "up3", "up2", "up1")):
+            if extra is not None:
+                x = x + extra[4 + i]
+            indices, shape = pools[4 - i]
+            x = getattr(self, name)(x, indices, shape)
+            outputs.append(x)
+            x = self._drop(name, x, mc_drop)
+        return outputs

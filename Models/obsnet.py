@@ -1,0 +1,54 @@
+"""Observer networks: predict, per pixel, whether the SegNet is wrong."""
+import torch
+import torch.nn as nn
+
+from Models.blocks import DecoderBlock, EncoderDecoder, scaled
+
+OBSNET_DROPOUT = (0.1,) * 6
+
+
+class Obsnet_Seg(EncoderDecoder):  # noqa: N801  (the original's class name)
+    """The SegNet's mirror: every block's input also receives the SegNet's matching map.
+
+    Returns one logit per pixel (B×1×H×W); higher = the SegNet is more likely wrong.
+    """
+
+    def __init__(self, input_channels: int = 3, output_channels: int = 1, width_mult: float = 1.0):
+        super().__init__(input_channels, output_channels, OBSNET_DROPOUT, width_mult)
+        self.fc = nn.Conv2d(output_channels, output_channels, kernel_size=1)
+
+    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
+                no_img: bool = False):
+        """``feat``: the SegNet's 10 block outputs; the first 9 are added along the path.
+
+        ``no_residual`` drops the SegNet's maps, ``no_img`` the image (ablations).
+        """
+        extra = None if no_residual else feat[:9]
+        if no_img:
+            x = torch.zeros_like(x)
+        return self.fc(self.run(x, extra=extra, mc_drop=mc_drop)[-1])
+
+
+class Obsnet_Small(nn.Module):  # noqa: N801
+    """A light observer that decodes only the SegNet's up4 map (``--obs_mlp``)."""
+
+    FEATURE_INDEX = 6  # up4 in the SegNet's feature list: 256 channels at 1/8 resolution
+
+    def __init__(self, input_channels: int = 512, output_channels: int = 1, width_mult: float = 1.0):
+        super().__init__()
+        c64, c128, c256 = (scaled(c, width_mult) for c in (64, 128, 256))
+        self.up3 = DecoderBlock(c256, c128, 3)
+        self.dropout_p = 0.3
+        self.up2 = DecoderBlock(c128, c64, 2)
+        self.up1 = DecoderBlock(c64, output_channels, 2)
+        self.fc = nn.Conv2d(output_channels, output_channels, kernel_size=1)
+
+    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
+                no_img: bool = False):
+        """Upsample the SegNet's up4 map x8 to one logit per pixel (``x`` is unused)."""
+        up3 = self.up3(feat[self.FEATURE_INDEX])
+        up3 = nn.functional.dropout(up3, self.dropout_p, training=self.training or mc_drop)
+        logits = self.fc(self.up1(self.up2(up3)))
+        if logits.shape[-2:] != x.shape[-2:]:  # sizes not divisible by 8
+            logits = nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear")
+        return logits

@@ -1,0 +1,148 @@
+"""Local adversarial attacks (LAA): one FGSM step on the SegNet inside a random mask.
+
+Masks are generated in torch on the images' device, vectorised over the batch.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Resolved ``--adv`` / ``--epsilon`` settings (see ``parse_attack``)."""
+
+    mode: str  # "min": raise the loss of the true class; "max": push towards a random class
+    mask: str  # a key of MASKS
+    epsilon: float
+    patch_size: tuple[int, int, int, int]  # region (H, W), shape size (min, max), in pixels
+    nclass: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    noise_std: float = 0.03  # noise added inside the mask first, for more diverse attacks
+
+
+def _place_regions(local: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Paste B local masks (B×h×w) at uniformly random positions in B×H×W zero masks."""
+    b, h, w = local.shape
+    dev = local.device
+    top = torch.randint(0, height - h + 1, (b, 1), device=dev)
+    left = torch.randint(0, width - w + 1, (b, 1), device=dev)
+    rows = (top + torch.arange(h, device=dev))[:, :, None]
+    cols = (left + torch.arange(w, device=dev))[:, None, :]
+    full = torch.zeros(b, height, width, device=dev)
+    full[torch.arange(b, device=dev)[:, None, None], rows, cols] = local.float()
+    return full
+
+
+def _region(patch_size, height, width):
+    """The attack region's size and shape sizes, shrunk to fit the image."""
+    h, w = min(patch_size[0], height), min(patch_size[1], width)
+    smin = max(1, min(patch_size[2], h, w))
+    return h, w, smin, max(smin, min(patch_size[3], h, w))
+
+
+def random_shapes(b: int, h: int, w: int, smin: int, smax: int, device) -> torch.Tensor:
+    """B×h×w masks, each the union of 6 to 10 random rectangles, ellipses and triangles."""
+    k = 10
+    active = torch.arange(k, device=device) < torch.randint(6, k + 1, (b, 1), device=device)
+    size = lambda: torch.empty(b, k, 1, 1, device=device).uniform_(smin, smax) / 2  # noqa: E731
+    half_h, half_w = size(), size()
+    cy = torch.rand(b, k, 1, 1, device=device) * h
+    cx = torch.rand(b, k, 1, 1, device=device) * w
+    dy = (torch.arange(h, device=device).view(1, 1, h, 1) - cy) / half_h
+    dx = (torch.arange(w, device=device).view(1, 1, 1, w) - cx) / half_w
+    kind = torch.randint(0, 3, (b, k, 1, 1), device=device)
+    inside = torch.where(kind == 0, torch.maximum(dy.abs(), dx.abs()) <= 1,
+                         torch.where(kind == 1, dy ** 2 + dx ** 2 <= 1,
+                                     (dy.abs() <= 1) & (dx.abs() <= (dy + 1) / 2)))
+    return (inside & active[:, :, None, None]).any(dim=1)
+
+
+def mask_all_image(images, labels, cfg):
+    """Attack every pixel."""
+    return torch.ones_like(images[:, :1])
+
+
+def mask_pixels_sparse(images, labels, cfg, rate: float = 0.05):
+    """Attack a random 5% of the pixels."""
+    return (torch.rand_like(images[:, :1]) < rate).float()
+
+
+def mask_class(images, labels, cfg):
+    """Attack all pixels of one class drawn among those present in each image."""
+    b = labels.shape[0]
+    valid = (labels >= 0) & (labels < cfg.nclass)
+    flat = (labels + cfg.nclass * torch.arange(b, device=labels.device).view(b, 1, 1))[valid]
+    present = torch.bincount(flat, minlength=b * cfg.nclass).view(b, cfg.nclass) > 0
+    draw = torch.rand(b, cfg.nclass, device=labels.device).masked_fill(~present, -1.0)
+    chosen = draw.argmax(dim=1).view(b, 1, 1)
+    return (labels == chosen).unsqueeze(1).float()
+
+
+def mask_square_patch(images, labels, cfg):
+    """Attack one square region of the patch size at a random position."""
+    b, _, height, width = images.shape
+    h, w, _, _ = _region(cfg.patch_size, height, width)
+    return _place_regions(torch.ones(b, h, w, device=images.device), height, width).unsqueeze(1)
+
+
+def mask_random_patch(images, labels, cfg):
+    """Attack random shapes drawn inside a region of the patch size at a random position."""
+    b, _, height, width = images.shape
+    h, w, smin, smax = _region(cfg.patch_size, height, width)
+    local = random_shapes(b, h, w, smin, smax, images.device)
+    return _place_regions(local, height, width).unsqueeze(1)
+
+
+MASKS = {
+    "all_image": mask_all_image,
+    "pixels_sparse": mask_pixels_sparse,
+    "class": mask_class,
+    "square_patch": mask_square_patch,
+    "random_patch": mask_random_patch,
+}
+ATTACK_CHOICES = ("none",) + tuple(f"{m}_{k}" for m in MODES for k in MASKS)
+
+
+def parse_attack(name: str):
+    """Split an ``--adv`` value into (mode, mask name); None for "none"."""
+    if name == "none":
+        return None
+    mode, _, mask = name.partition("_")
+    if mode not in MODES or mask not in MASKS:
+        raise ValueError(f"--adv {name}: expected one of {', '.join(ATTACK_CHOICES)}")
+    return mode, mask
+
+
+def _valid_range(cfg, device):
+    """Per-channel bounds of a normalised image whose pixels lie in [0, 1]."""
+    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+    return -mean / std, (1 - mean) / std
+
+
+def fgsm(segnet, images, labels, mask, cfg: AttackConfig) -> torch.Tensor:
+    """One signed-gradient step of size epsilon inside ``mask``; SegNet weights get no grad."""
+    x = (images + cfg.noise_std * torch.randn_like(images) * mask).detach().requires_grad_(True)
+    logits = segnet(x)
+    if cfg.mode == "min":
+        target = labels.masked_fill((labels < 0) | (labels >= cfg.nclass), -100)
+        direction = 1.0  # up the true class's loss
+    else:
+        fake = torch.randint(0, cfg.nclass, (labels.shape[0], 1, 1), device=labels.device)
+        target, direction = fake.expand_as(labels), -1.0  # down the loss of a random class
+    loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
+    (grad,) = torch.autograd.grad(loss, x)  # gradient w.r.t. the input only
+    lo, hi = _valid_range(cfg, images.device)
+    adv = x.detach() + direction * cfg.epsilon * grad.sign() * mask
+    adv = torch.maximum(torch.minimum(adv, hi), lo)
+    return torch.where(mask > 0, adv, images.detach())
+
+
+def select_attack(images, labels, segnet, cfg: AttackConfig):
+    """Attack a batch; returns (attacked images, B×1×H×W mask)."""
+    mask = MASKS[cfg.mask](images, labels, cfg)
+    return fgsm(segnet, images, labels, mask, cfg), mask

@@ -1,0 +1,122 @@
+"""One evaluation pass: the SegNet once per batch, every method, streaming meters."""
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from Dataset.specs import DatasetSpec
+from Utils.metrics import ConfusionMeter, OODMeter
+from Utils.uncertainty import METHODS, EvalBatch, MethodConfig
+
+
+class _Meters:
+    """Meters of one method: OOD protocol, error protocol and time."""
+
+    def __init__(self):
+        self.ood, self.error, self.seconds = OODMeter(), OODMeter(), 0.0
+
+
+def _label_masks(labels: torch.Tensor, pred: torch.Tensor, spec: DatasetSpec, nclass: int):
+    """Error-protocol target/valid and OOD-protocol target/valid masks (see DESIGN.md)."""
+    anomaly = torch.isin(labels, torch.tensor(spec.anomaly_ids, device=labels.device))
+    labelled = ((labels >= 0) & (labels < nclass)) | anomaly
+    if spec.ignore_id is not None:
+        labelled &= labels != spec.ignore_id
+    ood_valid = labelled if spec.void_id is None else labelled & (labels != spec.void_id)
+    return pred != labels, labelled, anomaly, ood_valid
+
+
+def _timed(fn, device):
+    """Run ``fn`` and return (result, seconds), waiting for the GPU when there is one."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device):
+    """Run every method on one batch and feed its meters."""
+    error, err_valid, anomaly, ood_valid = masks
+    for name in names:
+        method = METHODS[name]
+        scores, seconds = _timed(lambda: method.fn(batch, cfg), device)
+        if torch.isnan(scores).any():
+            raise FloatingPointError(f"method '{name}' produced NaN scores")
+        m = meters[name]
+        m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
+        probs = method.to_prob(scores)
+        m.error.update(scores, error, err_valid, probs=probs)
+        m.ood.update(scores, anomaly, ood_valid)
+
+
+@torch.no_grad()
+def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
+             nclass: int, split: str, amp: bool = False, progress: bool = True):
+    """Evaluate the methods ``names`` over ``loader``; returns (results dict, first batch maps).
+
+    Pixels are pooled over the whole split; meters are summed across DDP ranks.
+    """
+    segnet.eval()
+    if obsnet is not None:
+        obsnet.eval()
+    meters = {name: _Meters() for name in names}
+    confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    n_images, preview = 0, None
+    for images, labels in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            feats, forward_seconds = _timed(lambda: segnet(images, return_feat=True), device)
+            batch = EvalBatch(images, segnet, obsnet, feats)
+            pred = feats[-1].argmax(dim=1)
+            confusion.update(pred, labels)
+            masks = _label_masks(labels, pred, spec, nclass)
+            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device)
+        if preview is None:
+            preview = _preview(batch, names, cfg, labels, pred, masks[0])
+        n_images += len(images)
+    return _results(split, confusion, meters, n_images, spec, device), preview
+
+
+def _preview(batch, names, cfg, labels, pred, error, count: int = 4):
+    """Maps of the first images of the split, for TensorBoard (a fixed set of images)."""
+    first = EvalBatch(batch.images[:count], batch.segnet, batch.obsnet,
+                      [f[:count] for f in batch.feats])
+    maps = {name: METHODS[name].fn(first, cfg).float().cpu() for name in names}
+    return {"images": first.images.float().cpu(), "labels": labels[:count].cpu(),
+            "pred": pred[:count].cpu(), "error": error[:count].float().cpu(), "maps": maps}
+
+
+def _reduce_time(seconds: float, device) -> float:
+    """Total seconds over DDP ranks (each rank timed its own images)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.item()
+    return seconds
+
+
+def _results(split, confusion, meters, n_images, spec, device):
+    """Reduce the meters across ranks and build the results dictionary."""
+    confusion.all_reduce()
+    seg = confusion.compute()
+    n_total = int(_reduce_time(float(n_images), device))
+    out = {"split": split, "n_images": n_total,
+           "segnet": {"miou": seg["miou"], "pixel_acc": seg["pixel_acc"],
+                      "iou": dict(zip(spec.class_names, seg["iou"]))},
+           "methods": {}}
+    for name, m in meters.items():
+        m.error.all_reduce()
+        m.ood.all_reduce()
+        err, ood = m.error.compute(), m.ood.compute()
+        entry = {"error": {"auroc": err["auroc"], "aupr_error": err["ap"],
+                           "aupr_success": err["ap_neg"], "fpr95": err["fpr95_neg"],
+                           "ace": err.get("ace")},
+                 "ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1)}
+        if ood["n_pos"] > 0:
+            entry["ood"] = {"auroc": ood["auroc"], "aupr": ood["ap"], "fpr95": ood["fpr95"]}
+        out["methods"][name] = entry
+    return out

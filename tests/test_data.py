@@ -1,0 +1,216 @@
+"""Tests of the CamVid-layout dataset, the joint transforms and the loaders (generated data)."""
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from Dataset.camvid import CamVid
+from Dataset.errors import DatasetError
+from Dataset.load_data import build_dataset, build_loader, data_loader
+from Dataset.seg_transfo import denormalize, eval_transform, train_transform
+from Dataset.specs import SPECS
+
+H, W = 48, 64
+SPEC = replace(SPECS["Synthetic"], size=(H, W), crop=(8, 12))
+SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/camvid-sample"
+SPLITS = {"train": ("train", "trainannot", 4, 12), "val": ("val", "valannot", 2, 12),
+          "test_ood": ("test_ood", "testannot_ood", 2, 13)}
+
+
+def _write_pair(root: Path, img_dir: str, ann_dir: str, name: str, nids: int, rng,
+                label_size: tuple[int, int] = (H, W)) -> tuple[str, str]:
+    """One random RGB image and label PNG; returns their paths relative to root."""
+    (root / img_dir).mkdir(exist_ok=True)
+    (root / ann_dir).mkdir(exist_ok=True)
+    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    label = rng.integers(0, nids, label_size, dtype=np.uint8)
+    Image.fromarray(image).save(root / img_dir / name)
+    Image.fromarray(label).save(root / ann_dir / name)
+    return f"{img_dir}/{name}", f"{ann_dir}/{name}"
+
+
+def make_camvid(root: Path, absolute: bool = False) -> Path:
+    """A tiny CamVid-layout folder; list files relative, or absolute as the SegNet tutorial's."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, (img_dir, ann_dir, count, nids) in SPLITS.items():
+        pairs = [_write_pair(root, img_dir, ann_dir, f"f{i:03d}.png", nids, rng)
+                 for i in range(count)]
+        prefix = "/SegNet/CamVid/" if absolute else ""
+        lines = [f"{prefix}{img} {prefix}{ann}" for img, ann in pairs]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def camvid(tmp_path) -> Path:
+    return make_camvid(tmp_path / "camvid")
+
+
+def _stripes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Image whose red channel encodes the label; labels increase left to right (6 columns)."""
+    label = (torch.arange(W) * 6 // W).repeat(H, 1).to(torch.uint8)
+    image = torch.zeros(3, H, W, dtype=torch.uint8)
+    image[0] = label * 40
+    return image, label
+
+
+def _as_tv(image, label):
+    """Wrap plain tensors the way the dataset hands them to a transform."""
+    return tv_tensors.Image(image), tv_tensors.Mask(label)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_list_files_relative_and_absolute(tmp_path, absolute):
+    root = make_camvid(tmp_path / "cv", absolute=absolute)
+    data = CamVid(root, "train", eval_transform(SPEC))
+    assert len(data) == 4
+    assert data.samples[0][0] == root / "train" / "f000.png"
+    image, label = data[0]
+    assert image.shape == (3, H, W) and image.dtype == torch.float32
+    assert label.shape == (H, W) and label.dtype == torch.int64
+    assert type(image) is torch.Tensor and type(label) is torch.Tensor
+
+
+def test_root_trailing_slash_and_relative(camvid, monkeypatch):
+    monkeypatch.chdir(camvid.parent)
+    for root in (f"{camvid}/", "camvid", "camvid/"):
+        assert len(build_dataset(SPEC, root, "val", (H, W), train=False)) == 2
+
+
+def test_loaders_shapes_and_batches(camvid):
+    train, val, test = data_loader(SPEC, camvid, (32, 40), bsize=3)
+    assert len(train) == 1 and len(val) == 1 and len(test) == 1  # drop_last only in training
+    images, labels = next(iter(train))
+    assert images.shape == (3, 3, 32, 40) and labels.shape == (3, 32, 40)
+    assert labels.dtype == torch.int64 and int(labels.max()) <= 11
+    assert int(next(iter(test))[1].max()) == 12
+
+
+def test_flip_moves_image_and_label_together():
+    image, label = _stripes()
+    out_img, out_lab = train_transform(SPEC, (H, W), hflip_p=1.0, jitter=0)(*_as_tv(image, label))
+    decoded = torch.round(denormalize(out_img, SPEC)[0] * 255 / 40).long()
+    assert out_lab[:, 0].float().mean() > out_lab[:, -1].float().mean()  # flipped: decreasing
+    assert (decoded == out_lab).float().mean() > 0.9  # bilinear blurs only stripe borders
+
+
+def test_default_augmentation_keeps_alignment():
+    image, label = _stripes()
+    transform = train_transform(SPEC, (H, W))
+    flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out_img, out_lab = transform(*_as_tv(image, label))
+        # Jitter is monotone in red here, so image and label must share their orientation.
+        lab_dir = out_lab[:, -1].float().mean() > out_lab[:, 0].float().mean()
+        img_dir = out_img[0, :, -1].mean() > out_img[0, :, 0].mean()
+        assert lab_dir == img_dir
+        flips.add(bool(lab_dir))
+    assert flips == {True, False}
+
+
+def test_resize_keeps_label_ids():
+    label = torch.tensor([[0, 3, 7, 11]], dtype=torch.uint8).repeat_interleave(12, 0)
+    label = label.repeat_interleave(16, 1)
+    image = torch.zeros(3, *label.shape, dtype=torch.uint8)
+    for transform in (eval_transform(SPEC, (31, 45)), train_transform(SPEC, (31, 45))):
+        _, out = transform(*_as_tv(image, label))
+        assert out.shape == (31, 45)
+        assert set(out.unique().tolist()) <= {0, 3, 7, 11}
+
+
+def test_eval_transform_deterministic(camvid):
+    data = CamVid(camvid, "val", eval_transform(SPEC, (40, 56)))
+    first, second = data[1], data[1]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    raw = np.asarray(Image.open(camvid / "val" / "f001.png"), dtype=np.float32) / 255
+    back = denormalize(CamVid(camvid, "val", eval_transform(SPEC))[1][0][None], SPEC)[0]
+    assert np.allclose(back.permute(1, 2, 0).numpy(), raw, atol=1e-5)
+
+
+def _break(root: Path, split: str, line: str) -> None:
+    """Append one line to a list file."""
+    with open(root / f"{split}.txt", "a") as handle:
+        handle.write(line + "\n")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_root", "nowhere"),
+    ("missing_list", "train.txt"),
+    ("malformed", "val.txt:3: expected 2 fields"),
+    ("missing_image", "val.txt:3: image file not found"),
+    ("missing_annotation", "val.txt:3: annotation file not found"),
+])
+def test_bad_inputs_raise_dataset_error(camvid, case, expected):
+    split, root = ("train" if case == "missing_list" else "val"), camvid
+    if case == "missing_root":
+        root = camvid / "nowhere"
+    elif case == "missing_list":
+        (camvid / "train.txt").unlink()
+    elif case == "malformed":
+        _break(camvid, "val", "val/f000.png valannot/f000.png extra")
+    elif case == "missing_image":
+        _break(camvid, "val", "val/ghost.png valannot/f000.png")
+    else:
+        _break(camvid, "val", "val/f000.png /SegNet/CamVid/valannot/ghost.png")
+    with pytest.raises(DatasetError, match=expected) as info:
+        CamVid(root, split)
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_size_mismatch_names_both_files(camvid):
+    img, ann = _write_pair(camvid, "val", "valannot", "odd.png", 12, np.random.default_rng(1),
+                           label_size=(H, W - 1))
+    (camvid / "val.txt").write_text(f"{img} {ann}\n")
+    with pytest.raises(DatasetError, match=r"size mismatch.*val/odd\.png.*valannot/odd\.png"):
+        CamVid(camvid, "val")[0]
+
+
+def test_palette_labels_read_as_indices_and_rgb_rejected(camvid):
+    label = np.asarray(Image.open(camvid / "valannot" / "f000.png"))
+    palette = Image.fromarray(label).convert("P")
+    palette.putpalette([v for c in SPEC.colors for v in c])
+    palette.save(camvid / "valannot" / "f000.png")
+    assert np.array_equal(CamVid(camvid, "val")[0][1].numpy(), label)
+    Image.fromarray(label).convert("RGB").save(camvid / "valannot" / "f001.png")
+    with pytest.raises(DatasetError, match=r"valannot/f001\.png.*mode RGB"):
+        CamVid(camvid, "val")[1]
+
+
+def test_train_split_smaller_than_batch(camvid):
+    with pytest.raises(DatasetError, match=r"train\.txt.*4 image.*batch of 5"):
+        build_loader(CamVid(camvid, "train"), bsize=5, train=True)
+    assert len(build_loader(CamVid(camvid, "val"), bsize=5, train=False)) == 1
+
+
+def test_unimplemented_loader_is_reported(camvid):
+    with pytest.raises(DatasetError, match="StreetHazard.*not implemented"):
+        build_dataset(SPECS["StreetHazard"], camvid, "train", None, train=True)
+
+
+def test_seeded_loader_is_reproducible(camvid):
+    def first_batch():
+        data = build_dataset(SPEC, camvid, "train", (H, W), train=True)
+        return next(iter(build_loader(data, 2, train=True, num_workers=1, seed=3)))
+    (img_a, lab_a), (img_b, lab_b) = first_batch(), first_batch()
+    assert torch.equal(img_a, img_b) and torch.equal(lab_a, lab_b)
+
+
+def test_real_camvid_sample():
+    if not SAMPLE.is_dir():
+        pytest.skip(f"real CamVid sample not found at {SAMPLE}")
+    spec = SPECS["CamVid"]
+    train = build_dataset(spec, SAMPLE, "train", spec.size, train=True)
+    val = build_dataset(spec, SAMPLE, "val", spec.size, train=False)
+    test = build_dataset(spec, SAMPLE, "test_ood", spec.size, train=False)
+    assert (len(train), len(val), len(test)) == (6, 2, 3)
+    image, label = train[0]
+    assert image.shape == (3, 360, 480) and image.dtype == torch.float32
+    assert -3 < image.mean() < 3 and image.std() > 0.3  # normalised, not [0, 255] or [0, 1]
+    assert int(label.max()) <= 11 and label.dtype == torch.int64
+    assert 12 in test[0][1].unique().tolist()

@@ -1,0 +1,104 @@
+"""One training epoch: of the observer against the frozen SegNet, or of the SegNet itself."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from Utils.adv_attack import AttackConfig, select_attack
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    """What an observer training step needs beyond the networks (from the command line)."""
+
+    attack: AttackConfig | None  # None: train on clean images (--adv none)
+    noise: float = 0.0  # std of Gaussian noise added to the inputs (--noise)
+    drop: bool = False  # dropout active in the SegNet (--drop)
+    no_residual: bool = False
+    no_img: bool = False
+    log_every: int = 10
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+
+
+def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig):
+    """Attack, SegNet forward, error map, observer forward; returns (loss, error map, logits)."""
+    if cfg.noise > 0:
+        images = images + cfg.noise * torch.randn_like(images)
+    if cfg.attack is not None:
+        images, _ = select_attack(images, labels, segnet, cfg.attack)
+    with torch.no_grad():
+        feats = segnet(images, mc_drop=cfg.drop, return_feat=True)
+        error = (feats[-1].argmax(dim=1) != labels).float()
+    logits = obsnet(images, feats, no_residual=cfg.no_residual, no_img=cfg.no_img).squeeze(1)
+    return criterion(logits.float(), error), error, logits
+
+
+def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,
+                         cfg: ObserverConfig, writer=None, progress=True) -> dict:
+    """Train the observer for one epoch; returns mean loss and accuracies."""
+    obsnet.train()
+    segnet.eval()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
+    bar = tqdm(loader, desc=f"ObsNet epoch {epoch}", leave=False, disable=not progress)
+    for step, (images, labels) in enumerate(bar):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            totals[:3] += torch.stack([loss.detach().double(),
+                                       ((logits > 0).float() == error).sum().double(),
+                                       (error == 0).sum().double()])
+            totals[3] += error.numel()
+        if step % cfg.log_every == 0:
+            _check_finite(loss, epoch, step)
+            _log_step(writer, bar, "Train/obsnet_loss", loss, epoch * len(loader) + step)
+    return _epoch_summary(totals, len(loader))
+
+
+def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
+                       progress=True, log_every: int = 10) -> dict:
+    """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored)."""
+    segnet.train()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    bar = tqdm(loader, desc=f"SegNet epoch {epoch}", leave=False, disable=not progress)
+    for step, (images, labels) in enumerate(bar):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        target = labels.masked_fill((labels < 0) | (labels >= nclass), -100)
+        logits = segnet(images)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            valid = target >= 0
+            correct = ((logits.argmax(1) == target) & valid).sum()
+            totals += torch.stack([loss.detach().double(), correct.double(), correct.double(),
+                                   valid.sum().double()])
+        if step % log_every == 0:
+            _check_finite(loss, epoch, step)
+            _log_step(writer, bar, "Train/segnet_loss", loss, epoch * len(loader) + step)
+    return _epoch_summary(totals, len(loader))
+
+
+def _log_step(writer, bar, tag, loss, global_step):
+    value = loss.item()
+    bar.set_postfix(loss=f"{value:.4f}")
+    if writer is not None:
+        writer.add_scalar(tag, value, global_step)
+
+
+def _epoch_summary(totals: torch.Tensor, n_steps: int) -> dict:
+    """Reduce across DDP ranks and turn the running sums into means."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+        n_steps *= torch.distributed.get_world_size()
+    loss, obs_ok, seg_ok, pixels = totals.tolist()
+    return {"loss": loss / max(n_steps, 1), "obsnet_acc": obs_ok / max(pixels, 1),
+            "segnet_acc": seg_ok / max(pixels, 1)}
