@@ -13,7 +13,7 @@ from tqdm import tqdm
 from Dataset.errors import DatasetError
 from Dataset.load_data import build_dataset, build_loader
 from Dataset.specs import LOADABLE, SPECS
-from Dataset.synthetic import ensure_synthetic
+from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
 from Models.load_net import (CheckpointError, build_models, init_from_segnet, load_checkpoint,
                              load_weights, save_checkpoint)
@@ -33,11 +33,10 @@ NOT_YET = {  # flags accepted by the parser whose feature is planned, not built 
 # `python main.py` with no argument: the three stages of the demo, each a plain command line.
 DEMO_COMMON = ["--data", "Synthetic", "--dset_folder", "data/Synthetic", "--segnet_file",
                "ckpt/demo/segnet.pth", "--obsnet_file", "ckpt/demo/", "--tboard", "logs/demo",
-               "--width_mult", "0.25", "--seed", "0", "--bsize", "8"]
+               "--width_mult", "0.125", "--seed", "0", "--bsize", "8"]
 DEMO_STAGES = [
-    ["--train_segnet", "--epoch", "12", "--optim", "AdamW", "--lr", "0.003"],
-    ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "8", "--optim", "AdamW",
-     "--lr", "0.001"],
+    ["--train_segnet", "--epoch", "24", "--optim", "AdamW", "--lr", "0.003"],
+    ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5"],
     ["--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "20"],
 ]
 
@@ -155,12 +154,18 @@ def attack_config(args, spec):
                         nclass=args.nclass, mean=spec.mean, std=spec.std)
 
 
-def make_optimizer(args, params):
-    """--optim with --lr; MultiStepLR at epoch//2 and epoch-5 (gamma 0.2) as the original."""
+def make_optimizer(args, params, schedule: str = "multistep"):
+    """--optim with --lr (plain SGD, as the original) and a learning-rate schedule.
+
+    "multistep": the original observer schedule, x0.2 at epoch//2 and epoch-5;
+    "cosine": cosine decay over --epoch, used for the SegNet stage.
+    """
     if args.optim == "SGD":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        optimizer = torch.optim.SGD(params, lr=args.lr)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr)
+    if schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epoch)
     milestones = sorted({m for m in (args.epoch // 2, args.epoch - 5) if m > 0})
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
 
@@ -178,7 +183,7 @@ def stage_train_segnet(args, spec, device, writer) -> None:
     segnet.to(device)
     train_loader = loader_for(args, spec, spec.train_split, train=True)
     val_loader = loader_for(args, spec, spec.val_split, train=False)
-    optimizer, scheduler = make_optimizer(args, segnet.parameters())
+    optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
     best = -1.0
     for epoch in tqdm(range(args.epoch), desc="SegNet epochs"):
         stats = train_segnet_epoch(epoch, segnet, train_loader, optimizer, args.nclass, device, writer)
@@ -255,7 +260,7 @@ def stage_test(args, spec, device, writer) -> None:
         obsnet = None
     loader = loader_for(args, spec, spec.test_split, train=False)
     results, preview = evaluate(segnet, obsnet, loader, names, spec, device,
-                                MethodConfig(mc_passes=args.T), args.nclass, spec.test_split)
+                                MethodConfig(mc_passes=args.T, progress=True), args.nclass, spec.test_split)
     log_scalars(writer, results, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     write_json(Path(args.tboard) / "results.json", results)
@@ -265,7 +270,7 @@ def stage_test(args, spec, device, writer) -> None:
 
 def run_stage(args, spec) -> None:
     """Run the stage the flags ask for, with a TensorBoard writer in --tboard."""
-    if args.data == "Synthetic":
+    if args.data == "Synthetic" and not is_complete(args.dset_folder):
         ensure_synthetic(args.dset_folder, seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     write_json(Path(args.tboard) / "config.json", vars(args))

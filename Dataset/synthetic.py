@@ -234,7 +234,8 @@ def paint_skyline(cv: Canvas, lay: Layout, rng) -> None:
         cv.fill(rng, box(cv, x - bw / 2, top, x + bw / 2, lay.hz + 1), col, BUILDING)
     for _ in range(rng.integers(0, 4)):
         r = lay.hz * rng.uniform(0.04, 0.15)
-        mask = ellipse(cv, rng.uniform(0, cv.w), lay.hz - r * 0.5, r * 1.4, r) & (cv.yy < lay.hz + 1)
+        mask = ellipse(cv, rng.uniform(0, cv.w), lay.hz - r * 0.5, r * 1.4, r)
+        mask &= cv.yy < lay.hz + 1
         cv.fill(rng, mask, 0.7 * pick(rng, "foliage") + 0.3 * haze, TREE, grain=0.05)
 
 
@@ -256,7 +257,8 @@ def paint_ground(cv: Canvas, lay: Layout, rng) -> None:
     dashes = np.mod(rng.uniform(20, 60) / d + rng.uniform(), 1.0) < rng.uniform(0.3, 0.7)
     cv.fill(rng, road & (np.abs(cv.xx - mid) < width) & dashes, paint, ROAD)
     if rng.random() < 0.5:
-        edge = (np.abs(cv.xx - left - 3 * width) < width) | (np.abs(cv.xx - right + 3 * width) < width)
+        edge = np.abs(cv.xx - left - 3 * width) < width
+        edge |= np.abs(cv.xx - right + 3 * width) < width
         cv.fill(rng, road & edge, paint, ROAD)
 
 
@@ -428,7 +430,8 @@ def paint_bicyclist(cv: Canvas, rng, x, yb, ppm) -> None:
         d = rng.choice([-1, 1]) * 0.55 * ppm
         bike = np.zeros_like(cv.lab, dtype=bool)
         for cx in (x - d, x + d):
-            bike |= ellipse(cv, cx, yb - r, r, r) & ~ellipse(cv, cx, yb - r, r - 2 * thick, r - 2 * thick)
+            inner = r - 2 * thick
+            bike |= ellipse(cv, cx, yb - r, r, r) & ~ellipse(cv, cx, yb - r, inner, inner)
         bike |= segment(cv, x - d, yb - r, x, yb - 2.4 * r, thick)
         bike |= segment(cv, x + d, yb - r, x + 0.8 * d, yb - 3 * r, thick)
         bike |= segment(cv, x - d * 0.2, yb - 2.4 * r, x + 0.8 * d, yb - 2.6 * r, thick)
@@ -482,7 +485,8 @@ def paint_debris(cv: Canvas, rng, x, yb, ppm, size_m) -> None:
     mask = polygon(cv, pts)
     cv.fill(rng, mask, pick(rng, OOD_PALETTES[rng.integers(len(OOD_PALETTES))]), OOD_ID)
     theta, period = rng.uniform(0, np.pi), rng.uniform(0.15, 0.5) * w
-    stripes = np.mod((cv.xx * np.cos(theta) + cv.yy * np.sin(theta)) / period, 1) < rng.uniform(0.2, 0.5)
+    across = (cv.xx * np.cos(theta) + cv.yy * np.sin(theta)) / period
+    stripes = np.mod(across, 1) < rng.uniform(0.2, 0.5)
     cv.fill(rng, mask & stripes, pick(rng, OOD_PALETTES[rng.integers(len(OOD_PALETTES))]), OOD_ID)
 
 
@@ -546,13 +550,15 @@ def plan_ood(rng, lay: Layout, start: int) -> list[Item]:
     for i in range(rng.integers(1, 4)):
         kind = list(OOD_OBJECTS)[rng.integers(len(OOD_OBJECTS))]
         _, fill_ratio, (lo, hi) = OOD_OBJECTS[kind]
-        size_px = np.sqrt(np.exp(rng.uniform(np.log(0.01), np.log(0.08))) * lay.h * lay.w / fill_ratio)
+        share = np.exp(rng.uniform(np.log(0.01), np.log(0.08)))  # of the image, log-uniform
+        size_px = np.sqrt(share * lay.h * lay.w / fill_ratio)
         size_m = rng.uniform(lo, hi)
         yb = lay.hz + size_px / size_m * CAM_H
         if yb > lay.h:  # too near for that size: make it bigger in the world instead
             yb = lay.h - rng.uniform(0, 0.1) * (lay.h - lay.hz)
             size_m = size_px * CAM_H / (yb - lay.hz)
-        x = lay.at(lay.outer[0], yb) + (lay.at(lay.outer[1], yb) - lay.at(lay.outer[0], yb)) * rng.uniform(0.15, 0.85)
+        left, right = lay.at(lay.outer[0], yb), lay.at(lay.outer[1], yb)
+        x = left + (right - left) * rng.uniform(0.15, 0.85)  # on the road or a sidewalk
         x = float(np.clip(x, size_px / 2, lay.w - size_px / 2))
         items.append(Item(float(yb), start + i, kind, x, int(rng.integers(2 ** 63)),
                           {"size_m": float(size_m)}))
@@ -591,12 +597,14 @@ def apply_photometric(img: np.ndarray, p: dict) -> np.ndarray:
 # ----------------------------------------------------------------------------- scenes
 
 def _render(lay: Layout, static_seed, items: list[Item], photo: dict):
+    """Static layers, then the items far to near, then overlays; then the camera effects."""
     rng = np.random.default_rng(static_seed)
     cv = Canvas(lay.h, lay.w, rng)
     for layer in STATIC_LAYERS:
         layer(cv, lay, rng)
     for it in sorted(items, key=lambda i: (i.yb, i.order)):
-        PAINTERS[it.kind](cv, np.random.default_rng(it.seed), it.x, it.yb, lay.ppm(it.yb), **it.extra)
+        rng_item = np.random.default_rng(it.seed)
+        PAINTERS[it.kind](cv, rng_item, it.x, it.yb, lay.ppm(it.yb), **it.extra)
     for layer in OVERLAYS:
         layer(cv, lay, rng)
     return apply_photometric(cv.img, photo), cv.lab
@@ -636,6 +644,12 @@ def _read_marker(root: Path):
         return json.loads((root / MARKER).read_text())
     except (OSError, ValueError):
         return None
+
+
+def is_complete(root) -> bool:
+    """True when ``root`` holds a fully generated dataset of this generator version."""
+    marker = _read_marker(Path(root))
+    return isinstance(marker, dict) and marker.get("version") == VERSION
 
 
 def _clear(root: Path) -> None:

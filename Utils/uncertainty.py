@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -24,6 +25,7 @@ class MethodConfig:
     """Hyper-parameters of the methods (``--T``)."""
 
     mc_passes: int = 50
+    progress: bool = False  # a progress bar over the MC dropout passes
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def mcp_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
 def mc_dropout_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     """1 - max of the softmax averaged over ``mc_passes`` dropout passes (Gal & Ghahramani)."""
     mean = torch.zeros_like(batch.feats[-1], dtype=torch.float32)
-    for _ in range(cfg.mc_passes):
+    for _ in tqdm(range(cfg.mc_passes), desc="MC dropout passes", leave=False,
+                  disable=not cfg.progress):
         mean += torch.softmax(batch.segnet(batch.images, mc_drop=True).float(), dim=1)
     return 1 - (mean / cfg.mc_passes).amax(dim=1)
 

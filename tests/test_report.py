@@ -1,0 +1,74 @@
+"""Printed table, results.json, TensorBoard pictures."""
+import json
+import math
+
+import torch
+
+from Dataset.specs import SPECS
+from Utils.affichage import colorize_labels, viridis
+from Utils.report import format_table, log_preview, write_json
+
+RESULTS = {
+    "split": "test_ood", "n_images": 2,
+    "segnet": {"miou": 0.5, "pixel_acc": 0.75, "iou": {"Sky": float("nan")}},
+    "methods": {
+        "obsnet": {"ood": {"auroc": 0.9123, "aupr": 0.5, "fpr95": float("nan")},
+                   "error": {"auroc": 0.8, "aupr_error": 0.4, "aupr_success": 0.9,
+                             "fpr95": 0.3, "ace": None}, "ms_per_image": 12.34},
+        "mcp": {"error": {"auroc": 0.7, "aupr_error": 0.3, "aupr_success": 0.8, "fpr95": 0.5,
+                          "ace": 0.1}, "ms_per_image": 5.0},
+    },
+}
+
+
+def test_table_in_percent_with_one_decimal():
+    table = format_table(RESULTS)
+    lines = table.splitlines()
+    assert "mIoU 50.0" in lines[0] and "pixel accuracy 75.0" in lines[0]
+    obsnet = next(line for line in lines if line.strip().startswith("obsnet"))
+    assert "91.2" in obsnet and "12.3" in obsnet and "nan" in obsnet and "n/a" in obsnet
+    mcp = next(line for line in lines if line.strip().startswith("mcp"))
+    assert mcp.split()[2] == "n/a"  # no OOD block: no anomaly pixel in the split
+
+
+def test_results_json_has_null_for_nan(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    write_json(path, RESULTS)
+    data = json.loads(path.read_text())
+    assert data["methods"]["obsnet"]["ood"]["fpr95"] is None
+    assert data["segnet"]["iou"]["Sky"] is None
+    assert data["methods"]["obsnet"]["ood"]["auroc"] == 0.9123
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_viridis_and_class_colours():
+    maps = torch.tensor([[[0.0, 1.0]]])
+    img = viridis(maps)
+    assert img.shape == (1, 3, 1, 2)
+    assert torch.allclose(img[0, :, 0, 0], torch.tensor([0.267, 0.005, 0.329]), atol=2e-3)
+    assert torch.allclose(img[0, :, 0, 1], torch.tensor([0.993, 0.906, 0.144]), atol=2e-3)
+    colours = colorize_labels(torch.tensor([[[3, 12, 200]]]), SPECS["CamVid"].colors)
+    assert torch.allclose(colours[0, :, 0, 0] * 255, torch.tensor([128.0, 64, 128]))
+    assert torch.allclose(colours[0, :, 0, 1] * 255, torch.tensor([255.0, 255, 0]))
+    assert colours[0, :, 0, 2].sum() == 0
+
+
+class _Writer:
+    def __init__(self):
+        self.images = {}
+
+    def add_image(self, tag, image, step):
+        self.images[tag] = image
+
+
+def test_preview_grid_has_one_row_per_picture():
+    spec = SPECS["Synthetic"]
+    preview = {"images": torch.zeros(2, 3, 8, 8), "labels": torch.zeros(2, 8, 8, dtype=torch.long),
+               "pred": torch.ones(2, 8, 8, dtype=torch.long), "error": torch.ones(2, 8, 8),
+               "maps": {"obsnet": torch.rand(2, 8, 8), "mcp": torch.rand(2, 8, 8)}}
+    writer = _Writer()
+    log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
+    (tag, grid), = writer.images.items()
+    assert tag.startswith("Test/") and "obsnet" in tag
+    assert grid.shape == (3, 2 + 6 * 10, 2 + 2 * 10)  # 6 rows, 2 columns of 8 px + padding
+    assert not math.isnan(grid.sum().item())
