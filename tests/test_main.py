@@ -23,6 +23,9 @@ def main_py(*args, cwd=ROOT):
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     generate(root / "data", seed=0, n_train=8, n_val=4, n_test=4)
+    seg = main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
+                  "--lr", "0.01")
+    assert seg.returncode == 0, seg.stderr
     return root
 
 
@@ -32,10 +35,7 @@ def paths(root):
 
 
 def test_train_segnet_then_obsnet_then_test(run_dir):
-    seg = main_py(*TINY, *paths(run_dir), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
-                  "--lr", "0.01")
-    assert seg.returncode == 0, seg.stderr
-    assert (run_dir / "segnet.pth").is_file()
+    assert (run_dir / "segnet.pth").is_file()  # written by the fixture's --train_segnet run
     obs = main_py(*TINY, *paths(run_dir), "--epoch", "1", "--adv", "min_random_patch",
                   "--epsilon", "0.025", "--lr", "0.01")
     assert obs.returncode == 0, obs.stderr
@@ -76,3 +76,26 @@ def test_missing_segnet_file_is_explained(run_dir, tmp_path):
     out = main_py(*TINY, *paths(run_dir), "--segnet_file", str(tmp_path / "none.pth"), "--epoch", "1")
     assert out.returncode == 1
     assert "none.pth: file not found (train one with --train_segnet)" in out.stderr
+
+
+def test_resume_continues_at_the_next_epoch(run_dir):
+    common = [*TINY, *paths(run_dir), "--adv", "max_square_patch", "--lr", "0.01"]
+    first = main_py(*common, "--epoch", "1", "--obsnet_file", str(run_dir / "resumed"))
+    assert first.returncode == 0, first.stderr
+    again = main_py(*common, "--epoch", "2", "--resume", "--obsnet_file", str(run_dir / "resumed"))
+    assert again.returncode == 0, again.stderr
+    assert "Resumed from" in again.stdout and "at epoch 1" in again.stdout
+    import torch
+    state = torch.load(run_dir / "resumed" / "last.pth", weights_only=True)
+    assert state["epoch"] == 1 and {"optimizer", "scheduler", "best", "args"} <= set(state)
+
+
+def test_small_observer_with_focal_loss_noise_and_dropout(run_dir):
+    out = main_py(*TINY, *paths(run_dir), "--epoch", "1", "--obs_mlp", "--focal", "--noise", "0.1",
+                  "--drop", "--adv", "min_class", "--optim", "AdamW", "--lr", "0.001",
+                  "--obsnet_file", str(run_dir / "small"))
+    assert out.returncode == 0, out.stderr
+    test = main_py(*TINY, *paths(run_dir), "--obs_mlp", "--test_only", "--obsnet_file",
+                   str(run_dir / "small" / "best.pth"), "--tboard", str(run_dir / "small_logs"))
+    assert test.returncode == 0, test.stderr
+    assert "obsnet" in json.loads((run_dir / "small_logs" / "results.json").read_text())["methods"]
