@@ -27,12 +27,12 @@ def _label_masks(labels: torch.Tensor, pred: torch.Tensor, spec: DatasetSpec, nc
     return pred != labels, labelled, anomaly, ood_valid
 
 
-def _timed(fn, device):
-    """Run ``fn`` and return (result, seconds), waiting for the GPU when there is one."""
+def _timed(device, fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)``; return (result, seconds), waiting for the GPU if any."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     sync()
     return out, time.perf_counter() - start
 
@@ -42,7 +42,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
     error, err_valid, anomaly, ood_valid = masks
     for name in names:
         method = METHODS[name]
-        scores, seconds = _timed(lambda: method.fn(batch, cfg), device)
+        scores, seconds = _timed(device, method.fn, batch, cfg)
         if torch.isnan(scores).any():
             raise FloatingPointError(f"method '{name}' produced NaN scores")
         m = meters[name]
@@ -69,7 +69,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     for images, labels in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
-            feats, forward_seconds = _timed(lambda: segnet(images, return_feat=True), device)
+            feats, forward_seconds = _timed(device, segnet, images, return_feat=True)
             batch = EvalBatch(images, segnet, obsnet, feats)
             pred = feats[-1].argmax(dim=1)
             confusion.update(pred, labels)

@@ -15,8 +15,8 @@ from Dataset.load_data import build_dataset, build_loader
 from Dataset.specs import LOADABLE, SPECS
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
-from Models.load_net import (CheckpointError, build_models, init_from_segnet, load_checkpoint,
-                             load_weights, save_checkpoint)
+from Models.load_net import (CheckpointError, build_models, init_from_segnet, load_weights,
+                             save_checkpoint)
 from Models.segnet import freeze
 from train import ObserverConfig, train_observer_epoch, train_segnet_epoch
 from Utils.adv_attack import ATTACK_CHOICES, AttackConfig, parse_attack
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--dset_folder", default=None, help="dataset root (Synthetic: generated there if absent)")
     a("--segnet_file", default=None, help="SegNet checkpoint (default ckpt/<data>/segnet.pth)")
-    a("--obsnet_file", default=None, help="ObsNet checkpoint folder, or a file to test (default ckpt/<data>/)")
+    a("--obsnet_file", default=None,
+      help="ObsNet checkpoint folder, or a file to test (default ckpt/<data>/)")
     a("--model", default="segnet", choices=MODELS, help="segmentation network")
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
     a("--tboard", default=None, help="TensorBoard / results folder (default logs/<data>)")
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_nodes", type=int, default=1, help="number of nodes")
     a("--adv", default="none", choices=ATTACK_CHOICES, help="local adversarial attack")
     a("--optim", default="SGD", choices=("SGD", "AdamW"), help="optimizer")
-    a("--test_multi", default="obsnet", help="comma-separated methods: " + ",".join(list(METHODS) + list(ALIASES)))
+    a("--test_multi", default="obsnet",
+      help="comma-separated methods: " + ",".join(list(METHODS) + list(ALIASES)))
     a("--drop", action="store_true", help="dropout active in the SegNet while training ObsNet")
     a("--no_img", action="store_true", help="ablation: ObsNet does not see the image")
     a("--resume", action="store_true", help="continue training from <obsnet_file>/last.pth")
