@@ -47,17 +47,19 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
             raise FloatingPointError(f"method '{name}' produced NaN scores")
         m = meters[name]
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
-        probs = method.to_prob(scores)
+        probs = None if method.to_prob is None else method.to_prob(scores)
         m.error.update(scores, error, err_valid, probs=probs)
         m.ood.update(scores, anomaly, ood_valid)
 
 
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
-             nclass: int, split: str, amp: bool = False, progress: bool = True):
-    """Evaluate the methods ``names`` over ``loader``; returns (results dict, first batch maps).
+             nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=()):
+    """Evaluate the methods ``names`` over ``loader``.
 
+    Returns (results dict, maps of the split's first images, meters by method and protocol).
     Pixels are pooled over the whole split; meters are summed across DDP ranks.
+    ``ensemble``: extra SegNets for the "ensemble" method.
     """
     segnet.eval()
     if obsnet is not None:
@@ -70,7 +72,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             feats, forward_seconds = _timed(device, segnet, images, return_feat=True)
-            batch = EvalBatch(images, segnet, obsnet, feats)
+            batch = EvalBatch(images, segnet, obsnet, feats, tuple(ensemble))
             pred = feats[-1].argmax(dim=1)
             confusion.update(pred, labels)
             masks = _label_masks(labels, pred, spec, nclass)
@@ -78,13 +80,14 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
         if preview is None:
             preview = _preview(batch, names, cfg, labels, pred, masks[0])
         n_images += len(images)
-    return _results(split, confusion, meters, n_images, spec, device), preview
+    results = _results(split, confusion, meters, n_images, spec, device)
+    return results, preview, {n: {"ood": m.ood, "error": m.error} for n, m in meters.items()}
 
 
 def _preview(batch, names, cfg, labels, pred, error, count: int = 4):
     """Maps of the first images of the split, for TensorBoard (a fixed set of images)."""
     first = EvalBatch(batch.images[:count], batch.segnet, batch.obsnet,
-                      [f[:count] for f in batch.feats])
+                      [f[:count] for f in batch.feats], batch.ensemble)
     maps = {name: METHODS[name].fn(first, cfg).float().cpu() for name in names}
     return {"images": first.images.float().cpu(), "labels": labels[:count].cpu(),
             "pred": pred[:count].cpu(), "error": error[:count].float().cpu(), "maps": maps}
@@ -114,7 +117,7 @@ def _results(split, confusion, meters, n_images, spec, device):
         err, ood = m.error.compute(), m.ood.compute()
         entry = {"error": {"auroc": err["auroc"], "aupr_error": err["ap"],
                            "aupr_success": err["ap_neg"], "fpr95": err["fpr95_neg"],
-                           "ace": err.get("ace")},
+                           "ace": err.get("ace"), "ece": err.get("ece")},
                  "ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1)}
         if ood["n_pos"] > 0:
             entry["ood"] = {"auroc": ood["auroc"], "aupr": ood["ap"], "fpr95": ood["fpr95"]}

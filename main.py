@@ -10,18 +10,17 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from Dataset.errors import DatasetError
 from Dataset.load_data import build_dataset, build_loader
 from Dataset.specs import LOADABLE, SPECS
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
-from Models.load_net import (CheckpointError, build_models, init_from_segnet, load_weights,
-                             save_checkpoint)
-from Models.segnet import freeze
+from Models.load_net import build_models, init_from_segnet, load_networks, load_weights, save_checkpoint
 from train import ObserverConfig, train_observer_epoch, train_segnet_epoch
 from Utils.adv_attack import ATTACK_CHOICES, AttackConfig, parse_attack
+from Utils.cli import UsageError, run_friendly
 from Utils.loss import CRITERIA
-from Utils.report import format_table, log_preview, log_scalars, write_json
+from Utils.report import (format_table, log_pr_curves, log_preview, log_scalars, write_csv,
+                          write_json)
 from Utils.uncertainty import ALIASES, METHODS, MethodConfig, parse_methods
 
 MODELS = ("segnet", "deeplabv3plus")
@@ -39,10 +38,6 @@ DEMO_STAGES = [
     ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5"],
     ["--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "20"],
 ]
-
-
-class UsageError(Exception):
-    """A command-line value that cannot work (exit code 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--noise", type=float, default=0.0, help="std of Gaussian noise added to training inputs")
     a("--epsilon", type=float, default=0.1, help="FGSM step size of the attack")
     a("--gauss_lambda", type=float, default=0.002, help="std of the Gaussian weight perturbation")
+    a("--odin_eps", type=float, default=0.001, help="ODIN input perturbation size")
+    a("--odin_temp", type=float, default=1000.0, help="ODIN temperature")
+    a("--ensemble", default=None, help="comma-separated SegNet checkpoints for --test_multi ensemble")
     a("--epoch", type=int, default=50, help="number of epochs")
     a("--num_workers", type=int, default=0, help="data loading workers")
     a("--num_nodes", type=int, default=1, help="number of nodes")
@@ -96,9 +94,12 @@ def check_args(args, spec) -> None:
     for flag in ("bsize", "epoch", "T"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ("lr", "epsilon", "width_mult"):
+    for flag in ("lr", "epsilon", "width_mult", "Temp", "odin_temp"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be positive (got {getattr(args, flag)})")
+    for flag in ("odin_eps", "gauss_lambda", "noise"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     if args.nclass is not None and args.nclass < spec.nclass:
         raise UsageError(f"--nclass {args.nclass} is smaller than the {spec.nclass} classes of {spec.name}")
     if args.size is not None and min(args.size) < 32:
@@ -124,9 +125,13 @@ def resolve_args(args):
     args.nclass = args.nclass or spec.nclass
     args.size = tuple(args.size or spec.size)
     try:
-        parse_methods(args.test_multi)
+        names = parse_methods(args.test_multi)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if "ensemble" in names and not args.ensemble:
+        raise UsageError("--test_multi ensemble needs --ensemble FILE,FILE,... (SegNet checkpoints)")
+    if "void" in names and spec.void_id is None:
+        raise UsageError(f"--test_multi void: {spec.name} has no void class")
     return spec
 
 
@@ -189,8 +194,8 @@ def stage_train_segnet(args, spec, device, writer) -> None:
     best = -1.0
     for epoch in tqdm(range(args.epoch), desc="SegNet epochs"):
         stats = train_segnet_epoch(epoch, segnet, train_loader, optimizer, args.nclass, device, writer)
-        results, _ = evaluate(segnet, None, val_loader, [], spec, device, MethodConfig(),
-                              args.nclass, spec.val_split)
+        results, _, _ = evaluate(segnet, None, val_loader, [], spec, device, MethodConfig(),
+                                 args.nclass, spec.val_split)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
         tqdm.write(f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
@@ -202,27 +207,19 @@ def stage_train_segnet(args, spec, device, writer) -> None:
     print(f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
 
 
-def load_segnet(args, device):
-    """The frozen SegNet of --segnet_file."""
-    segnet, obsnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp)
-    if not Path(args.segnet_file).is_file():
-        raise CheckpointError(f"--segnet_file {args.segnet_file}: file not found "
-                              f"(train one with --train_segnet)")
-    load_weights(segnet, args.segnet_file)
-    return freeze(segnet.to(device)), obsnet.to(device)
-
-
 def stage_train_obsnet(args, spec, device, writer) -> None:
     """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
-    segnet, obsnet = load_segnet(args, device)
+    train_loader = loader_for(args, spec, spec.train_split, train=True)
+    val_loader = loader_for(args, spec, spec.val_split, train=False)
+    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
+                                   args.segnet_file, device=device)
     if not (args.no_pretrained or args.resume):
         print(f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
     folder = Path(args.obsnet_file)
-    train_loader = loader_for(args, spec, spec.train_split, train=True)
-    val_loader = loader_for(args, spec, spec.val_split, train=False)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
     criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(device)
-    cfg = ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual, args.no_img)
+    cfg = ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
+                         args.no_img, spec.ignore_id)
     start, best = 0, -1.0
     if args.resume:
         state = load_weights(obsnet, folder / "last.pth")
@@ -233,8 +230,8 @@ def stage_train_obsnet(args, spec, device, writer) -> None:
     for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs"):
         stats = train_observer_epoch(epoch, obsnet, segnet, train_loader, optimizer, criterion,
                                      device, cfg, writer)
-        results, preview = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, device,
-                                    MethodConfig(), args.nclass, spec.val_split)
+        results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, device,
+                                       MethodConfig(), args.nclass, spec.val_split)
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
@@ -251,23 +248,38 @@ def stage_train_obsnet(args, spec, device, writer) -> None:
     print(f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")
 
 
+def method_config(args, spec) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the command line and the spec."""
+    return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
+                        odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
+                        void_id=spec.void_id, mean=spec.mean, std=spec.std, progress=True)
+
+
+def load_ensemble(args, device) -> list:
+    """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
+    files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
+    return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
+                          device=device)[0] for f in files]
+
+
 def stage_test(args, spec, device, writer) -> None:
-    """Evaluate every method of --test_multi on the test split; table + results.json."""
+    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
     names = parse_methods(args.test_multi)
-    segnet, obsnet = load_segnet(args, device)
-    if "obsnet" in names:
-        path = Path(args.obsnet_file)
-        load_weights(obsnet, path / "best.pth" if path.is_dir() else path)
-    else:
-        obsnet = None
     loader = loader_for(args, spec, spec.test_split, train=False)
-    results, preview = evaluate(segnet, obsnet, loader, names, spec, device,
-                                MethodConfig(mc_passes=args.T, progress=True), args.nclass, spec.test_split)
+    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
+                                   args.segnet_file, args.obsnet_file if "obsnet" in names else None,
+                                   device)
+    obsnet = obsnet if "obsnet" in names else None
+    results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, device,
+                                        method_config(args, spec), args.nclass, spec.test_split,
+                                        ensemble=load_ensemble(args, device))
     log_scalars(writer, results, "Test", 0)
+    log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     write_json(Path(args.tboard) / "results.json", results)
+    write_csv(Path(args.tboard) / "results.csv", results)
     print(format_table(results))
-    print(f"results written to {Path(args.tboard) / 'results.json'}")
+    print(f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
 
 
 def run_stage(args, spec) -> None:
@@ -306,21 +318,7 @@ def run_demo() -> int:
 def main(argv=None) -> int:
     """Entry point: friendly one-line errors unless --debug."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv) if argv else run_demo()
-    except UsageError as exc:
-        if "--debug" in argv:
-            raise
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 2
-    except (DatasetError, CheckpointError, FloatingPointError, OSError, ValueError) as exc:
-        if "--debug" in argv:
-            raise
-        print(f"main.py: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("main.py: interrupted", file=sys.stderr)
-        return 130
+    return run_friendly("main.py", lambda a: run(a) if a else run_demo(), argv)
 
 
 if __name__ == "__main__":

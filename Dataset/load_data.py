@@ -1,26 +1,30 @@
 """Dataset registry and DataLoader construction."""
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from Dataset.camvid import CamVid
+from Dataset.BDD_anomaly import BddAnomaly
+from Dataset.camvid import CamVid, PairDataset
 from Dataset.errors import DatasetError
 from Dataset.seg_transfo import eval_transform, train_transform
+from Dataset.street_hazard import StreetHazard
 from Dataset.specs import LOADABLE, SPECS, DatasetSpec
 
 __all__ = ["DATASETS", "DatasetError", "build_dataset", "build_loader", "data_loader",
            "seed_worker"]
 
-# name -> builder(root, split, transform) -> Dataset. Synthetic shares CamVid's layout.
-DATASETS: dict[str, Callable[..., Dataset]] = {"CamVid": CamVid, "Synthetic": CamVid}
+# name -> builder(root, split, transform, spec) -> Dataset; each builder also exposes
+# read_pairs / load / splits, which Dataset.check uses. Synthetic shares CamVid's layout.
+DATASETS: dict[str, type[PairDataset]] = {"CamVid": CamVid, "Synthetic": CamVid,
+                                          "StreetHazard": StreetHazard,
+                                          "BddAnomaly": BddAnomaly}
 assert set(DATASETS) == set(LOADABLE), "DATASETS and specs.LOADABLE must list the same names"
 
 
-def dataset_builder(name: str) -> Callable[..., Dataset]:
+def dataset_builder(name: str) -> type[PairDataset]:
     """The registered builder of ``name``; DatasetError for unknown or not-yet-loadable names."""
     if name in DATASETS:
         return DATASETS[name]
@@ -32,10 +36,13 @@ def dataset_builder(name: str) -> Callable[..., Dataset]:
 
 def build_dataset(spec: DatasetSpec, root: str | Path, split: str,
                   size: tuple[int, int] | None = None, train: bool = False) -> Dataset:
-    """One split of ``spec``'s dataset at ``size`` (H, W), with training or eval transforms."""
+    """One split of ``spec``'s dataset at ``size`` (H, W), with training or eval transforms.
+
+    Label ids are checked against ``spec`` as samples are read (DatasetError otherwise).
+    """
     builder = dataset_builder(spec.name)
     transform = train_transform(spec, size) if train else eval_transform(spec, size)
-    return builder(Path(root).expanduser(), split, transform)
+    return builder(Path(root).expanduser(), split, transform, spec)
 
 
 def seed_worker(worker_id: int) -> None:

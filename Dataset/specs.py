@@ -81,5 +81,5 @@ SPECS: dict[str, DatasetSpec] = {
         test_split="test"),
 }
 
-# Datasets whose loader exists in this version; the others are declared for their numbers.
-LOADABLE = ("CamVid", "Synthetic")
+# Datasets whose loader exists in this version (Dataset.load_data.DATASETS).
+LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly")

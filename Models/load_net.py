@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from Models.obsnet import Obsnet_Seg, Obsnet_Small
-from Models.segnet import SegNet
+from Models.segnet import SegNet, freeze
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +75,24 @@ def load_weights(model: nn.Module, path) -> dict:
                               f"command line ({first}); check --model, --nclass, --width_mult "
                               f"and --obs_mlp") from None
     return checkpoint
+
+
+def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
+                  obsnet_file=None, device="cpu"):
+    """(frozen SegNet loaded from ``segnet_file``, ObsNet) on ``device``.
+
+    ``obsnet_file``: a checkpoint file, or a folder whose ``best.pth`` is loaded; None leaves
+    the observer freshly initialised (for training).
+    """
+    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp)
+    if not Path(segnet_file).is_file():
+        raise CheckpointError(f"--segnet_file {segnet_file}: file not found "
+                              f"(train one with --train_segnet)")
+    load_weights(segnet, segnet_file)
+    if obsnet_file is not None:
+        path = Path(obsnet_file)
+        load_weights(obsnet, path / "best.pth" if path.is_dir() else path)
+    return freeze(segnet.to(device)), obsnet.to(device)
 
 
 def init_from_segnet(obsnet: nn.Module, segnet: nn.Module) -> int:

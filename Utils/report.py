@@ -1,4 +1,5 @@
 """Results of an evaluation: printed table, results.json, TensorBoard scalars and images."""
+import csv
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from Utils.affichage import colorize_labels, viridis
 COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "fpr95", "OOD FPR95"),
            ("error", "auroc", "Err AUROC"), ("error", "aupr_error", "AUPR-Err"),
            ("error", "aupr_success", "AUPR-Succ"), ("error", "fpr95", "Err FPR95"),
-           ("error", "ace", "ACE"))
+           ("error", "ace", "ACE"), ("error", "ece", "ECE"))
 
 
 def _percent(value) -> str:
@@ -55,6 +56,44 @@ def write_json(path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(_json_safe(data), f, indent=2)
     os.replace(tmp, path)
+
+
+def write_csv(path, results: dict) -> None:
+    """One row per method: ms per image and every metric of both protocols (fractions)."""
+    fields = ["method", "ms_per_image"] + [f"{block}_{key}" for block, key, _ in COLUMNS]
+    rows = []
+    for name, entry in results["methods"].items():
+        row = {"method": name, "ms_per_image": entry["ms_per_image"]}
+        for block, key, _ in COLUMNS:
+            value = entry.get(block, {}).get(key)
+            row[f"{block}_{key}"] = "" if value is None or math.isnan(value) else value
+        rows.append(row)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_pr_curves(writer, meters: dict, prefix: str, step: int, points: int = 127) -> None:
+    """Precision-recall curves from the meters' bin counts (no second pass over pixels).
+
+    ``meters``: method name -> {"ood": OODMeter, "error": OODMeter}; ``points`` thresholds
+    are taken evenly among the meter's distinct score bins.
+    """
+    for name, by_protocol in meters.items():
+        for protocol, meter in by_protocol.items():
+            tp, fp, tn, fn = meter.pr_curve_counts()
+            if len(tp) == 0 or tp[-1] == 0:
+                continue  # no positive pixel: no curve
+            index = torch.linspace(0, len(tp) - 1, points).round().long()
+            # TensorBoard orders thresholds from low to high: the meter goes high to low.
+            tp, fp, tn, fn = (c[index].flip(0).double() for c in (tp, fp, tn, fn))
+            precision = tp / (tp + fp).clamp_min(1)
+            recall = tp / (tp + fn).clamp_min(1)
+            writer.add_pr_curve_raw(f"{prefix}/{name}/{protocol}", tp, fp, tn, fn, precision,
+                                    recall, step, num_thresholds=points)
 
 
 def log_scalars(writer, results: dict, prefix: str, step: int) -> None:

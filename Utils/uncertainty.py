@@ -1,12 +1,21 @@
 """Uncertainty methods: each maps a batch to a B×H×W score, higher = more likely wrong/OOD.
 
 Every method has the same signature ``fn(batch, cfg)`` and reuses the SegNet forward pass
-stored in ``batch`` when it needs one.
+stored in ``batch`` when it needs one. ``Method.to_prob`` maps a score to a probability
+that the SegNet is wrong (used for ACE/ECE); it is ``None`` for scores with no such
+probability (energy, max logit, entropy), and calibration is then not reported.
+
+Rules every method follows: no method leaves a trace on the SegNet (weights, buffers and
+train/eval mode are as before, even after an exception); no per-image state is taken from
+one slot of the batch; the random draws of a pass (weight noise, augmentation) are shared by
+the whole batch, so a batch scores like its images one by one under the same seed.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 
@@ -18,30 +27,79 @@ class EvalBatch:
     segnet: torch.nn.Module
     obsnet: torch.nn.Module | None
     feats: list  # the SegNet's 10 block outputs, logits last
+    ensemble: tuple = ()  # extra SegNet members for "ensemble" (already loaded, eval mode)
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Hyper-parameters of the methods (``--T``)."""
+    """Hyper-parameters of the methods (filled from the CLI by main.py)."""
 
-    mc_passes: int = 50
-    progress: bool = False  # a progress bar over the MC dropout passes
+    mc_passes: int = 50  # --T: passes of mc_dropout, gauss, mcda
+    temperature: float = 1.2  # --Temp, temp_scale
+    odin_eps: float = 0.001  # --odin_eps
+    odin_temp: float = 1000.0  # --odin_temp
+    gauss_lambda: float = 0.002  # --gauss_lambda: std of the weight perturbation
+    void_id: int | None = None  # the dataset's void/unlabelled class (spec.void_id)
+    mean: tuple = (0.485, 0.456, 0.406)  # normalisation of the inputs (spec.mean/std), for mcda
+    std: tuple = (0.229, 0.224, 0.225)
+    progress: bool = False  # tqdm over passes
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method; ``to_prob`` maps its score to a probability of error (ACE)."""
+    """A registered method.
+
+    ``to_prob`` maps its score to a probability of error (ACE/ECE), or is ``None`` when the
+    score has none. ``uses_shared_forward``: the method reads ``batch.feats`` (its time
+    includes the shared SegNet forward). ``description``: one line for the README table.
+    """
 
     fn: Callable
-    to_prob: Callable
+    to_prob: Callable | None
+    description: str = ""
     uses_shared_forward: bool = True
     needs_obsnet: bool = False
+    needs_ensemble: bool = False
+    needs_void: bool = False
 
+
+# --------------------------------------------------------------------------- helpers
 
 def max_softmax_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     """1 - max softmax probability over the class dimension (B×C×H×W -> B×H×W)."""
     return 1 - torch.softmax(logits.float(), dim=1).amax(dim=1)
 
+
+def mean_softmax_uncertainty(logit_passes: Iterable[torch.Tensor]) -> torch.Tensor:
+    """1 - max of the softmax averaged over an iterable of B×C×H×W logits (B×H×W).
+
+    Shared by mc_dropout, gauss, mcda and ensemble; the passes are consumed one at a time.
+    """
+    total, count = None, 0
+    for logits in logit_passes:
+        probs = torch.softmax(logits.float(), dim=1)
+        total = probs if total is None else total.add_(probs)
+        count += 1
+    if count == 0:
+        raise ValueError("mean_softmax_uncertainty: no pass to average (--T must be >= 1)")
+    return 1 - (total / count).amax(dim=1)
+
+
+def _passes(cfg: MethodConfig, desc: str):
+    """range(cfg.mc_passes), with a progress bar when cfg.progress."""
+    return tqdm(range(cfg.mc_passes), desc=desc, leave=False, disable=not cfg.progress)
+
+
+def _logits(batch: EvalBatch) -> torch.Tensor:
+    """The shared forward's logits (the last block output)."""
+    return batch.feats[-1]
+
+
+def _identity(x):
+    return x
+
+
+# --------------------------------------------------------------------------- single forward
 
 def obsnet_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     """The observer's logit that the SegNet is wrong."""
@@ -50,26 +108,188 @@ def obsnet_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
 
 def mcp_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     """Maximum class probability (Hendrycks & Gimpel), as an uncertainty."""
-    return max_softmax_uncertainty(batch.feats[-1])
+    return max_softmax_uncertainty(_logits(batch))
 
 
+def temp_scale_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """1 - max softmax of the logits divided by ``cfg.temperature`` (Guo et al. 2017)."""
+    return max_softmax_uncertainty(_logits(batch).float() / cfg.temperature)
+
+
+def entropy_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """Shannon entropy (nats) of the softmax."""
+    log_p = torch.log_softmax(_logits(batch).float(), dim=1)
+    return (-(log_p.exp() * log_p).sum(dim=1)).clamp_min(0)
+
+
+def max_logit_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """Minus the largest logit (Hendrycks et al. 2022)."""
+    return -_logits(batch).float().amax(dim=1)
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Free energy E = -T·logsumexp(logits / T) over classes; higher for OOD (Liu et al. 2020)."""
+    return -temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+
+
+def energy_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """The free energy at T = 1 (the paper's "negative energy score", negated)."""
+    return energy(_logits(batch))
+
+
+def void_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """Softmax probability of the void class ``cfg.void_id``."""
+    logits = _logits(batch)
+    if cfg.void_id is None:
+        raise ValueError("method 'void' needs a dataset with a void class (its spec has no void_id)")
+    if not 0 <= cfg.void_id < logits.shape[1]:
+        raise ValueError(f"method 'void': void_id {cfg.void_id} is not one of the "
+                         f"{logits.shape[1]} predicted classes")
+    return torch.softmax(logits.float(), dim=1)[:, cfg.void_id]
+
+
+# --------------------------------------------------------------------------- ODIN
+
+def odin_perturb(segnet: torch.nn.Module, images: torch.Tensor, eps: float,
+                 temperature: float) -> torch.Tensor:
+    """ODIN's input pre-processing (Liang et al. 2018): one signed-gradient step that lowers
+    the cross-entropy of ``logits / temperature`` against each pixel's argmax class, i.e. that
+    raises the max tempered softmax. Gradients flow to the input only (works under no_grad)."""
+    x = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = segnet(x).float() / temperature
+        loss = F.cross_entropy(logits, logits.detach().argmax(dim=1), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return (images - eps * grad.sign()).detach()
+
+
+def odin_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """1 - max softmax(f(x̃) / odin_temp) at the ODIN-perturbed input x̃."""
+    perturbed = odin_perturb(batch.segnet, batch.images, cfg.odin_eps, cfg.odin_temp)
+    with torch.no_grad():
+        return max_softmax_uncertainty(batch.segnet(perturbed).float() / cfg.odin_temp)
+
+
+# --------------------------------------------------------------------------- several passes
+
+@torch.no_grad()
 def mc_dropout_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """1 - max of the softmax averaged over ``mc_passes`` dropout passes (Gal & Ghahramani)."""
-    mean = torch.zeros_like(batch.feats[-1], dtype=torch.float32)
-    for _ in tqdm(range(cfg.mc_passes), desc="MC dropout passes", leave=False,
-                  disable=not cfg.progress):
-        mean += torch.softmax(batch.segnet(batch.images, mc_drop=True).float(), dim=1)
-    return 1 - (mean / cfg.mc_passes).amax(dim=1)
+    """1 - max of the softmax averaged over ``mc_passes`` dropout passes (Gal & Ghahramani).
+
+    Dropout masks are drawn per element, so this one is batch-independent only in law."""
+    return mean_softmax_uncertainty(batch.segnet(batch.images, mc_drop=True)
+                                    for _ in _passes(cfg, "MC dropout passes"))
 
 
-def _identity(x):
-    return x
+@contextmanager
+def noisy_weights(model: torch.nn.Module, std: float, originals: list[torch.Tensor]):
+    """Add N(0, std²) to every parameter of ``model`` for the duration of the block, then
+    copy back ``originals`` (the exact values, bit for bit), also when the block raises."""
+    params = list(model.parameters())
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=std)
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, p0 in zip(params, originals):
+                p.copy_(p0)
 
+
+@torch.no_grad()
+def gauss_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """1 - max mean softmax over ``mc_passes`` Gaussian perturbations of the weights.
+
+    One noise draw per parameter per pass, shared by the whole batch."""
+    originals = [p.detach().clone() for p in batch.segnet.parameters()]
+
+    def passes():
+        for _ in _passes(cfg, "Gaussian weight passes"):
+            with noisy_weights(batch.segnet, cfg.gauss_lambda, originals) as net:
+                logits = net(batch.images)
+            yield logits  # outside the block: the weights are already restored
+
+    return mean_softmax_uncertainty(passes())
+
+
+MCDA_FLIP_P = 0.5  # probability of a horizontal flip
+MCDA_BRIGHTNESS = 0.1  # additive brightness offset, uniform in [-b, b] (pixel space [0, 1])
+MCDA_CONTRAST = 0.1  # contrast factor, uniform in [1 - c, 1 + c], around each image's mean
+MCDA_NOISE = 0.02  # std of additive Gaussian pixel noise
+
+
+def mcda_augment(images: torch.Tensor, mean: tuple, std: tuple) -> tuple[torch.Tensor, bool]:
+    """Draw ONE augmentation and apply it to every image of the batch (normalised in, out).
+
+    Works in [0, 1] pixel space: denormalise, flip/brightness/contrast/noise, clamp,
+    renormalise. Returns (augmented images, whether they were flipped)."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    u_flip, u_bright, u_contrast = torch.rand(3).tolist()
+    noise = torch.randn((1, *images.shape[1:]), dtype=images.dtype, device=images.device)
+    flip = u_flip < MCDA_FLIP_P
+    pixels = images * s + m
+    if flip:
+        pixels = pixels.flip(-1)
+    level = pixels.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = 1 + MCDA_CONTRAST * (2 * u_contrast - 1)
+    brightness = MCDA_BRIGHTNESS * (2 * u_bright - 1)
+    pixels = (pixels - level) * contrast + level + brightness + MCDA_NOISE * noise
+    return (pixels.clamp(0, 1) - m) / s, flip
+
+
+@torch.no_grad()
+def mcda_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """1 - max mean softmax over ``mc_passes`` test-time augmentations (outputs un-flipped)."""
+    def passes():
+        for _ in _passes(cfg, "MC data-augmentation passes"):
+            augmented, flipped = mcda_augment(batch.images, cfg.mean, cfg.std)
+            logits = batch.segnet(augmented)
+            yield logits.flip(-1) if flipped else logits
+
+    return mean_softmax_uncertainty(passes())
+
+
+@torch.no_grad()
+def ensemble_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """1 - max softmax averaged over the main SegNet and every member of ``batch.ensemble``."""
+    if not batch.ensemble:
+        raise ValueError("method 'ensemble': --ensemble FILE,FILE,... is required "
+                         "(extra SegNet checkpoints to average with the main one)")
+
+    def members():
+        yield _logits(batch)
+        for net in batch.ensemble:
+            yield net(batch.images)
+
+    return mean_softmax_uncertainty(members())
+
+
+# --------------------------------------------------------------------------- registry
 
 METHODS: dict[str, Method] = {
-    "obsnet": Method(obsnet_score, torch.sigmoid, needs_obsnet=True),
-    "mcp": Method(mcp_score, _identity),
-    "mc_dropout": Method(mc_dropout_score, _identity, uses_shared_forward=False),
+    "obsnet": Method(obsnet_score, torch.sigmoid, "ObsNet's logit that the SegNet is wrong "
+                     "(prob: its sigmoid)", needs_obsnet=True),
+    "mcp": Method(mcp_score, _identity, "1 - max softmax probability"),
+    "temp_scale": Method(temp_scale_score, _identity,
+                         "1 - max softmax of logits / T (--Temp)"),
+    "entropy": Method(entropy_score, None, "entropy of the softmax (no probability: no ACE)"),
+    "max_logit": Method(max_logit_score, None, "minus the max logit (no probability: no ACE)"),
+    "energy": Method(energy_score, None,
+                     "free energy -logsumexp(logits), higher = OOD (no probability: no ACE)"),
+    "odin": Method(odin_score, _identity, "1 - max softmax at T=--odin_temp of the input "
+                   "perturbed by --odin_eps towards the argmax class", uses_shared_forward=False),
+    "void": Method(void_score, _identity, "softmax probability of the void class",
+                   needs_void=True),
+    "mc_dropout": Method(mc_dropout_score, _identity, "1 - max mean softmax over --T MC dropout "
+                         "passes", uses_shared_forward=False),
+    "gauss": Method(gauss_score, _identity, "1 - max mean softmax over --T passes with "
+                    "N(0, --gauss_lambda²) noise on the weights", uses_shared_forward=False),
+    "mcda": Method(mcda_score, _identity, "1 - max mean softmax over --T test-time "
+                   "augmentations (flip, brightness, contrast, noise)", uses_shared_forward=False),
+    "ensemble": Method(ensemble_score, _identity, "1 - max mean softmax of the SegNet and the "
+                       "--ensemble members", needs_ensemble=True),
 }
 ALIASES = {"mc_drop": "mc_dropout"}
 

@@ -188,9 +188,9 @@ def test_train_split_smaller_than_batch(camvid):
     assert len(build_loader(CamVid(camvid, "val"), bsize=5, train=False)) == 1
 
 
-def test_unimplemented_loader_is_reported(camvid):
-    with pytest.raises(DatasetError, match="StreetHazard.*not implemented"):
-        build_dataset(SPECS["StreetHazard"], camvid, "train", None, train=True)
+def test_unknown_dataset_is_reported(camvid):
+    with pytest.raises(DatasetError, match="unknown dataset 'Nowhere'"):
+        build_dataset(replace(SPEC, name="Nowhere"), camvid, "train", None, train=True)
 
 
 def test_seeded_loader_is_reproducible(camvid):

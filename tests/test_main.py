@@ -34,11 +34,17 @@ def paths(root):
             "--obsnet_file", str(root / "obsnet"), "--tboard", str(root / "logs")]
 
 
-def test_train_segnet_then_obsnet_then_test(run_dir):
-    assert (run_dir / "segnet.pth").is_file()  # written by the fixture's --train_segnet run
+@pytest.fixture(scope="module")
+def trained(run_dir):
     obs = main_py(*TINY, *paths(run_dir), "--epoch", "1", "--adv", "min_random_patch",
                   "--epsilon", "0.025", "--lr", "0.01")
     assert obs.returncode == 0, obs.stderr
+    return run_dir
+
+
+def test_train_segnet_then_obsnet_then_test(trained):
+    run_dir = trained
+    assert (run_dir / "segnet.pth").is_file()  # written by the fixture's --train_segnet run
     assert {"best.pth", "last.pth"} <= {p.name for p in (run_dir / "obsnet").iterdir()}
     test = main_py(*TINY, *paths(run_dir), "--test_only", "--test_multi", "obsnet,mcp,mc_dropout",
                    "--T", "2")
@@ -52,13 +58,39 @@ def test_train_segnet_then_obsnet_then_test(run_dir):
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "logs").iterdir())
 
 
+def test_every_method_and_every_output_file(trained):
+    import csv
+    logs = trained / "all_methods"
+    methods = ("obsnet,mcp,temp_scale,entropy,max_logit,energy,odin,void,mc_drop,gauss,mcda,"
+               "ensemble")
+    segnet = str(trained / "segnet.pth")
+    test = main_py(*TINY, *paths(trained), "--tboard", str(logs), "--test_only", "--test_multi",
+                   methods, "--T", "2", "--ensemble", f"{segnet},{segnet}")
+    assert test.returncode == 0, test.stderr
+    results = json.loads((logs / "results.json").read_text())
+    expected = set(methods.replace("mc_drop", "mc_dropout").split(","))
+    assert set(results["methods"]) == expected
+    for name, entry in results["methods"].items():
+        assert entry["ms_per_image"] > 0
+        assert (entry["error"]["ace"] is None) == (name in {"entropy", "max_logit", "energy"})
+    rows = list(csv.DictReader(open(logs / "results.csv")))
+    assert {r["method"] for r in rows} == expected
+    assert len(results["segnet"]["iou"]) == 12
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(logs), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    assert "Test/obsnet/ood" in events.Tags()["tensors"]  # a PR curve
+    assert any(tag.startswith("Test/") for tag in events.Tags()["images"])
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--adv", "min_nowhere"], 2, "--adv: invalid choice"),
     (["--test_only", "--test_multi", "obsnet,odinn"], 2, "unknown method 'odinn'"),
     (["--epsilon", "-1"], 2, "--epsilon must be positive"),
     (["--nclass", "5"], 2, "--nclass 5 is smaller than the 12 classes"),
     (["--model", "deeplabv3plus"], 2, "not implemented yet"),
-    (["--data", "StreetHazard", "--dset_folder", "x"], 2, "loader not implemented yet"),
+    (["--test_only", "--test_multi", "ensemble"], 2, "needs --ensemble FILE,FILE"),
+    (["--odin_eps", "-0.1"], 2, "--odin_eps must be >= 0"),
 ])
 def test_bad_input_is_one_line(args, code, message, tmp_path):
     out = main_py(*TINY, *paths(tmp_path), *args)
@@ -99,3 +131,32 @@ def test_small_observer_with_focal_loss_noise_and_dropout(run_dir):
                    str(run_dir / "small" / "best.pth"), "--tboard", str(run_dir / "small_logs"))
     assert test.returncode == 0, test.stderr
     assert "obsnet" in json.loads((run_dir / "small_logs" / "results.json").read_text())["methods"]
+
+
+README_COMMANDS = {  # the original README's flags; --bsize lowered to fit the tiny folders
+    "StreetHazard": (["--bsize", "2", "--adv", "max_random_patch", "--epsilon", "0.001",
+                      "--lr", "0.02", "--nclass", "14"], ["--nclass", "14"]),
+    "BddAnomaly": (["--bsize", "2", "--adv", "max_random_patch", "--epsilon", "0.001",
+                    "--lr", "0.02", "--nclass", "19"], ["--nclass", "19"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(README_COMMANDS))
+def test_readme_commands_on_generated_real_layouts(name, tmp_path):
+    from test_datasets import MAKERS
+    data = MAKERS[name](tmp_path / "data")
+    train_flags, test_flags = README_COMMANDS[name]
+    common = ["--dset_folder", f"{data}/", "--segnet_file", str(tmp_path / "segnet.pth"),
+              "--obsnet_file", str(tmp_path / "ckpt/"), "--data", name, "--tboard",
+              str(tmp_path / "logs"), "--num_workers", "0", "--size", "32", "48",
+              "--width_mult", "0.0625", "--epoch", "1"]
+    seg = main_py(*common, "--train_segnet", "--bsize", "2", "--nclass", train_flags[-1])
+    assert seg.returncode == 0, seg.stderr
+    obs = main_py(*common, *train_flags)
+    assert obs.returncode == 0, obs.stderr
+    test = main_py(*common, *test_flags, "--test_only", "--test_multi", "obsnet,mcp,mc_dropout",
+                   "--T", "2")
+    assert test.returncode == 0, test.stderr
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert results["split"] == "test" and set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}
+    assert all("ood" in entry for entry in results["methods"].values())  # anomaly pixels found

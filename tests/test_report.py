@@ -72,3 +72,43 @@ def test_preview_grid_has_one_row_per_picture():
     assert tag.startswith("Test/") and "obsnet" in tag
     assert grid.shape == (3, 2 + 6 * 10, 2 + 2 * 10)  # 6 rows, 2 columns of 8 px + padding
     assert not math.isnan(grid.sum().item())
+
+
+def test_results_csv_one_row_per_method(tmp_path):
+    import csv
+
+    from Utils.report import write_csv
+    write_csv(tmp_path / "results.csv", RESULTS)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["method"] for r in rows] == ["obsnet", "mcp"]
+    assert float(rows[0]["ood_auroc"]) == 0.9123 and rows[0]["ood_fpr95"] == ""
+    assert rows[1]["ood_auroc"] == "" and float(rows[1]["error_ace"]) == 0.1
+
+
+class _CurveWriter:
+    def __init__(self):
+        self.curves = {}
+
+    def add_pr_curve_raw(self, tag, tp, fp, tn, fn, precision, recall, step, num_thresholds):
+        self.curves[tag] = (tp, fp, tn, fn, precision, recall, num_thresholds)
+
+
+def test_pr_curves_are_the_meter_counts():
+    from Utils.metrics import OODMeter
+    from Utils.report import log_pr_curves
+    torch.manual_seed(0)
+    meter = OODMeter()
+    positive = torch.rand(5000) < 0.3
+    meter.update(torch.randn(5000) + positive.float(), positive)
+    empty = OODMeter()
+    empty.update(torch.randn(10), torch.zeros(10, dtype=torch.bool))
+    writer = _CurveWriter()
+    log_pr_curves(writer, {"obsnet": {"error": meter, "ood": empty}}, "Test", 0, points=11)
+    assert list(writer.curves) == ["Test/obsnet/error"]  # no positives: no curve
+    tp, fp, tn, fn, precision, recall, n = writer.curves["Test/obsnet/error"]
+    ref = meter.pr_curve_counts()
+    index = torch.linspace(0, len(ref[0]) - 1, 11).round().long().flip(0)
+    for logged, counts in zip((tp, fp, tn, fn), ref):
+        assert torch.equal(logged.long(), counts[index])
+    assert n == 11 and recall[0] == 1 and torch.all(recall[1:] <= recall[:-1])
+    assert torch.allclose(precision, tp / (tp + fp).clamp_min(1))

@@ -1,0 +1,106 @@
+"""A folder of images -> a triptych PNG (input | segmentation | ObsNet map) and the raw ObsNet
+probability map (float16 .npy, input resolution) per image.
+
+    python inference.py --data CamVid --segnet_file ckpt/camvid/segnet.pth \\
+        --obsnet_file ckpt/camvid/best.pth --img_folder photos/ --out out/
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from Dataset.camvid import read_image
+from Dataset.specs import SPECS
+from Models.load_net import load_networks
+from Utils.affichage import colorize_labels, viridis
+from Utils.cli import UsageError, run_friendly
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags named as in main.py."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
+    p.add_argument("--segnet_file", required=True, help="SegNet checkpoint")
+    p.add_argument("--obsnet_file", required=True, help="ObsNet checkpoint, or a folder (its best.pth)")
+    p.add_argument("--img_folder", required=True, help="folder of images (png, jpg, bmp)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="segnet", choices=("segnet",), help="segmentation network")
+    p.add_argument("--nclass", type=int, default=None, help="SegNet outputs (default: the dataset's)")
+    p.add_argument("--width_mult", type=float, default=1.0, help="channel width of the checkpoints")
+    p.add_argument("--obs_mlp", action="store_true", help="the checkpoint is the small observer")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="network input size (default: the preset)")
+    p.add_argument("--bsize", type=int, default=4, help="images per batch")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of ``folder``, sorted; a UsageError when there are none."""
+    if not folder.is_dir():
+        raise UsageError(f"--img_folder {folder}: folder not found")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UsageError(f"--img_folder {folder}: no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
+    """uint8 images of any sizes -> one normalised batch at the network size."""
+    batch = [TF.resize(img, list(size), antialias=True) for img in images]
+    batch = torch.stack(batch).float() / 255
+    return TF.normalize(batch, list(spec.mean), list(spec.std))
+
+
+@torch.no_grad()
+def predict(segnet, obsnet, batch):
+    """(class map B×H×W, probability that the SegNet is wrong B×H×W) at the batch's size."""
+    feats = segnet(batch, return_feat=True)
+    return feats[-1].argmax(dim=1), torch.sigmoid(obsnet(batch, feats).squeeze(1).float())
+
+
+def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) -> None:
+    """Write ``stem.png`` (input | overlay | viridis map) and ``stem.npy`` at the input's size."""
+    h, w = image.shape[-2:]
+    prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear")[0, 0]
+    pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    rgb = image.float() / 255
+    overlay = 0.5 * rgb + 0.5 * colorize_labels(pred[None], colors)[0]
+    save_image(torch.cat([rgb, overlay, viridis(prob[None], 0.0, 1.0)[0]], dim=2), out / f"{stem}.png")
+    np.save(out / f"{stem}.npy", prob.cpu().numpy().astype(np.float16))
+
+
+def run(argv) -> int:
+    """Parse the flags, load the networks and process the folder in batches."""
+    args = build_parser().parse_args(argv)
+    spec = SPECS[args.data]
+    if args.bsize < 1:
+        raise UsageError("--bsize must be at least 1")
+    files = list_images(Path(args.img_folder))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    segnet, obsnet = load_networks(args.model, args.nclass or spec.nclass, args.width_mult,
+                                   args.obs_mlp, args.segnet_file, args.obsnet_file, device)
+    obsnet.eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = tuple(args.size or spec.size)
+    for start in tqdm(range(0, len(files), args.bsize), desc="Inference", unit="batch"):
+        chunk = files[start:start + args.bsize]
+        images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]
+        preds, probs = predict(segnet, obsnet, prepare(images, size, spec).to(device))
+        for path, image, pred, prob in zip(chunk, images, preds.cpu(), probs.cpu()):
+            save_outputs(image, pred, prob, spec.colors, out, path.stem)
+    print(f"{len(files)} images -> {out} (PNG triptychs and float16 .npy maps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_friendly("inference.py", run, sys.argv[1:]))

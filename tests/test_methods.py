@@ -1,0 +1,327 @@
+"""Every uncertainty method of the registry: contract (shape, range, batch independence, no
+side effects) and the behaviour that defines each one."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import Utils.uncertainty as U
+from Models.obsnet import Obsnet_Seg
+from Models.segnet import SegNet, freeze
+from Utils.uncertainty import ALIASES, METHODS, EvalBatch, MethodConfig, parse_methods
+
+SHAPE = (3, 32, 48)
+CFG = MethodConfig(mc_passes=3, void_id=11)
+DETERMINISTIC = ["obsnet", "mcp", "temp_scale", "entropy", "max_logit", "energy", "odin",
+                 "void", "ensemble"]
+SEEDED = ["gauss", "mcda"]  # random, but one draw per pass shared by the whole batch
+PROBABILITY_SCORES = [n for n, m in METHODS.items() if m.to_prob is U._identity]
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    segnet = freeze(SegNet(3, 12, width_mult=0.125))
+    obsnet = Obsnet_Seg(3, 1, width_mult=0.125).eval()
+    members = tuple(freeze(SegNet(3, 12, width_mult=0.125)) for _ in range(2))
+    return segnet, obsnet, members
+
+
+def make_batch(images, segnet, obsnet=None, ensemble=()):
+    with torch.no_grad():
+        return EvalBatch(images, segnet, obsnet, segnet(images, return_feat=True), ensemble)
+
+
+def scores_for(name, nets, images, cfg=CFG, seed=0):
+    segnet, obsnet, members = nets
+    torch.manual_seed(seed)
+    batch = make_batch(images, segnet, obsnet, members)
+    with torch.no_grad():
+        return METHODS[name].fn(batch, cfg)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_registry_names_and_descriptions():
+    expected = {"obsnet", "mcp", "mc_dropout", "temp_scale", "entropy", "max_logit", "energy",
+                "odin", "void", "gauss", "mcda", "ensemble"}
+    assert set(METHODS) == expected and ALIASES == {"mc_drop": "mc_dropout"}
+    for method in METHODS.values():
+        assert method.description and "\n" not in method.description
+        assert method.to_prob is None or callable(method.to_prob)
+    assert {n for n, m in METHODS.items() if m.to_prob is None} == {"entropy", "max_logit", "energy"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_shape_range_and_no_side_effects(name, nets):
+    segnet, obsnet, members = nets
+    images = torch.randn(2, *SHAPE)
+    images_before = images.clone()
+    before = [state(m) for m in (segnet, obsnet, *members)]
+    scores = scores_for(name, nets, images)
+    assert scores.shape == (2, 32, 48) and scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    if name in PROBABILITY_SCORES:
+        assert (scores >= 0).all() and (scores <= 1).all()
+    to_prob = METHODS[name].to_prob
+    if to_prob is not None:
+        probs = to_prob(scores)
+        assert probs.shape == scores.shape and (probs >= 0).all() and (probs <= 1).all()
+    assert torch.equal(images, images_before)
+    for model, saved in zip((segnet, obsnet, *members), before):
+        assert not model.training and same_state(model, saved)
+    assert all(not p.requires_grad for p in segnet.parameters())
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC + SEEDED)
+def test_batch_of_four_equals_four_batches_of_one(name, nets):
+    """Exact for every method but mc_dropout (random draws shared within a pass, same seed)."""
+    images = torch.randn(4, *SHAPE)
+    whole = scores_for(name, nets, images, seed=7)
+    single = torch.cat([scores_for(name, nets, images[i:i + 1], seed=7) for i in range(4)])
+    assert torch.allclose(whole, single, atol=1e-5)
+
+
+def test_mc_dropout_scores_each_image_of_the_batch(nets):
+    """Masks are per element: the same image in two slots gets the same score distribution
+    (mean over pixels within a tolerance), not one copied value."""
+    images = torch.randn(4, *SHAPE)
+    images[3] = images[0]
+    scores = scores_for("mc_dropout", nets, images, MethodConfig(mc_passes=4))
+    assert (scores >= 0).all() and (scores <= 1).all()
+    assert not torch.equal(scores[0], scores[3])
+    assert abs(scores[0].mean() - scores[3].mean()) < 0.05
+
+
+def test_seeded_methods_are_random_across_seeds(nets):
+    images = torch.randn(1, *SHAPE)
+    for name in SEEDED:
+        assert not torch.equal(scores_for(name, nets, images, seed=1),
+                               scores_for(name, nets, images, seed=2))
+
+
+# --------------------------------------------------------------------------- one forward
+
+def batch_of_logits(logits, ensemble=()):
+    """A batch whose shared forward gives ``logits`` (for the logit-only methods)."""
+    return EvalBatch(torch.zeros(logits.shape[0], 3, *logits.shape[2:]), None, None,
+                     [logits], ensemble)
+
+
+def test_temp_scale_at_one_is_mcp_and_softens_above(nets):
+    images = torch.randn(2, *SHAPE)
+    mcp = scores_for("mcp", nets, images)
+    assert torch.allclose(scores_for("temp_scale", nets, images, MethodConfig(temperature=1.0)),
+                          mcp, atol=1e-6)
+    assert (scores_for("temp_scale", nets, images, MethodConfig(temperature=3.0)) >= mcp - 1e-6).all()
+
+
+def test_entropy_bounds():
+    logits = torch.zeros(2, 5, 1, 1)
+    logits[1, 2] = 100.0
+    h = METHODS["entropy"].fn(batch_of_logits(logits), CFG)
+    assert h[0].item() == pytest.approx(math.log(5), abs=1e-6) and 0 <= h[1].item() < 1e-6
+
+
+def test_energy_and_max_logit_with_one_dominant_logit():
+    logits = torch.zeros(3, 4, 1, 2)
+    for i, big in enumerate((2.0, 10.0, 30.0)):
+        logits[i, 1] = big
+    batch = batch_of_logits(logits)
+    e = METHODS["energy"].fn(batch, CFG)
+    expected = torch.tensor([-(b + math.log1p(3 * math.exp(-b))) for b in (2.0, 10.0, 30.0)])
+    assert torch.allclose(e[:, 0, 0], expected, atol=1e-5)
+    assert (e[1:] < e[:-1]).all()  # a more confident pixel is less OOD
+    assert torch.equal(METHODS["max_logit"].fn(batch, CFG)[:, 0, 0], -torch.tensor([2.0, 10.0, 30.0]))
+
+
+def test_void_picks_the_void_channel():
+    logits = torch.randn(2, 12, 4, 6)
+    logits[0, 11] = 20.0
+    logits[1, 3] = 20.0
+    v = METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=11))
+    assert torch.allclose(v, torch.softmax(logits, 1)[:, 11])
+    assert (v[0] > 0.99).all() and (v[1] < 0.01).all()
+    v3 = METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=3))
+    assert (v3[1] > 0.99).all() and (v3[0] < 0.01).all()
+    with pytest.raises(ValueError, match="void class"):
+        METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=None))
+    with pytest.raises(ValueError, match="void_id 12"):
+        METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=12))
+
+
+# --------------------------------------------------------------------------- ODIN
+
+def tempered_log_mcp(model, images, t):
+    return torch.log_softmax(model(images).double() / t, 1).amax(1)
+
+
+def test_odin_raises_the_tempered_max_softmax_of_most_pixels():
+    """A pointwise model (each output pixel sees only its input pixel, classes varied): the
+    ODIN step must raise max softmax(f/odin_temp) almost everywhere. Double precision, since
+    the change at T=1000 is below float32 resolution. A target built from anything but the
+    argmax (e.g. the original's max probabilities, i.e. class 0) would lower it often."""
+    torch.manual_seed(1)
+    model = nn.Conv2d(3, 12, 1).double().eval()
+    images = torch.randn(2, *SHAPE, dtype=torch.float64)
+    t, eps = CFG.odin_temp, CFG.odin_eps
+    with torch.no_grad():  # as in evaluation: the gradient w.r.t. the input must still work
+        assert model(images).argmax(1).unique().numel() >= 6
+        perturbed = U.odin_perturb(model, images, eps, t)
+        clean = tempered_log_mcp(model, images, t)
+        assert torch.allclose((perturbed - images).abs(), torch.full_like(images, eps), atol=1e-9)
+        assert (tempered_log_mcp(model, perturbed, t) > clean).double().mean() > 0.95
+        assert (tempered_log_mcp(model, 2 * images - perturbed, t) < clean).double().mean() > 0.95
+
+
+def test_odin_step_raises_the_summed_objective_of_a_conv_net():
+    """With 3x3 receptive fields the step follows the gradient of the loss summed over
+    pixels: the tempered log-probability of each pixel's clean argmax class, summed, goes up
+    (and down for the opposite step)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(16, 12, 3, padding=1)).double().eval()
+    images = torch.randn(2, *SHAPE, dtype=torch.float64)
+    t = CFG.odin_temp
+
+    def objective(x):
+        return torch.log_softmax(model(x) / t, 1).gather(1, target.unsqueeze(1)).sum()
+
+    with torch.no_grad():
+        target = model(images).argmax(1)
+        perturbed = U.odin_perturb(model, images, CFG.odin_eps, t)
+        assert objective(perturbed) > objective(images) > objective(2 * images - perturbed)
+
+
+def test_odin_on_the_segnet_touches_only_the_input(nets):
+    segnet = nets[0]
+    images = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        perturbed = U.odin_perturb(segnet, images, CFG.odin_eps, CFG.odin_temp)
+    assert not perturbed.requires_grad
+    assert (perturbed - images).abs().max() <= CFG.odin_eps * (1 + 1e-3)
+    assert all(p.grad is None and not p.requires_grad for p in segnet.parameters())
+
+
+# --------------------------------------------------------------------------- gauss
+
+def test_gauss_with_zero_noise_is_mcp(nets):
+    images = torch.randn(2, *SHAPE)
+    assert torch.allclose(scores_for("gauss", nets, images, MethodConfig(mc_passes=2, gauss_lambda=0.0)),
+                          scores_for("mcp", nets, images), atol=1e-6)
+    assert not torch.allclose(scores_for("gauss", nets, images, MethodConfig(mc_passes=2, gauss_lambda=0.05)),
+                              scores_for("mcp", nets, images), atol=1e-4)
+
+
+class FailOnSecondPass(nn.Module):
+    """Wraps a SegNet; the 2nd forward checks the weights are perturbed, then raises."""
+
+    def __init__(self, net, originals):
+        super().__init__()
+        self.net, self.originals, self.calls = net, originals, 0
+
+    def forward(self, x, **kwargs):
+        self.calls += 1
+        if self.calls == 2:
+            assert not same_state(self.net, self.originals)
+            raise RuntimeError("boom on pass 2")
+        return self.net(x, **kwargs)
+
+
+def test_gauss_restores_the_weights_exactly_after_an_exception():
+    torch.manual_seed(3)
+    segnet = freeze(SegNet(3, 12, width_mult=0.125))
+    before = state(segnet)
+    wrapped = FailOnSecondPass(segnet, before).eval()
+    images = torch.randn(1, *SHAPE)
+    batch = make_batch(images, wrapped)
+    wrapped.calls = 0
+    with torch.no_grad(), pytest.raises(RuntimeError, match="boom on pass 2"):
+        METHODS["gauss"].fn(batch, MethodConfig(mc_passes=4, gauss_lambda=0.1))
+    assert wrapped.calls == 2 and same_state(segnet, before)
+
+
+# --------------------------------------------------------------------------- mcda
+
+def test_mcda_augment_stays_in_pixel_range_and_shares_the_draw():
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    images = (torch.rand(3, *SHAPE) - m) / s
+    images[2] = images[0]
+    out, _ = U.mcda_augment(images, mean, std)
+    pixels = out * s + m
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert torch.equal(out[0], out[2])  # one augmentation (noise included) for the batch
+    assert 0 < (out - images).abs().mean() < 0.5
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_mcda_unflips_the_outputs(flip_p, monkeypatch):
+    """With a pointwise model and no photometric change, every pass, flipped or not, must
+    give back the plain prediction at the same pixel."""
+    monkeypatch.setattr(U, "MCDA_FLIP_P", flip_p)
+    for knob in ("MCDA_BRIGHTNESS", "MCDA_CONTRAST", "MCDA_NOISE"):
+        monkeypatch.setattr(U, knob, 0.0)
+    cfg = MethodConfig(mc_passes=2)
+    pointwise = nn.Conv2d(3, 12, 1).eval()
+    m, s = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    images = (torch.rand(2, *SHAPE) - m) / s
+    with torch.no_grad():
+        batch = EvalBatch(images, pointwise, None, [pointwise(images)])
+        assert torch.allclose(METHODS["mcda"].fn(batch, cfg), METHODS["mcp"].fn(batch, cfg), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- ensemble
+
+def test_ensemble_of_identical_members_is_mcp(nets):
+    segnet = nets[0]
+    images = torch.randn(2, *SHAPE)
+    batch = make_batch(images, segnet, ensemble=(segnet, segnet))
+    with torch.no_grad():
+        assert torch.allclose(METHODS["ensemble"].fn(batch, CFG), METHODS["mcp"].fn(batch, CFG),
+                              atol=1e-6)
+
+
+def test_ensemble_averages_the_main_segnet_with_the_members(nets):
+    segnet, _, members = nets
+    images = torch.randn(2, *SHAPE)
+    batch = make_batch(images, segnet, ensemble=members[:1])
+    with torch.no_grad():
+        mean = (segnet(images).softmax(1) + members[0](images).softmax(1)) / 2
+        assert torch.allclose(METHODS["ensemble"].fn(batch, CFG), 1 - mean.amax(1), atol=1e-6)
+
+
+def test_ensemble_needs_members(nets):
+    batch = make_batch(torch.randn(1, *SHAPE), nets[0])
+    with pytest.raises(ValueError, match="--ensemble FILE,FILE,... is required"):
+        METHODS["ensemble"].fn(batch, CFG)
+
+
+# --------------------------------------------------------------------------- parsing
+
+def test_parse_methods_aliases_and_errors():
+    assert parse_methods("obsnet, mcp,mc_drop,mcp") == ["obsnet", "mcp", "mc_dropout"]
+    assert parse_methods("energy,odin,gauss") == ["energy", "odin", "gauss"]
+    with pytest.raises(ValueError, match="unknown method 'odinn'") as err:
+        parse_methods("odinn")
+    assert all(name in str(err.value) for name in list(METHODS) + list(ALIASES))
+
+
+@pytest.mark.parametrize("name", ["odin", "gauss"])
+def test_gradient_methods_leave_a_trainable_segnet_untouched(name):
+    """Weights that require grad (an unfrozen SegNet): no .grad, same values, same flags."""
+    torch.manual_seed(4)
+    segnet = SegNet(3, 12, width_mult=0.125).eval()
+    before = state(segnet)
+    batch = make_batch(torch.randn(1, *SHAPE), segnet)
+    with torch.no_grad():
+        METHODS[name].fn(batch, MethodConfig(mc_passes=2))
+    assert same_state(segnet, before) and not segnet.training
+    assert all(p.requires_grad and p.grad is None for p in segnet.parameters())
