@@ -1,6 +1,5 @@
 """One evaluation pass: the SegNet once per batch, every method, streaming meters."""
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -8,6 +7,7 @@ from tqdm import tqdm
 from Dataset.specs import DatasetSpec
 from Utils.metrics import ConfusionMeter, OODMeter
 from Utils.uncertainty import METHODS, EvalBatch, MethodConfig
+from Utils.utils import autocast
 
 
 class _Meters:
@@ -66,11 +66,10 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
         obsnet.eval()
     meters = {name: _Meters() for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     n_images, preview = 0, None
     for images, labels in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast:
+        with autocast(device, amp):
             feats, forward_seconds = _timed(device, segnet, images, return_feat=True)
             batch = EvalBatch(images, segnet, obsnet, feats, tuple(ensemble))
             pred = feats[-1].argmax(dim=1)

@@ -1,11 +1,11 @@
 """ObsNet command line: train the SegNet, train the observer with local adversarial attacks,
 or evaluate uncertainty methods. ``python main.py`` alone runs the CPU demo."""
 import argparse
-import random
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -14,20 +14,18 @@ from Dataset.load_data import build_dataset, build_loader
 from Dataset.specs import LOADABLE, SPECS
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
-from Models.load_net import build_models, init_from_segnet, load_networks, load_weights, save_checkpoint
-from train import ObserverConfig, train_observer_epoch, train_segnet_epoch
+from Models.load_net import (SEGMENTERS, build_models, init_from_segnet, load_networks, load_weights,
+                             save_checkpoint)
+from train import ObserverConfig, make_scaler, train_observer_epoch, train_segnet_epoch
 from Utils.adv_attack import ATTACK_CHOICES, AttackConfig, parse_attack
 from Utils.cli import UsageError, run_friendly
+from Utils.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
 from Utils.loss import CRITERIA
-from Utils.report import (format_table, log_pr_curves, log_preview, log_scalars, write_csv,
+from Utils.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
                           write_json)
 from Utils.uncertainty import ALIASES, METHODS, MethodConfig, parse_methods
+from Utils.utils import rng_state, seed_everything, set_rng_state
 
-MODELS = ("segnet", "deeplabv3plus")
-NOT_YET = {  # flags accepted by the parser whose feature is planned, not built yet
-    "model": ("deeplabv3plus", "--model deeplabv3plus is not implemented yet; use --model segnet"),
-    "num_nodes": (None, "--num_nodes > 1 (multi-node training) is not implemented yet"),
-}
 
 # `python main.py` with no argument: the three stages of the demo, each a plain command line.
 DEMO_COMMON = ["--data", "Synthetic", "--dset_folder", "data/Synthetic", "--segnet_file",
@@ -48,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--segnet_file", default=None, help="SegNet checkpoint (default ckpt/<data>/segnet.pth)")
     a("--obsnet_file", default=None,
       help="ObsNet checkpoint folder, or a file to test (default ckpt/<data>/)")
-    a("--model", default="segnet", choices=MODELS, help="segmentation network")
+    a("--model", default="segnet", choices=sorted(SEGMENTERS), help="segmentation network")
+    a("--backbone_weights", default=None,
+      help="DeepLabv3+ ResNet-101 start: 'imagenet' (torchvision download) or a local file")
+    a("--vgg_weights", default=None,
+      help="torchvision VGG16 file (or 'imagenet') initialising the SegNet encoder (--train_segnet)")
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
     a("--tboard", default=None, help="TensorBoard / results folder (default logs/<data>)")
     a("--T", type=int, default=50, help="forward passes of MC dropout")
@@ -81,16 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image size (default: preset)")
     a("--train_segnet", action="store_true", help="train the SegNet and save it to --segnet_file")
     a("--focal", action="store_true", help="focal loss instead of weighted BCE for ObsNet")
+    a("--channels_last", action="store_true",
+      help="channels-last memory format for models and inputs (faster convolutions on GPU)")
+    a("--amp", action="store_true", help="mixed precision (float16 + GradScaler on GPU, bfloat16 on CPU)")
     a("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def check_args(args, spec) -> None:
     """Reject values that cannot work, before any heavy work."""
-    for flag, (bad, message) in NOT_YET.items():
-        value = getattr(args, flag)
-        if (bad is not None and value == bad) or (flag == "num_nodes" and value > 1):
-            raise UsageError(message)
+    if args.model == "deeplabv3plus" and (args.width_mult != 1.0 or args.obs_mlp):
+        raise UsageError("--model deeplabv3plus takes neither --width_mult nor --obs_mlp")
+    if args.vgg_weights and args.model != "segnet":
+        raise UsageError("--vgg_weights initialises the SegNet encoder: use --backbone_weights "
+                         f"with --model {args.model}")
     for flag in ("bsize", "epoch", "T"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
@@ -135,19 +141,11 @@ def resolve_args(args):
     return spec
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (every device); -1 leaves everything unseeded."""
-    if seed >= 0:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-
-def loader_for(args, spec, split: str, train: bool):
-    """A data loader over one split of the dataset."""
+def loader_for(args, spec, split: str, train: bool, rt=None):
+    """A data loader over one split of the dataset (sharded across DDP ranks)."""
     dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train)
     return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
-                        seed=max(args.seed, 0))
+                        seed=max(args.seed, 0), distributed=bool(rt and rt.distributed))
 
 
 def attack_config(args, spec):
@@ -177,75 +175,122 @@ def make_optimizer(args, params, schedule: str = "multistep"):
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
 
 
-def training_state(model, optimizer, scheduler, epoch, best, args) -> dict:
-    """Everything needed to resume: weights, optimizer, scheduler, epoch, best metric, args."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
+    """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
+    resolved arguments and random generator states."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "best": best, "rng": rng_state(),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
 
 
-def stage_train_segnet(args, spec, device, writer) -> None:
+def resume(folder: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Load ``folder/last.pth`` into the training objects; returns (next epoch, best metric)."""
+    state = load_weights(unwrap(model), folder / "last.pth")
+    optimizer.load_state_dict(state["optimizer"])
+    # The learning-rate schedule follows this command's --epoch (which may extend the run):
+    # the scheduler is placed after the epochs done and the rates recomputed in closed form.
+    scheduler.last_epoch = state["epoch"] + 1
+    for group, lr in zip(optimizer.param_groups, scheduler._get_closed_form_lr()):
+        group["lr"] = lr
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    print(f"Resumed from {folder / 'last.pth'} at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["best"]
+
+
+def wrap_ddp(model, rt):
+    """DistributedDataParallel around ``model`` when running under torchrun."""
+    if not rt.distributed:
+        return model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def set_epoch(loader, epoch: int, seed: int) -> None:
+    """The epoch's shuffle and worker seeds depend on (seed, epoch) only, so a resumed run
+    reads the same batches as an uninterrupted one."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(max(seed, 0) * 100_003 + epoch)
+
+
+def stage_train_segnet(args, spec, rt, writer) -> None:
     """Train the SegNet with cross-entropy; keep the best validation mIoU in --segnet_file."""
-    segnet, _ = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp)
-    segnet.to(device)
-    train_loader = loader_for(args, spec, spec.train_split, train=True)
-    val_loader = loader_for(args, spec, spec.val_split, train=False)
+    train_loader = loader_for(args, spec, spec.train_split, True, rt)
+    val_loader = loader_for(args, spec, spec.val_split, False, rt)
+    weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
+    segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
+                          backbone_weights=weights)[0].to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
+    scaler, model = make_scaler(rt.device, args.amp), wrap_ddp(segnet, rt)
     best = -1.0
-    for epoch in tqdm(range(args.epoch), desc="SegNet epochs"):
-        stats = train_segnet_epoch(epoch, segnet, train_loader, optimizer, args.nclass, device, writer)
-        results, _, _ = evaluate(segnet, None, val_loader, [], spec, device, MethodConfig(),
-                                 args.nclass, spec.val_split)
+    for epoch in tqdm(range(args.epoch), desc="SegNet epochs", disable=not rt.is_main):
+        set_epoch(train_loader, epoch, args.seed)
+        stats = train_segnet_epoch(epoch, model, train_loader, optimizer, args.nclass, rt.device,
+                                   writer, rt.is_main, scaler=scaler, amp=args.amp)
+        results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
+                                 args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
-        tqdm.write(f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
-                   f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
-        if miou > best:
-            best = miou
-            save_checkpoint(args.segnet_file, training_state(segnet, optimizer, scheduler, epoch, best, args))
+        log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
+                f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
         scheduler.step()
-    print(f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
+        if miou > best and rt.is_main:
+            save_checkpoint(args.segnet_file, training_state(segnet, optimizer, scheduler, scaler,
+                                                             epoch, miou, args))
+        best = max(best, miou)
+    log(rt, f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
 
 
-def stage_train_obsnet(args, spec, device, writer) -> None:
+def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> None:
+    """best.pth when the validation AUROC improved, epochNNN.pth every 5 epochs, last.pth."""
+    if not rt.is_main:
+        return
+    if improved:
+        save_checkpoint(folder / "best.pth", state)
+    if (epoch + 1) % 5 == 0:
+        save_checkpoint(folder / f"epoch{epoch + 1:03d}.pth", state)
+    save_checkpoint(folder / "last.pth", state)
+
+
+def stage_train_obsnet(args, spec, rt, writer) -> None:
     """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
-    train_loader = loader_for(args, spec, spec.train_split, train=True)
-    val_loader = loader_for(args, spec, spec.val_split, train=False)
+    train_loader = loader_for(args, spec, spec.train_split, True, rt)
+    val_loader = loader_for(args, spec, spec.val_split, False, rt)
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                                   args.segnet_file, device=device)
+                                   args.segnet_file, device=rt.device)
+    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume):
-        print(f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
+        log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
     folder = Path(args.obsnet_file)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
-    criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(device)
+    scaler = make_scaler(rt.device, args.amp)
+    criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device)
     cfg = ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
                          args.no_img, spec.ignore_id)
-    start, best = 0, -1.0
-    if args.resume:
-        state = load_weights(obsnet, folder / "last.pth")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, best = state["epoch"] + 1, state["best"]
-        print(f"Resumed from {folder / 'last.pth'} at epoch {start}")
-    for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs"):
-        stats = train_observer_epoch(epoch, obsnet, segnet, train_loader, optimizer, criterion,
-                                     device, cfg, writer)
-        results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, device,
-                                       MethodConfig(), args.nclass, spec.val_split)
+    start, best = resume(folder, obsnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
+    model = wrap_ddp(obsnet, rt)
+    for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs", disable=not rt.is_main):
+        set_epoch(train_loader, epoch, args.seed)
+        stats = train_observer_epoch(epoch, model, segnet, train_loader, optimizer, criterion,
+                                     rt.device, cfg, writer, rt.is_main, scaler, args.amp)
+        results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, rt.device,
+                                       MethodConfig(), args.nclass, spec.val_split,
+                                       amp=args.amp, progress=rt.is_main)
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
-        tqdm.write(f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
-                   f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
+        log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
+                f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
         scheduler.step()
-        state = training_state(obsnet, optimizer, scheduler, epoch, max(best, auroc), args)
-        if auroc > best:
-            best = auroc
-            save_checkpoint(folder / "best.pth", state)
-        if (epoch + 1) % 5 == 0:
-            save_checkpoint(folder / f"epoch{epoch + 1:03d}.pth", state)
-        save_checkpoint(folder / "last.pth", state)
-    print(f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")
+        state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
+        save_observer(folder, state, epoch, auroc > best, rt)
+        best = max(best, auroc)
+    log(rt, f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")
 
 
 def method_config(args, spec) -> MethodConfig:
@@ -262,43 +307,82 @@ def load_ensemble(args, device) -> list:
                           device=device)[0] for f in files]
 
 
-def stage_test(args, spec, device, writer) -> None:
+def stage_test(args, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
     names = parse_methods(args.test_multi)
-    loader = loader_for(args, spec, spec.test_split, train=False)
+    loader = loader_for(args, spec, spec.test_split, False, rt)
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
                                    args.segnet_file, args.obsnet_file if "obsnet" in names else None,
-                                   device)
+                                   rt.device)
+    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
-    results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, device,
+    results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,
                                         method_config(args, spec), args.nclass, spec.test_split,
-                                        ensemble=load_ensemble(args, device))
+                                        amp=args.amp, progress=rt.is_main,
+                                        ensemble=load_ensemble(args, rt.device))
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
-    write_json(Path(args.tboard) / "results.json", results)
-    write_csv(Path(args.tboard) / "results.csv", results)
-    print(format_table(results))
-    print(f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
+    if rt.is_main:
+        write_json(Path(args.tboard) / "results.json", results)
+        write_csv(Path(args.tboard) / "results.csv", results)
+    log(rt, format_table(results))
+    log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its DDP rank and its device."""
+
+    dist: DistInfo
+    device: torch.device
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def distributed(self) -> bool:
+        return self.dist.distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
+def log(rt: Runtime, message: str) -> None:
+    """Print on rank 0 only, without breaking the progress bars."""
+    if rt.is_main:
+        tqdm.write(message)
 
 
 def run_stage(args, spec) -> None:
-    """Run the stage the flags ask for, with a TensorBoard writer in --tboard."""
-    if args.data == "Synthetic" and not is_complete(args.dset_folder):
+    """Run the stage the flags ask for; only rank 0 writes the TensorBoard log and files."""
+    info = init_distributed_mode()
+    rt = Runtime(info, device_for(info),
+                 torch.channels_last if args.channels_last else torch.contiguous_format)
+    if info.world_size < args.num_nodes:
+        raise UsageError(f"--num_nodes {args.num_nodes}: launch with torchrun --nnodes "
+                         f"{args.num_nodes} (this run has {info.world_size} process(es))")
+    if args.data == "Synthetic" and rt.is_main and not is_complete(args.dset_folder):
         ensure_synthetic(args.dset_folder, seed=0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    write_json(Path(args.tboard) / "config.json", vars(args))
+    if info.distributed:
+        torch.distributed.barrier()  # the other ranks wait for the generated data
     stage = stage_test if args.test_only else stage_train_segnet if args.train_segnet else stage_train_obsnet
-    with SummaryWriter(args.tboard) as writer:
-        writer.add_text("config", " ".join(sys.argv), 0)
-        stage(args, spec, device, writer)
+    try:
+        if not rt.is_main:
+            stage(args, spec, rt, NullWriter())
+            return
+        write_json(Path(args.tboard) / "config.json", vars(args))
+        with SummaryWriter(args.tboard) as writer:
+            writer.add_text("config", " ".join(sys.argv), 0)
+            stage(args, spec, rt, writer)
+    finally:
+        cleanup()
 
 
 def run(argv) -> int:
     """Parse, resolve and run one stage; returns the process exit code."""
     args = build_parser().parse_args(argv)
     spec = resolve_args(args)
-    seed_everything(args.seed)
+    seed_everything(args.seed + int(os.environ.get("RANK", "0")) if args.seed >= 0 else -1)
     run_stage(args, spec)
     return 0
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from Utils.adv_attack import AttackConfig, select_attack
+from Utils.utils import autocast
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,19 @@ class ObserverConfig:
     no_img: bool = False
     ignore_id: int | None = None  # label of pixels that count nowhere (spec.ignore_id)
     log_every: int = 10
+
+
+def make_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """A GradScaler, active only for float16 autocast on GPU."""
+    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
+
+def _step(loss, optimizer, scaler) -> None:
+    """Backward and optimizer step through the (possibly disabled) GradScaler."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
@@ -43,18 +57,19 @@ def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig
 
 
 def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,
-                         cfg: ObserverConfig, writer=None, progress=True) -> dict:
+                         cfg: ObserverConfig, writer=None, progress=True, scaler=None,
+                         amp: bool = False) -> dict:
     """Train the observer for one epoch; returns mean loss and accuracies."""
+    scaler = scaler or make_scaler(device, False)
     obsnet.train()
     segnet.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
     bar = tqdm(loader, desc=f"ObsNet epoch {epoch}", leave=False, disable=not progress)
     for step, (images, labels) in enumerate(bar):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with autocast(device, amp):
+            loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
+        _step(loss, optimizer, scaler)
         with torch.no_grad():
             totals[:3] += torch.stack([loss.detach().double(),
                                        ((logits > 0).float() == error).sum().double(),
@@ -67,19 +82,19 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
 
 
 def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
-                       progress=True, log_every: int = 10) -> dict:
+                       progress=True, log_every: int = 10, scaler=None, amp: bool = False) -> dict:
     """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored)."""
+    scaler = scaler or make_scaler(device, False)
     segnet.train()
     totals = torch.zeros(4, device=device, dtype=torch.float64)
     bar = tqdm(loader, desc=f"SegNet epoch {epoch}", leave=False, disable=not progress)
     for step, (images, labels) in enumerate(bar):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         target = labels.masked_fill((labels < 0) | (labels >= nclass), -100)
-        logits = segnet(images)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with autocast(device, amp):
+            logits = segnet(images)
+            loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
+        _step(loss, optimizer, scaler)
         with torch.no_grad():
             valid = target >= 0
             correct = ((logits.argmax(1) == target) & valid).sum()

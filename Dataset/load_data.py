@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from Dataset.BDD_anomaly import BddAnomaly
 from Dataset.camvid import CamVid, PairDataset
@@ -52,15 +52,32 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _sampler(dataset: Dataset, train: bool, seed: int,
-             distributed: bool) -> DistributedSampler | None:
-    """DistributedSampler under DDP (shuffled and dropping the tail in training), else None.
+class ShardSampler(Sampler):
+    """Evaluation under DDP: rank r reads images r, r + world, ... once each, with no padding,
+    so metrics summed across ranks count every image exactly once."""
 
-    Callers must call ``loader.sampler.set_epoch(epoch)`` each epoch for a new shuffle.
+    def __init__(self, dataset: Dataset):
+        self.indices = list(range(len(dataset)))[torch.distributed.get_rank()::
+                                                  torch.distributed.get_world_size()]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _sampler(dataset: Dataset, train: bool, seed: int, distributed: bool) -> Sampler | None:
+    """Under DDP: a shuffled DistributedSampler dropping the tail in training, a ShardSampler
+    in evaluation; None otherwise.
+
+    Callers must call ``loader.sampler.set_epoch(epoch)`` each training epoch for a new shuffle.
     """
     if not distributed:
         return None
-    return DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    if not train:
+        return ShardSampler(dataset)
+    return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
 
 
 def _rank(distributed: bool) -> int:
@@ -72,8 +89,8 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
                  seed: int = 0, distributed: bool = False) -> DataLoader:
     """DataLoader over ``dataset``: shuffled full batches in training, ordered and complete in eval.
 
-    Under ``distributed`` each rank reads its share through a DistributedSampler (in eval
-    the sampler pads the last ranks with repeated images so every rank has as many).
+    Under ``distributed`` each rank reads its share: a DistributedSampler in training, a
+    ShardSampler (every image exactly once over all ranks) in evaluation.
     Worker processes get seeds derived from ``seed`` (and the rank), so augmentations are
     reproducible; numpy and python are seeded per worker by ``seed_worker``.
     """

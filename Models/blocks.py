@@ -3,6 +3,7 @@
 Attribute names (``convN.cbr_unit``) follow the original project so that its checkpoints
 load strictly.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -95,9 +96,16 @@ class EncoderDecoder(nn.Module):
         self.up1 = DecoderBlock(c64, out_channels, 2)
         self.dropout = dict(zip(self.DROPOUT_AFTER, dropout))
 
-    def _drop(self, name, x, force):
+    def _drop(self, name, x, mc_drop):
         p = self.dropout.get(name, 0.0)
-        return F.dropout(x, p, training=self.training or force) if p > 0 else x
+        if p == 0 or not (self.training or mc_drop):
+            return x
+        if self.training:
+            return F.dropout(x, p, training=True)
+        # Monte Carlo dropout: one mask per pass shared by the whole batch, so an image's
+        # scores do not depend on the batch it comes in (same seed, same scores).
+        keep = torch.rand((1, *x.shape[1:]), device=x.device) >= p
+        return x * keep / (1 - p)
 
     def run(self, x, extra=None, mc_drop=False):
         """Forward pass; returns the 10 block outputs, down1 .. down5, up5 .. up1.

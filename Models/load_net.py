@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from Models.deeplab_v3plus import DeepLabV3Plus, Obsnet_DeepLab
 from Models.obsnet import Obsnet_Seg, Obsnet_Small
 from Models.segnet import SegNet, freeze
 
@@ -14,17 +15,38 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
-SEGMENTERS = {"segnet": lambda nclass, width_mult: SegNet(3, nclass, width_mult=width_mult)}
+# Segmentation networks: builder(nclass, width_mult, backbone_weights). ``backbone_weights``
+# (None, "imagenet" or a torchvision state_dict file) initialises the encoder: VGG16 for the
+# SegNet, ResNet-101 for DeepLabv3+.
+SEGMENTERS = {
+    "segnet": lambda nclass, width_mult, backbone_weights=None: SegNet(
+        3, nclass, width_mult=width_mult, vgg_weights=backbone_weights),
+    "deeplabv3plus": lambda nclass, width_mult, backbone_weights=None: DeepLabV3Plus(
+        3, nclass, backbone_weights=backbone_weights, width_mult=width_mult),
+}
+# Observers: builder(width_mult); "<model>_small" is the --obs_mlp variant of "<model>".
 OBSERVERS = {
     "segnet": lambda width_mult: Obsnet_Seg(3, 1, width_mult=width_mult),
     "segnet_small": lambda width_mult: Obsnet_Small(512, 1, width_mult=width_mult),
+    "deeplabv3plus": lambda width_mult: Obsnet_DeepLab(3, 1, width_mult=width_mult),
 }
 
 
-def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool):
-    """Return (segnet, obsnet) for a registry name."""
-    segnet = SEGMENTERS[model](nclass, width_mult)
-    obsnet = OBSERVERS[f"{model}_small" if obs_mlp else model](width_mult)
+def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
+                 backbone_weights=None):
+    """Return (segnet, obsnet) for a registry name.
+
+    ``backbone_weights``: None (random init), "imagenet" (torchvision download) or a
+    torchvision state_dict file for the segmentation network's encoder (see SEGMENTERS).
+    """
+    if model not in SEGMENTERS:
+        raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))})")
+    observer = f"{model}_small" if obs_mlp else model
+    if observer not in OBSERVERS:  # checked before building the (possibly large) network
+        raise ValueError(f"--obs_mlp is not available with --model {model}: the light observer "
+                         f"reads one SegNet map; use the default observer (drop --obs_mlp)")
+    segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
+    obsnet = OBSERVERS[observer](width_mult)
     return segnet, obsnet
 
 
@@ -93,6 +115,34 @@ def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, seg
         path = Path(obsnet_file)
         load_weights(obsnet, path / "best.pth" if path.is_dir() else path)
     return freeze(segnet.to(device)), obsnet.to(device)
+
+
+def torchvision_state(source, imagenet_weights, what: str) -> tuple[dict, str]:
+    """A torchvision model's state_dict, and a label saying where it came from.
+
+    ``source``: "imagenet" downloads ``imagenet_weights`` (a torchvision ``Weights`` enum
+    member) through torchvision's weights API; anything else is a file path holding a plain
+    state_dict or a dict with a "model" / "state_dict" entry ("module." prefixes dropped).
+    ``what`` names the expected network in error messages (e.g. "ResNet-101").
+    """
+    if source == "imagenet":
+        try:
+            state = imagenet_weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # no network, proxy, interrupted download ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"--backbone_weights imagenet: cannot download torchvision's {what} weights "
+                f"({imagenet_weights}: {reason}); download {imagenet_weights.url} on a machine "
+                f"with network access and pass --backbone_weights PATH") from None
+        return state, f"torchvision {imagenet_weights}"
+    checkpoint = load_checkpoint(source)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    try:
+        state = model_state(checkpoint)
+    except CheckpointError:
+        raise CheckpointError(f"{source}: not a torchvision {what} state_dict") from None
+    return state, str(source)
 
 
 def init_from_segnet(obsnet: nn.Module, segnet: nn.Module) -> int:

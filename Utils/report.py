@@ -17,6 +17,13 @@ COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "
            ("error", "ace", "ACE"), ("error", "ece", "ECE"))
 
 
+class NullWriter:
+    """Stands in for a SummaryWriter on DDP ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def _percent(value) -> str:
     if value is None:
         return "n/a"
@@ -27,7 +34,8 @@ def format_table(results: dict) -> str:
     """One row per method, one column per metric, in percent with one decimal."""
     seg = results["segnet"]
     lines = [f"split {results['split']} ({results['n_images']} images): SegNet mIoU "
-             f"{_percent(seg['miou'])}, pixel accuracy {_percent(seg['pixel_acc'])}"]
+             f"{_percent(seg['miou'])}, pixel accuracy {_percent(seg['pixel_acc'])}",
+             "IoU per class: " + ", ".join(f"{name} {_percent(v)}" for name, v in seg["iou"].items())]
     header = ["Method", "ms/img"] + [c[2] for c in COLUMNS]
     rows = [header]
     for name, entry in results["methods"].items():

@@ -88,7 +88,9 @@ def test_every_method_and_every_output_file(trained):
     (["--test_only", "--test_multi", "obsnet,odinn"], 2, "unknown method 'odinn'"),
     (["--epsilon", "-1"], 2, "--epsilon must be positive"),
     (["--nclass", "5"], 2, "--nclass 5 is smaller than the 12 classes"),
-    (["--model", "deeplabv3plus"], 2, "not implemented yet"),
+    (["--model", "deeplabv3plus", "--width_mult", "0.5"], 2, "takes neither --width_mult"),
+    (["--model", "deeplabv3plus", "--width_mult", "1", "--vgg_weights", "x.pth"], 2,
+     "use --backbone_weights"),
     (["--test_only", "--test_multi", "ensemble"], 2, "needs --ensemble FILE,FILE"),
     (["--odin_eps", "-0.1"], 2, "--odin_eps must be >= 0"),
 ])
@@ -122,9 +124,10 @@ def test_resume_continues_at_the_next_epoch(run_dir):
     assert state["epoch"] == 1 and {"optimizer", "scheduler", "best", "args"} <= set(state)
 
 
-def test_small_observer_with_focal_loss_noise_and_dropout(run_dir):
+def test_small_observer_with_focal_loss_noise_dropout_amp_channels_last(run_dir):
     out = main_py(*TINY, *paths(run_dir), "--epoch", "1", "--obs_mlp", "--focal", "--noise", "0.1",
                   "--drop", "--adv", "min_class", "--optim", "AdamW", "--lr", "0.001",
+                  "--channels_last", "--amp",
                   "--obsnet_file", str(run_dir / "small"))
     assert out.returncode == 0, out.stderr
     test = main_py(*TINY, *paths(run_dir), "--obs_mlp", "--test_only", "--obsnet_file",
@@ -160,3 +163,20 @@ def test_readme_commands_on_generated_real_layouts(name, tmp_path):
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     assert results["split"] == "test" and set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}
     assert all("ood" in entry for entry in results["methods"].values())  # anomaly pixels found
+
+
+def test_deeplabv3plus_end_to_end(tmp_path):
+    generate(tmp_path / "data", seed=0, n_train=4, n_val=2, n_test=2)
+    common = ["--model", "deeplabv3plus", "--data", "Synthetic", "--dset_folder",
+              str(tmp_path / "data"), "--size", "64", "64", "--bsize", "2", "--seed", "0",
+              "--segnet_file", str(tmp_path / "seg.pth"), "--obsnet_file", str(tmp_path / "obs"),
+              "--tboard", str(tmp_path / "logs"), "--epoch", "1"]
+    seg = main_py(*common, "--train_segnet")
+    assert seg.returncode == 0, seg.stderr
+    assert "randomly initialised" in seg.stdout  # no --backbone_weights: said so
+    obs = main_py(*common, "--adv", "max_fractal")
+    assert obs.returncode == 0, obs.stderr
+    test = main_py(*common, "--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "2")
+    assert test.returncode == 0, test.stderr
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}

@@ -1,0 +1,55 @@
+"""Random state: seeding, determinism, and RNG states saved in checkpoints."""
+import random
+import warnings
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device) and ask for deterministic algorithms.
+
+    ``seed < 0`` leaves everything unseeded and lets cuDNN pick the fastest kernels. Ops
+    without a deterministic implementation warn instead of failing.
+    """
+    if seed < 0:
+        torch.backends.cudnn.benchmark = True
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    warnings.filterwarnings("once", message=".*does not have a deterministic implementation.*")
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU and CUDA) generator states, safe for weights_only loads."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved (missing parts are left as they are)."""
+    if "python" in state:
+        version, mt, gauss = state["python"]
+        random.setstate((version, tuple(mt), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision: float16 on GPU (with a GradScaler), bfloat16 on CPU; off when disabled."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)

@@ -1,0 +1,102 @@
+"""DDP on CPU with gloo: two processes give the metrics of one; torchrun runs main.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import ROOT
+from Dataset.load_data import build_dataset, build_loader
+from Dataset.specs import SPECS
+from Dataset.synthetic import generate
+from evaluation import evaluate
+from Models.obsnet import Obsnet_Seg
+from Models.segnet import SegNet, freeze
+from Utils.uncertainty import MethodConfig
+
+SIZE = (32, 48)
+
+
+def networks():
+    torch.manual_seed(0)
+    return freeze(SegNet(3, 12, width_mult=0.0625)), Obsnet_Seg(3, 1, width_mult=0.0625).eval()
+
+
+def run_evaluation(root, distributed: bool) -> dict:
+    spec = SPECS["Synthetic"]
+    dataset = build_dataset(spec, root, "test_ood", SIZE)
+    loader = build_loader(dataset, 2, train=False, distributed=distributed)
+    segnet, obsnet = networks()
+    results, _, _ = evaluate(segnet, obsnet, loader, ["obsnet", "mcp"], spec, torch.device("cpu"),
+                             MethodConfig(), 12, "test_ood", progress=False)
+    return results
+
+
+def _worker(rank, world, root, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = run_evaluation(root, distributed=True)
+        if rank == 0:
+            out.write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def strip_times(results: dict) -> dict:
+    for entry in results["methods"].values():
+        entry.pop("ms_per_image")
+    return results
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    generate(root / "data", seed=0, n_train=6, n_val=3, n_test=5)  # 5 images: uneven shards
+    return root
+
+
+def test_two_gloo_processes_give_the_metrics_of_one(data, tmp_path):
+    out = tmp_path / "ddp.json"
+    mp.spawn(_worker, args=(2, data / "data", tmp_path / "init", out), nprocs=2, join=True)
+    two = strip_times(json.loads(out.read_text()))
+    one = strip_times(json.loads(json.dumps(run_evaluation(data / "data", distributed=False))))
+    assert two["n_images"] == one["n_images"] == 5  # every image once, no padding
+    assert two["segnet"]["miou"] == pytest.approx(one["segnet"]["miou"], abs=1e-12)
+    for name in one["methods"]:
+        for block in ("ood", "error"):
+            for key, value in one["methods"][name][block].items():
+                assert two["methods"][name][block][key] == pytest.approx(value, abs=1e-9), key
+
+
+def torchrun(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", str(ROOT / "main.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_trains_and_tests_like_one_process(data):
+    common = ["--data", "Synthetic", "--dset_folder", str(data / "data"), "--size", "32", "48",
+              "--width_mult", "0.0625", "--bsize", "2", "--seed", "0", "--segnet_file",
+              str(data / "segnet.pth"), "--obsnet_file", str(data / "obsnet")]
+    seg = torchrun(*common, "--train_segnet", "--epoch", "1", "--tboard", str(data / "l1"))
+    assert seg.returncode == 0, seg.stderr[-3000:]
+    obs = torchrun(*common, "--epoch", "1", "--adv", "min_random_patch", "--tboard", str(data / "l2"))
+    assert obs.returncode == 0, obs.stderr[-3000:]
+    assert obs.stdout.count("ObsNet epoch 0:") == 1  # only rank 0 prints
+    test = torchrun(*common, "--test_only", "--test_multi", "obsnet,mcp", "--tboard", str(data / "l3"))
+    assert test.returncode == 0, test.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(ROOT / "main.py"), *common, "--test_only",
+                             "--test_multi", "obsnet,mcp", "--tboard", str(data / "l4")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    two = strip_times(json.loads((data / "l3" / "results.json").read_text()))
+    one = strip_times(json.loads((data / "l4" / "results.json").read_text()))
+    assert two["n_images"] == one["n_images"] == 5
+    assert two["methods"]["obsnet"]["ood"]["auroc"] == pytest.approx(
+        one["methods"]["obsnet"]["ood"]["auroc"], abs=1e-9)

@@ -1,0 +1,103 @@
+"""Training behaviour: flags do what their help says, AMP on CPU, reproducibility, resume."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from Dataset.synthetic import generate
+from Models.obsnet import Obsnet_Seg
+from Models.segnet import SegNet, freeze
+from train import ObserverConfig, observer_step, train_observer_epoch
+from Utils.loss import CRITERIA
+
+
+@pytest.fixture()
+def nets():
+    torch.manual_seed(0)
+    obsnet = Obsnet_Seg(3, 1, width_mult=0.0625)
+    obsnet.up1.conv2.cbr_unit[1].bias.data.fill_(1.0)  # a fresh 1-channel ReLU is often all zero
+    return freeze(SegNet(3, 12, width_mult=0.0625)), obsnet
+
+
+def step(nets, cfg, seed=0):
+    torch.manual_seed(0)  # the same batch every time; ``seed`` drives the step's randomness
+    images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48))
+    torch.manual_seed(seed)
+    loss, error, _ = observer_step(images, labels, nets[0], nets[1], CRITERIA["bce"](2.0), cfg)
+    return loss, error
+
+
+def test_noise_changes_what_the_segnet_sees(nets):
+    nets[1].eval()
+    clean = step(nets, ObserverConfig(attack=None))[0]
+    assert torch.equal(clean, step(nets, ObserverConfig(attack=None), seed=1)[0])
+    assert not torch.equal(clean, step(nets, ObserverConfig(attack=None, noise=1.0))[0])
+
+
+def test_drop_keeps_segnet_dropout_active(nets):
+    nets[1].eval()  # only the SegNet may be random here
+    cfg = ObserverConfig(attack=None, drop=True)
+    assert not torch.equal(step(nets, cfg, seed=1)[0], step(nets, cfg, seed=2)[0])
+    cfg = ObserverConfig(attack=None, drop=False)
+    assert torch.equal(step(nets, cfg, seed=1)[0], step(nets, cfg, seed=2)[0])
+
+
+def test_ignored_pixels_leave_the_loss(nets):
+    nets[1].eval()
+    torch.manual_seed(0)
+    images, labels = torch.randn(1, 3, 32, 48), torch.randint(0, 12, (1, 32, 48))
+    ignored = labels.clone()
+    ignored[:, :16] = 255
+    criterion = CRITERIA["bce"](2.0)
+    full, _, logits = observer_step(images, labels, *nets, criterion, ObserverConfig(None))
+    half, _, _ = observer_step(images, ignored, *nets, criterion,
+                               ObserverConfig(None, ignore_id=255))
+    error = (nets[0](images).argmax(1) != ignored).float()
+    expected = criterion(logits[:, 16:], error[:, 16:])
+    assert torch.allclose(half, expected) and not torch.allclose(half, full)
+
+
+def test_amp_on_cpu_trains(nets):
+    loader = [(torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48)))] * 2
+    optimizer = torch.optim.SGD(nets[1].parameters(), lr=0.01)
+    stats = train_observer_epoch(0, nets[1], nets[0], loader, optimizer, CRITERIA["bce"](2.0),
+                                 torch.device("cpu"), ObserverConfig(None), progress=False,
+                                 amp=True)
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+
+
+def main_py(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_seeded_runs_are_identical_and_resume_matches(tmp_path):
+    generate(tmp_path / "data", seed=0, n_train=8, n_val=2, n_test=2)
+    common = ["--data", "Synthetic", "--dset_folder", str(tmp_path / "data"), "--size", "32", "48",
+              "--width_mult", "0.0625", "--bsize", "4", "--seed", "3", "--segnet_file",
+              str(tmp_path / "segnet.pth"), "--adv", "min_random_patch", "--lr", "0.05",
+              "--num_workers", "0"]
+    assert main_py(*common, "--train_segnet", "--epoch", "1", "--tboard", str(tmp_path / "l")).returncode == 0
+    runs = {}
+    for name, extra in {"a": [], "b": []}.items():
+        out = main_py(*common, "--epoch", "2", "--obsnet_file", str(tmp_path / name),
+                      "--tboard", str(tmp_path / f"l{name}"), *extra)
+        assert out.returncode == 0, out.stderr
+        runs[name] = out.stdout
+    first = main_py(*common, "--epoch", "1", "--obsnet_file", str(tmp_path / "c"),
+                    "--tboard", str(tmp_path / "lc"))
+    resumed = main_py(*common, "--epoch", "2", "--resume", "--obsnet_file", str(tmp_path / "c"),
+                      "--tboard", str(tmp_path / "lc"))
+    assert first.returncode == 0 and resumed.returncode == 0, resumed.stderr
+    losses = [line for line in runs["a"].splitlines() if line.startswith("ObsNet epoch")]
+    assert losses and losses == [line for line in runs["b"].splitlines()
+                                 if line.startswith("ObsNet epoch")]
+    states = {n: torch.load(tmp_path / n / "last.pth", weights_only=True) for n in "abc"}
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng", "args"} <= set(states["a"])
+    for key, value in states["a"]["model"].items():
+        assert torch.equal(value, states["b"]["model"][key]), key  # same seed, same weights
+        assert torch.equal(value, states["c"]["model"][key]), key  # 1 epoch + resume = 2 epochs
