@@ -76,8 +76,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             confusion.update(pred, labels)
             masks = _label_masks(labels, pred, spec, nclass)
             _score_batch(batch, names, meters, masks, cfg, forward_seconds, device)
-        if preview is None:
-            preview = _preview(batch, names, cfg, labels, pred, masks[0])
+            if preview is None:
+                preview = _preview(batch, names, cfg, labels, pred, masks[0])
         n_images += len(images)
     results = _results(split, confusion, meters, n_images, spec, device)
     return results, preview, {n: {"ood": m.ood, "error": m.error} for n, m in meters.items()}
