@@ -16,9 +16,10 @@ from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
 from Models.load_net import (SEGMENTERS, build_models, init_from_segnet, load_networks, load_weights,
                              save_checkpoint)
-from train import ObserverConfig, make_scaler, train_observer_epoch, train_segnet_epoch
+from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
+                   train_segnet_epoch)
 from Utils.adv_attack import ATTACK_CHOICES, AttackConfig, parse_attack
-from Utils.cli import UsageError, run_friendly
+from Utils.cli import Interrupted, StopSignal, UsageError, run_friendly, signal_name
 from Utils.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
 from Utils.loss import CRITERIA
 from Utils.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
@@ -73,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="comma-separated methods: " + ",".join(list(METHODS) + list(ALIASES)))
     a("--drop", action="store_true", help="dropout active in the SegNet while training ObsNet")
     a("--no_img", action="store_true", help="ablation: ObsNet does not see the image")
-    a("--resume", action="store_true", help="continue training from <obsnet_file>/last.pth")
+    a("--resume", action="store_true",
+      help="continue training from <obsnet_file>/last.pth (with --train_segnet: from "
+           "<segnet_file stem>.last.pth)")
+    a("--skip_bad_samples", action="store_true",
+      help="training: leave out (and count) samples that cannot be read instead of stopping")
     a("--obs_mlp", action="store_true", help="small observer reading one SegNet map")
     a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
     a("--no_residual", action="store_true", help="ablation: ObsNet without the SegNet's maps")
@@ -145,7 +150,8 @@ def loader_for(args, spec, split: str, train: bool, rt=None):
     """A data loader over one split of the dataset (sharded across DDP ranks)."""
     dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train)
     return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
-                        seed=max(args.seed, 0), distributed=bool(rt and rt.distributed))
+                        seed=max(args.seed, 0), distributed=bool(rt and rt.distributed),
+                        skip_bad=train and args.skip_bad_samples)
 
 
 def attack_config(args, spec):
@@ -184,9 +190,10 @@ def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> di
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
 
 
-def resume(folder: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
-    """Load ``folder/last.pth`` into the training objects; returns (next epoch, best metric)."""
-    state = load_weights(unwrap(model), folder / "last.pth")
+def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Load the training state file ``path`` (a ``last.pth``) into the training objects;
+    returns (next epoch, best metric)."""
+    state = load_weights(unwrap(model), path)
     optimizer.load_state_dict(state["optimizer"])
     # The learning-rate schedule follows this command's --epoch (which may extend the run):
     # the scheduler is placed after the epochs done and the rates recomputed in closed form.
@@ -197,7 +204,7 @@ def resume(folder: Path, model, optimizer, scheduler, scaler) -> tuple[int, floa
         scaler.load_state_dict(state["scaler"])
     if "rng" in state:
         set_rng_state(state["rng"])
-    print(f"Resumed from {folder / 'last.pth'} at epoch {state['epoch'] + 1}")
+    print(f"Resumed from {path} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["best"]
 
 
@@ -218,20 +225,92 @@ def set_epoch(loader, epoch: int, seed: int) -> None:
         loader.generator.manual_seed(max(seed, 0) * 100_003 + epoch)
 
 
+def segnet_last(segnet_file) -> Path:
+    """The SegNet stage's resume file: ``ckpt/segnet.pth`` -> ``ckpt/segnet.last.pth``."""
+    path = Path(segnet_file)
+    return path.with_name(f"{path.stem}.last{path.suffix or '.pth'}")
+
+
+def stop_check(flag: StopSignal, rt):
+    """A callable true once a stop signal arrived; under DDP true on every rank as soon as
+    one rank got it (so all ranks leave at the same step), and ``flag.signum`` is set."""
+    if not rt.distributed:
+        return flag
+
+    def stop() -> bool:
+        value = torch.tensor([flag.signum or 0], device=rt.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        flag.signum = int(value.item()) or None
+        return flag.signum is not None
+    return stop
+
+
+def stopped_during(flag: StopSignal, what: str, epoch: int, last: Path) -> Interrupted:
+    """The exception of a stop in the middle of ``epoch``: nothing new is written, since the
+    ``last`` file of the previous epoch is the exact point to restart that epoch from."""
+    where = f"interrupted ({signal_name(flag.signum)}) during {what} epoch {epoch}"
+    if epoch == 0 or not last.is_file():
+        return Interrupted(flag.signum, f"{where}: no epoch finished, nothing saved; "
+                                        f"run again without --resume to start over")
+    return Interrupted(flag.signum, f"{where}: {last} holds the state after epoch {epoch - 1}; "
+                                    f"run again with --resume to restart epoch {epoch}")
+
+
+def stopped_after(flag: StopSignal, what: str, epoch: int, last: Path) -> Interrupted:
+    """The exception of a stop noticed once ``epoch`` was finished and saved."""
+    return Interrupted(flag.signum, f"interrupted ({signal_name(flag.signum)}) after {what} "
+                                    f"epoch {epoch}: state saved to {last}; run again with "
+                                    f"--resume to continue at epoch {epoch + 1}")
+
+
+def log_skipped(rt, skipped: list[str], seen: dict) -> None:
+    """Warn about the samples --skip_bad_samples left out this epoch; ``seen`` counts them."""
+    for message in skipped:
+        if message not in seen:
+            log(rt, f"warning: skipped unreadable sample: {message}")
+        seen[message] = seen.get(message, 0) + 1
+
+
+def skipped_summary(rt, seen: dict) -> None:
+    """The run summary line of --skip_bad_samples (nothing when no sample was skipped)."""
+    if seen:
+        log(rt, f"skipped {len(seen)} unreadable sample(s) ({sum(seen.values())} time(s) in "
+                f"all): " + "; ".join(seen))
+
+
 def stage_train_segnet(args, spec, rt, writer) -> None:
-    """Train the SegNet with cross-entropy; keep the best validation mIoU in --segnet_file."""
+    """Train the SegNet with cross-entropy; keep the best validation mIoU in --segnet_file and
+    the state of the last epoch in ``segnet_last(--segnet_file)`` (for --resume)."""
     train_loader = loader_for(args, spec, spec.train_split, True, rt)
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
     weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
     segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
                           backbone_weights=weights)[0].to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
-    scaler, model = make_scaler(rt.device, args.amp), wrap_ddp(segnet, rt)
-    best = -1.0
-    for epoch in tqdm(range(args.epoch), desc="SegNet epochs", disable=not rt.is_main):
+    scaler = make_scaler(rt.device, args.amp)
+    last = segnet_last(args.segnet_file)
+    start, best = resume(last, segnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
+    model = wrap_ddp(segnet, rt)
+    with StopSignal() as flag:
+        _segnet_epochs(args, spec, rt, writer, segnet, model, (train_loader, val_loader),
+                       (optimizer, scheduler, scaler), start, best, flag, last)
+
+
+def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, start, best, flag,
+                   last) -> None:
+    train_loader, val_loader = loaders
+    optimizer, scheduler, scaler = training
+    stop, seen = stop_check(flag, rt), {}
+    for epoch in tqdm(range(start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
         set_epoch(train_loader, epoch, args.seed)
-        stats = train_segnet_epoch(epoch, model, train_loader, optimizer, args.nclass, rt.device,
-                                   writer, rt.is_main, scaler=scaler, amp=args.amp)
+        try:
+            stats = train_segnet_epoch(epoch, model, train_loader, optimizer, args.nclass,
+                                       rt.device, writer, rt.is_main, scaler=scaler, amp=args.amp,
+                                       stop=stop)
+        except TrainingStopped:
+            skipped_summary(rt, seen)
+            raise stopped_during(flag, "SegNet", epoch, last) from None
+        log_skipped(rt, stats["skipped"], seen)
         results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
@@ -239,11 +318,17 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
         log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
                 f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
         scheduler.step()
-        if miou > best and rt.is_main:
-            save_checkpoint(args.segnet_file, training_state(segnet, optimizer, scheduler, scaler,
-                                                             epoch, miou, args))
+        state = training_state(segnet, optimizer, scheduler, scaler, epoch, max(best, miou), args)
+        if rt.is_main:
+            if miou > best:
+                save_checkpoint(args.segnet_file, state)
+            save_checkpoint(last, state)
         best = max(best, miou)
+        if stop():
+            skipped_summary(rt, seen)
+            raise stopped_after(flag, "SegNet", epoch, last)
     log(rt, f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
+    skipped_summary(rt, seen)
 
 
 def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> None:
@@ -272,12 +357,31 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device)
     cfg = ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
                          args.no_img, spec.ignore_id)
-    start, best = resume(folder, obsnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
+    last = folder / "last.pth"
+    start, best = resume(last, obsnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
     model = wrap_ddp(obsnet, rt)
+    with StopSignal() as flag:
+        _observer_epochs(args, spec, rt, writer, (segnet, obsnet, model),
+                         (train_loader, val_loader), (optimizer, scheduler, scaler, criterion),
+                         cfg, start, best, flag, folder)
+
+
+def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start, best, flag,
+                     folder) -> None:
+    segnet, obsnet, model = nets
+    train_loader, val_loader = loaders
+    optimizer, scheduler, scaler, criterion = training
+    stop, seen, last = stop_check(flag, rt), {}, folder / "last.pth"
     for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs", disable=not rt.is_main):
         set_epoch(train_loader, epoch, args.seed)
-        stats = train_observer_epoch(epoch, model, segnet, train_loader, optimizer, criterion,
-                                     rt.device, cfg, writer, rt.is_main, scaler, args.amp)
+        try:
+            stats = train_observer_epoch(epoch, model, segnet, train_loader, optimizer, criterion,
+                                         rt.device, cfg, writer, rt.is_main, scaler, args.amp,
+                                         stop=stop)
+        except TrainingStopped:
+            skipped_summary(rt, seen)
+            raise stopped_during(flag, "ObsNet", epoch, last) from None
+        log_skipped(rt, stats["skipped"], seen)
         results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, rt.device,
                                        MethodConfig(), args.nclass, spec.val_split,
                                        amp=args.amp, progress=rt.is_main)
@@ -290,7 +394,11 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
         state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
         save_observer(folder, state, epoch, auroc > best, rt)
         best = max(best, auroc)
+        if stop():
+            skipped_summary(rt, seen)
+            raise stopped_after(flag, "ObsNet", epoch, last)
     log(rt, f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")
+    skipped_summary(rt, seen)
 
 
 def method_config(args, spec) -> MethodConfig:

@@ -35,6 +35,22 @@ def _step(loss, optimizer, scaler) -> None:
     scaler.update()
 
 
+class TrainingStopped(Exception):
+    """``stop()`` became true after an optimizer step: the epoch was left unfinished."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"stopped at epoch {epoch}, after step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def _unpack(batch, skipped: list):
+    """(images, labels) of a batch; a third element (``--skip_bad_samples``) lists the
+    messages of the samples left out, appended to ``skipped``."""
+    if len(batch) > 2:
+        skipped.extend(batch[2])
+    return batch[0], batch[1]
+
+
 def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
@@ -58,14 +74,22 @@ def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig
 
 def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,
                          cfg: ObserverConfig, writer=None, progress=True, scaler=None,
-                         amp: bool = False) -> dict:
-    """Train the observer for one epoch; returns mean loss and accuracies."""
+                         amp: bool = False, stop=None) -> dict:
+    """Train the observer for one epoch; returns mean loss, accuracies and ``skipped`` (the
+    messages of unreadable samples left out by ``--skip_bad_samples``).
+
+    ``stop``: a callable checked after every optimizer step; when true, TrainingStopped.
+    """
     scaler = scaler or make_scaler(device, False)
     obsnet.train()
     segnet.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
+    skipped: list[str] = []
     bar = tqdm(loader, desc=f"ObsNet epoch {epoch}", leave=False, disable=not progress)
-    for step, (images, labels) in enumerate(bar):
+    for step, batch in enumerate(bar):
+        images, labels = _unpack(batch, skipped)
+        if len(images) == 0:
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
@@ -78,17 +102,27 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
         if step % cfg.log_every == 0:
             _check_finite(loss, epoch, step)
             _log_step(writer, bar, "Train/obsnet_loss", loss, epoch * len(loader) + step)
-    return _epoch_summary(totals, len(loader))
+        if stop is not None and stop():
+            raise TrainingStopped(epoch, step)
+    return {**_epoch_summary(totals, len(loader)), "skipped": skipped}
 
 
 def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
-                       progress=True, log_every: int = 10, scaler=None, amp: bool = False) -> dict:
-    """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored)."""
+                       progress=True, log_every: int = 10, scaler=None, amp: bool = False,
+                       stop=None) -> dict:
+    """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored).
+
+    ``stop`` and the ``skipped`` entry of the result: as in ``train_observer_epoch``.
+    """
     scaler = scaler or make_scaler(device, False)
     segnet.train()
     totals = torch.zeros(4, device=device, dtype=torch.float64)
+    skipped: list[str] = []
     bar = tqdm(loader, desc=f"SegNet epoch {epoch}", leave=False, disable=not progress)
-    for step, (images, labels) in enumerate(bar):
+    for step, batch in enumerate(bar):
+        images, labels = _unpack(batch, skipped)
+        if len(images) == 0:
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         target = labels.masked_fill((labels < 0) | (labels >= nclass), -100)
         with autocast(device, amp):
@@ -103,7 +137,9 @@ def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=
         if step % log_every == 0:
             _check_finite(loss, epoch, step)
             _log_step(writer, bar, "Train/segnet_loss", loss, epoch * len(loader) + step)
-    return _epoch_summary(totals, len(loader))
+        if stop is not None and stop():
+            raise TrainingStopped(epoch, step)
+    return {**_epoch_summary(totals, len(loader)), "skipped": skipped}
 
 
 def _log_step(writer, bar, tag, loss, global_step):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from Dataset.BDD_anomaly import BddAnomaly
 from Dataset.camvid import CamVid, PairDataset
@@ -13,8 +13,8 @@ from Dataset.seg_transfo import eval_transform, train_transform
 from Dataset.street_hazard import StreetHazard
 from Dataset.specs import LOADABLE, SPECS, DatasetSpec
 
-__all__ = ["DATASETS", "DatasetError", "build_dataset", "build_loader", "data_loader",
-           "seed_worker"]
+__all__ = ["DATASETS", "DatasetError", "SkipBadSamples", "build_dataset", "build_loader",
+           "data_loader", "seed_worker"]
 
 # name -> builder(root, split, transform, spec) -> Dataset; each builder also exposes
 # read_pairs / load / splits, which Dataset.check uses. Synthetic shares CamVid's layout.
@@ -67,6 +67,40 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class SkipBadSamples(Dataset):
+    """``dataset`` whose samples that raise DatasetError (unreadable or truncated image,
+    invalid label, size mismatch) come back as their error message instead of a sample;
+    ``collate_skipping`` leaves them out of the batch and lists them as its third element."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except DatasetError as exc:
+            return str(exc)
+
+    def __getattr__(self, name):  # list_file, samples, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def collate_skipping(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images, labels, messages of the skipped samples); images and labels are empty
+    tensors when every sample of the batch was skipped."""
+    good = [item for item in items if not isinstance(item, str)]
+    skipped = [item for item in items if isinstance(item, str)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = default_collate(good)
+    return images, labels, skipped
+
+
 def _sampler(dataset: Dataset, train: bool, seed: int, distributed: bool) -> Sampler | None:
     """Under DDP: a shuffled DistributedSampler dropping the tail in training, a ShardSampler
     in evaluation; None otherwise.
@@ -86,13 +120,16 @@ def _rank(distributed: bool) -> int:
 
 
 def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0,
-                 seed: int = 0, distributed: bool = False) -> DataLoader:
+                 seed: int = 0, distributed: bool = False,
+                 skip_bad: bool = False) -> DataLoader:
     """DataLoader over ``dataset``: shuffled full batches in training, ordered and complete in eval.
 
     Under ``distributed`` each rank reads its share: a DistributedSampler in training, a
     ShardSampler (every image exactly once over all ranks) in evaluation.
     Worker processes get seeds derived from ``seed`` (and the rank), so augmentations are
     reproducible; numpy and python are seeded per worker by ``seed_worker``.
+    With ``skip_bad`` a sample raising DatasetError is left out of its batch (which is then
+    smaller) and each batch is ``(images, labels, skipped messages)`` (see SkipBadSamples).
     """
     sampler = _sampler(dataset, train, seed, distributed)
     per_rank = len(sampler) if sampler is not None else len(dataset)
@@ -101,7 +138,10 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
         raise DatasetError(f"{source}: training split has {per_rank} image(s) per process, "
                            f"fewer than one batch of {bsize}; lower the batch size")
     generator = torch.Generator().manual_seed(seed + _rank(distributed))
-    return DataLoader(dataset, batch_size=bsize, shuffle=train and sampler is None,
+    collate = None
+    if skip_bad:
+        dataset, collate = SkipBadSamples(dataset), collate_skipping
+    return DataLoader(dataset, batch_size=bsize, collate_fn=collate, shuffle=train and sampler is None,
                       sampler=sampler, drop_last=train, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0, worker_init_fn=seed_worker,

@@ -1,5 +1,6 @@
 """Model registry and checkpoint files (atomic writes, safe loads)."""
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -71,9 +72,13 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupted or unsafe pickle
+    except pickle.UnpicklingError:  # what weights_only refuses: objects that could run code
+        raise CheckpointError(f"{path}: cannot be loaded as a checkpoint (refused: it holds "
+                              f"Python objects other than tensors, which could run code)") from None
+    except Exception as exc:  # truncated, corrupted or not a PyTorch file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot be loaded as a checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: cannot be loaded as a checkpoint (not a readable "
+                              f"PyTorch file: {reason})") from None
 
 
 def model_state(checkpoint: dict) -> dict:
@@ -85,6 +90,21 @@ def model_state(checkpoint: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def describe_mismatch(state: dict, model: nn.Module) -> str:
+    """The first difference between a state_dict and a model: a missing, unexpected or
+    differently shaped tensor (both shapes given)."""
+    target = model.state_dict()
+    shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
+    for key, value in state.items():
+        if key in target and getattr(value, "shape", None) != target[key].shape:
+            return f"{key} is {shape(value)} in the file, {shape(target[key])} in the model"
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    if missing:
+        return f"{len(missing)} tensors missing from the file, e.g. {missing[0]}"
+    return f"{len(unexpected)} unexpected tensors in the file, e.g. {unexpected[0]}"
+
+
 def load_weights(model: nn.Module, path) -> dict:
     """Load weights from ``path`` into ``model`` strictly; return the whole checkpoint."""
     checkpoint = load_checkpoint(path)
@@ -92,9 +112,10 @@ def load_weights(model: nn.Module, path) -> dict:
         state = model_state(checkpoint)
         model.load_state_dict(state, strict=True)
     except (CheckpointError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        detail = (describe_mismatch(state, model) if isinstance(exc, RuntimeError)
+                  else str(exc))
         raise CheckpointError(f"{path}: does not fit the {type(model).__name__} built from the "
-                              f"command line ({first}); check --model, --nclass, --width_mult "
+                              f"command line ({detail}); check --model, --nclass, --width_mult "
                               f"and --obs_mlp") from None
     return checkpoint
 

@@ -180,3 +180,19 @@ def test_deeplabv3plus_end_to_end(tmp_path):
     assert test.returncode == 0, test.stderr
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     assert set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}
+
+
+def test_nclass_that_does_not_fit_the_checkpoint_says_both(run_dir):
+    out = main_py(*TINY, *paths(run_dir), "--nclass", "13", "--test_only", "--test_multi", "mcp")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "segnet.pth: does not fit" in out.stderr
+    assert "12x4x3x3 in the file, 13x4x3x3 in the model" in out.stderr
+
+
+def test_unwritable_output_folder_is_one_line(run_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = main_py(*TINY, *paths(run_dir), "--tboard", str(blocker / "logs"), "--test_only",
+                  "--test_multi", "mcp")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert str(blocker) in out.stderr and len(out.stderr.strip().splitlines()) == 1

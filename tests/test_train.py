@@ -101,3 +101,31 @@ def test_seeded_runs_are_identical_and_resume_matches(tmp_path):
     for key, value in states["a"]["model"].items():
         assert torch.equal(value, states["b"]["model"][key]), key  # same seed, same weights
         assert torch.equal(value, states["c"]["model"][key]), key  # 1 epoch + resume = 2 epochs
+
+
+class _NanLoss(torch.nn.Module):
+    def forward(self, logits, target):
+        return (logits * float("nan")).mean()
+
+
+def test_nan_loss_stops_with_epoch_and_step(nets):
+    loader = [(torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48)))] * 3
+    optimizer = torch.optim.SGD(nets[1].parameters(), lr=0.01)
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 4, step 0"):
+        train_observer_epoch(4, nets[1], nets[0], loader, optimizer, _NanLoss(),
+                             torch.device("cpu"), ObserverConfig(None), progress=False)
+
+
+def test_nan_score_in_evaluation_names_the_method(nets, monkeypatch):
+    from Dataset.specs import SPECS
+    from evaluation import evaluate
+    from Utils import uncertainty
+    from Utils.uncertainty import METHODS, Method, MethodConfig
+    broken = Method(lambda batch, cfg: torch.full(batch.images.shape[:1] + batch.images.shape[2:],
+                                                  float("nan")), None)
+    monkeypatch.setitem(METHODS, "broken", broken)
+    assert uncertainty.METHODS["broken"] is broken
+    loader = [(torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48)))]
+    with pytest.raises(FloatingPointError, match="method 'broken' produced NaN scores"):
+        evaluate(nets[0], None, loader, ["broken"], SPECS["Synthetic"], torch.device("cpu"),
+                 MethodConfig(), 12, "val", progress=False)
