@@ -72,6 +72,31 @@ def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig
     return criterion(logits.float()[valid], error[valid]), error, logits
 
 
+def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scaler, amp: bool,
+               writer, progress: bool, log_every: int, stop) -> dict:
+    """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and three
+    counts (observer correct, SegNet correct, pixels); backward through the GradScaler, sums
+    kept on the device, ``.item()`` only every ``log_every`` steps."""
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
+    skipped: list[str] = []
+    bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        images, labels = _unpack(batch, skipped)
+        if len(images) == 0:
+            continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss, counts = batch_loss(images, labels)
+        _step(loss, optimizer, scaler)
+        totals += torch.cat([loss.detach().double().view(1), counts.double()])
+        if step % log_every == 0:
+            _check_finite(loss, epoch, step)
+            _log_step(writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
+        if stop is not None and stop():
+            raise TrainingStopped(epoch, step)
+    return {**_epoch_summary(totals, len(loader)), "skipped": skipped}
+
+
 def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,
                          cfg: ObserverConfig, writer=None, progress=True, scaler=None,
                          amp: bool = False, stop=None) -> dict:
@@ -80,31 +105,20 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
 
     ``stop``: a callable checked after every optimizer step; when true, TrainingStopped.
     """
-    scaler = scaler or make_scaler(device, False)
     obsnet.train()
     segnet.eval()
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
-    skipped: list[str] = []
-    bar = tqdm(loader, desc=f"ObsNet epoch {epoch}", leave=False, disable=not progress)
-    for step, batch in enumerate(bar):
-        images, labels = _unpack(batch, skipped)
-        if len(images) == 0:
-            continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
-        _step(loss, optimizer, scaler)
+
+    def batch_loss(images, labels):
+        loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
         with torch.no_grad():
-            totals[:3] += torch.stack([loss.detach().double(),
-                                       ((logits > 0).float() == error).sum().double(),
-                                       (error == 0).sum().double()])
-            totals[3] += error.numel()
-        if step % cfg.log_every == 0:
-            _check_finite(loss, epoch, step)
-            _log_step(writer, bar, "Train/obsnet_loss", loss, epoch * len(loader) + step)
-        if stop is not None and stop():
-            raise TrainingStopped(epoch, step)
-    return {**_epoch_summary(totals, len(loader)), "skipped": skipped}
+            counts = torch.stack([((logits > 0).float() == error).sum().double(),
+                                  (error == 0).sum().double(),
+                                  error.new_tensor(error.numel(), dtype=torch.float64)])
+        return loss, counts
+
+    return _run_epoch("ObsNet", epoch, loader, device, batch_loss, optimizer,
+                      scaler or make_scaler(device, False), amp, writer, progress, cfg.log_every,
+                      stop)
 
 
 def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
@@ -114,32 +128,20 @@ def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=
 
     ``stop`` and the ``skipped`` entry of the result: as in ``train_observer_epoch``.
     """
-    scaler = scaler or make_scaler(device, False)
     segnet.train()
-    totals = torch.zeros(4, device=device, dtype=torch.float64)
-    skipped: list[str] = []
-    bar = tqdm(loader, desc=f"SegNet epoch {epoch}", leave=False, disable=not progress)
-    for step, batch in enumerate(bar):
-        images, labels = _unpack(batch, skipped)
-        if len(images) == 0:
-            continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def batch_loss(images, labels):
         target = labels.masked_fill((labels < 0) | (labels >= nclass), -100)
-        with autocast(device, amp):
-            logits = segnet(images)
-            loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
-        _step(loss, optimizer, scaler)
+        logits = segnet(images)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
         with torch.no_grad():
             valid = target >= 0
             correct = ((logits.argmax(1) == target) & valid).sum()
-            totals += torch.stack([loss.detach().double(), correct.double(), correct.double(),
-                                   valid.sum().double()])
-        if step % log_every == 0:
-            _check_finite(loss, epoch, step)
-            _log_step(writer, bar, "Train/segnet_loss", loss, epoch * len(loader) + step)
-        if stop is not None and stop():
-            raise TrainingStopped(epoch, step)
-    return {**_epoch_summary(totals, len(loader)), "skipped": skipped}
+            counts = torch.stack([correct, correct, valid.sum()]).double()
+        return loss, counts
+
+    return _run_epoch("SegNet", epoch, loader, device, batch_loss, optimizer,
+                      scaler or make_scaler(device, False), amp, writer, progress, log_every, stop)
 
 
 def _log_step(writer, bar, tag, loss, global_step):

@@ -1,0 +1,372 @@
+"""The stages main.py runs, from resolved command-line arguments: train the SegNet, train the
+observer, evaluate; plus the run-time plumbing they share (DDP, checkpoints, stop signals)."""
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from Dataset.load_data import build_dataset, build_loader
+from Dataset.synthetic import ensure_synthetic, is_complete
+from evaluation import evaluate
+from Models.load_net import build_models, init_from_segnet, load_networks, load_weights, save_checkpoint
+from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
+                   train_segnet_epoch)
+from Utils.adv_attack import AttackConfig, parse_attack
+from Utils.cli import Interrupted, StopSignal, UsageError, signal_name
+from Utils.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
+from Utils.loss import CRITERIA
+from Utils.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
+                          write_json)
+from Utils.uncertainty import MethodConfig, parse_methods
+from Utils.utils import rng_state, set_rng_state
+
+
+def loader_for(args, spec, split: str, train: bool, rt=None):
+    """A data loader over one split of the dataset (sharded across DDP ranks)."""
+    dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train)
+    return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
+                        seed=max(args.seed, 0), distributed=bool(rt and rt.distributed),
+                        skip_bad=train and args.skip_bad_samples)
+
+
+def attack_config(args, spec):
+    """The attack of --adv at the run's image size (patch sizes scale with the image)."""
+    parsed = parse_attack(args.adv)
+    if parsed is None:
+        return None
+    factor = min(args.size[0] / spec.size[0], args.size[1] / spec.size[1])
+    patch = tuple(max(1, round(v * factor)) for v in spec.patch_size)
+    return AttackConfig(mode=parsed[0], mask=parsed[1], epsilon=args.epsilon, patch_size=patch,
+                        nclass=args.nclass, mean=spec.mean, std=spec.std)
+
+
+def make_optimizer(args, params, schedule: str = "multistep"):
+    """--optim with --lr (plain SGD, as the original) and a learning-rate schedule.
+
+    "multistep": the original observer schedule, x0.2 at epoch//2 and epoch-5;
+    "cosine": cosine decay over --epoch, used for the SegNet stage.
+    """
+    if args.optim == "SGD":
+        optimizer = torch.optim.SGD(params, lr=args.lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr)
+    if schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epoch)
+    milestones = sorted({m for m in (args.epoch // 2, args.epoch - 5) if m > 0})
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
+
+
+def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
+    """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
+    resolved arguments and random generator states."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "best": best, "rng": rng_state(),
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+
+
+def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Load the training state file ``path`` (a ``last.pth``) into the training objects;
+    returns (next epoch, best metric)."""
+    state = load_weights(unwrap(model), path)
+    optimizer.load_state_dict(state["optimizer"])
+    # The learning-rate schedule follows this command's --epoch (which may extend the run):
+    # the scheduler is placed after the epochs done and the rates recomputed in closed form.
+    scheduler.last_epoch = state["epoch"] + 1
+    for group, lr in zip(optimizer.param_groups, scheduler._get_closed_form_lr()):
+        group["lr"] = lr
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    print(f"Resumed from {path} at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["best"]
+
+
+def wrap_ddp(model, rt):
+    """DistributedDataParallel around ``model`` when running under torchrun."""
+    if not rt.distributed:
+        return model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def set_epoch(loader, epoch: int, seed: int) -> None:
+    """The epoch's shuffle and worker seeds depend on (seed, epoch) only, so a resumed run
+    reads the same batches as an uninterrupted one."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(max(seed, 0) * 100_003 + epoch)
+
+
+def segnet_last(segnet_file) -> Path:
+    """The SegNet stage's resume file: ``ckpt/segnet.pth`` -> ``ckpt/segnet.last.pth``."""
+    path = Path(segnet_file)
+    return path.with_name(f"{path.stem}.last{path.suffix or '.pth'}")
+
+
+def stop_check(flag: StopSignal, rt):
+    """A callable true once a stop signal arrived; under DDP true on every rank as soon as
+    one rank got it (so all ranks leave at the same step), and ``flag.signum`` is set."""
+    if not rt.distributed:
+        return flag
+
+    def stop() -> bool:
+        value = torch.tensor([flag.signum or 0], device=rt.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        flag.signum = int(value.item()) or None
+        return flag.signum is not None
+    return stop
+
+
+def stopped_during(flag: StopSignal, what: str, epoch: int, last: Path) -> Interrupted:
+    """The exception of a stop in the middle of ``epoch``: nothing new is written, since the
+    ``last`` file of the previous epoch is the exact point to restart that epoch from."""
+    where = f"interrupted ({signal_name(flag.signum)}) during {what} epoch {epoch}"
+    if epoch == 0 or not last.is_file():
+        return Interrupted(flag.signum, f"{where}: no epoch finished, nothing saved; "
+                                        f"run again without --resume to start over")
+    return Interrupted(flag.signum, f"{where}: {last} holds the state after epoch {epoch - 1}; "
+                                    f"run again with --resume to restart epoch {epoch}")
+
+
+def stopped_after(flag: StopSignal, what: str, epoch: int, last: Path) -> Interrupted:
+    """The exception of a stop noticed once ``epoch`` was finished and saved."""
+    return Interrupted(flag.signum, f"interrupted ({signal_name(flag.signum)}) after {what} "
+                                    f"epoch {epoch}: state saved to {last}; run again with "
+                                    f"--resume to continue at epoch {epoch + 1}")
+
+
+def log_skipped(rt, skipped: list[str], seen: dict) -> None:
+    """Warn about the samples --skip_bad_samples left out this epoch; ``seen`` counts them."""
+    for message in skipped:
+        if message not in seen:
+            log(rt, f"warning: skipped unreadable sample: {message}")
+        seen[message] = seen.get(message, 0) + 1
+
+
+def skipped_summary(rt, seen: dict) -> None:
+    """The run summary line of --skip_bad_samples (nothing when no sample was skipped)."""
+    if seen:
+        log(rt, f"skipped {len(seen)} unreadable sample(s) ({sum(seen.values())} time(s) in "
+                f"all): " + "; ".join(seen))
+
+
+def train_or_stop(train_epoch, flag: StopSignal, rt, seen: dict, where: tuple) -> dict:
+    """``train_epoch()``, with a stop signal in its middle turned into Interrupted and the
+    samples it skipped reported; ``where`` = (stage name, epoch, resume file)."""
+    try:
+        stats = train_epoch()
+    except TrainingStopped:
+        skipped_summary(rt, seen)
+        raise stopped_during(flag, *where) from None
+    log_skipped(rt, stats["skipped"], seen)
+    return stats
+
+
+def stop_if_asked(stop, flag: StopSignal, rt, seen: dict, where: tuple) -> None:
+    """Interrupted when a stop signal arrived while the epoch ``where`` was being finished."""
+    if stop():
+        skipped_summary(rt, seen)
+        raise stopped_after(flag, *where)
+
+
+def stage_train_segnet(args, spec, rt, writer) -> None:
+    """Train the SegNet with cross-entropy; keep the best validation mIoU in --segnet_file and
+    the state of the last epoch in ``segnet_last(--segnet_file)`` (for --resume)."""
+    train_loader = loader_for(args, spec, spec.train_split, True, rt)
+    val_loader = loader_for(args, spec, spec.val_split, False, rt)
+    weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
+    segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
+                          backbone_weights=weights)[0].to(rt.device, memory_format=rt.memory_format)
+    optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
+    scaler = make_scaler(rt.device, args.amp)
+    last = segnet_last(args.segnet_file)
+    start, best = resume(last, segnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
+    model = wrap_ddp(segnet, rt)
+    with StopSignal() as flag:
+        _segnet_epochs(args, spec, rt, writer, segnet, model, (train_loader, val_loader),
+                       (optimizer, scheduler, scaler), start, best, flag, last)
+
+
+def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, start, best, flag,
+                   last) -> None:
+    train_loader, val_loader = loaders
+    optimizer, scheduler, scaler = training
+    stop, seen = stop_check(flag, rt), {}
+    for epoch in tqdm(range(start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
+        set_epoch(train_loader, epoch, args.seed)
+        stats = train_or_stop(partial(
+            train_segnet_epoch, epoch, model, train_loader, optimizer, args.nclass, rt.device,
+            writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop),
+            flag, rt, seen, ("SegNet", epoch, last))
+        results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
+                                 args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
+        miou = results["segnet"]["miou"]
+        writer.add_scalar("Val/segnet_miou", miou, epoch)
+        log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
+                f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
+        scheduler.step()
+        state = training_state(segnet, optimizer, scheduler, scaler, epoch, max(best, miou), args)
+        if rt.is_main:
+            if miou > best:
+                save_checkpoint(args.segnet_file, state)
+            save_checkpoint(last, state)
+        best = max(best, miou)
+        stop_if_asked(stop, flag, rt, seen, ("SegNet", epoch, last))
+    log(rt, f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
+    skipped_summary(rt, seen)
+
+
+def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> None:
+    """best.pth when the validation AUROC improved, epochNNN.pth every 5 epochs, last.pth."""
+    if not rt.is_main:
+        return
+    if improved:
+        save_checkpoint(folder / "best.pth", state)
+    if (epoch + 1) % 5 == 0:
+        save_checkpoint(folder / f"epoch{epoch + 1:03d}.pth", state)
+    save_checkpoint(folder / "last.pth", state)
+
+
+def stage_train_obsnet(args, spec, rt, writer) -> None:
+    """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
+    train_loader = loader_for(args, spec, spec.train_split, True, rt)
+    val_loader = loader_for(args, spec, spec.val_split, False, rt)
+    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
+                                   args.segnet_file, device=rt.device)
+    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
+    if not (args.no_pretrained or args.resume):
+        log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
+    folder = Path(args.obsnet_file)
+    optimizer, scheduler = make_optimizer(args, obsnet.parameters())
+    scaler = make_scaler(rt.device, args.amp)
+    criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device)
+    cfg = ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
+                         args.no_img, spec.ignore_id)
+    last = folder / "last.pth"
+    start, best = resume(last, obsnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
+    model = wrap_ddp(obsnet, rt)
+    with StopSignal() as flag:
+        _observer_epochs(args, spec, rt, writer, (segnet, obsnet, model),
+                         (train_loader, val_loader), (optimizer, scheduler, scaler, criterion),
+                         cfg, start, best, flag, folder)
+
+
+def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start, best, flag,
+                     folder) -> None:
+    segnet, obsnet, model = nets
+    train_loader, val_loader = loaders
+    optimizer, scheduler, scaler, criterion = training
+    stop, seen, last = stop_check(flag, rt), {}, folder / "last.pth"
+    for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs", disable=not rt.is_main):
+        set_epoch(train_loader, epoch, args.seed)
+        stats = train_or_stop(partial(
+            train_observer_epoch, epoch, model, segnet, train_loader, optimizer, criterion,
+            rt.device, cfg, writer, rt.is_main, scaler, args.amp, stop=stop),
+            flag, rt, seen, ("ObsNet", epoch, last))
+        results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, rt.device,
+                                       MethodConfig(), args.nclass, spec.val_split,
+                                       amp=args.amp, progress=rt.is_main)
+        auroc = results["methods"]["obsnet"]["error"]["auroc"]
+        log_scalars(writer, results, "Val", epoch)
+        log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
+        log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
+                f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
+        scheduler.step()
+        state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
+        save_observer(folder, state, epoch, auroc > best, rt)
+        best = max(best, auroc)
+        stop_if_asked(stop, flag, rt, seen, ("ObsNet", epoch, last))
+    log(rt, f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")
+    skipped_summary(rt, seen)
+
+
+def method_config(args, spec) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the command line and the spec."""
+    return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
+                        odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
+                        void_id=spec.void_id, mean=spec.mean, std=spec.std, progress=True)
+
+
+def load_ensemble(args, device) -> list:
+    """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
+    files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
+    return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
+                          device=device)[0] for f in files]
+
+
+def stage_test(args, spec, rt, writer) -> None:
+    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
+    names = parse_methods(args.test_multi)
+    loader = loader_for(args, spec, spec.test_split, False, rt)
+    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
+                                   args.segnet_file, args.obsnet_file if "obsnet" in names else None,
+                                   rt.device)
+    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
+    obsnet = obsnet if "obsnet" in names else None
+    results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,
+                                        method_config(args, spec), args.nclass, spec.test_split,
+                                        amp=args.amp, progress=rt.is_main,
+                                        ensemble=load_ensemble(args, rt.device))
+    log_scalars(writer, results, "Test", 0)
+    log_pr_curves(writer, meters, "Test", 0)
+    log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
+    if rt.is_main:
+        write_json(Path(args.tboard) / "results.json", results)
+        write_csv(Path(args.tboard) / "results.csv", results)
+    log(rt, format_table(results))
+    log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its DDP rank and its device."""
+
+    dist: DistInfo
+    device: torch.device
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def distributed(self) -> bool:
+        return self.dist.distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
+def log(rt: Runtime, message: str) -> None:
+    """Print on rank 0 only, without breaking the progress bars."""
+    if rt.is_main:
+        tqdm.write(message)
+
+
+def run_stage(args, spec) -> None:
+    """Run the stage the flags ask for; only rank 0 writes the TensorBoard log and files."""
+    info = init_distributed_mode()
+    rt = Runtime(info, device_for(info),
+                 torch.channels_last if args.channels_last else torch.contiguous_format)
+    if info.world_size < args.num_nodes:
+        raise UsageError(f"--num_nodes {args.num_nodes}: launch with torchrun --nnodes "
+                         f"{args.num_nodes} (this run has {info.world_size} process(es))")
+    if args.data == "Synthetic" and rt.is_main and not is_complete(args.dset_folder):
+        ensure_synthetic(args.dset_folder, seed=0)
+    if info.distributed:
+        torch.distributed.barrier()  # the other ranks wait for the generated data
+    stage = stage_test if args.test_only else stage_train_segnet if args.train_segnet else stage_train_obsnet
+    try:
+        if not rt.is_main:
+            stage(args, spec, rt, NullWriter())
+            return
+        write_json(Path(args.tboard) / "config.json", vars(args))
+        with SummaryWriter(args.tboard) as writer:
+            writer.add_text("config", " ".join(sys.argv), 0)
+            stage(args, spec, rt, writer)
+    finally:
+        cleanup()
