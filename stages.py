@@ -12,6 +12,7 @@ from tqdm import tqdm
 from Dataset.load_data import build_dataset, build_loader
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
+from Models.blocks import fold_batchnorm
 from Models.load_net import build_models, init_from_segnet, load_networks, load_weights, save_checkpoint
 from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                    train_segnet_epoch)
@@ -209,6 +210,7 @@ def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, sta
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
+        log_data_wait(rt, writer, stats, epoch)
         log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
                 f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
         scheduler.step()
@@ -243,6 +245,8 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
+    # The frozen SegNet is never saved here: fold its batch norms (the attack runs ~15% faster).
+    segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
     folder = Path(args.obsnet_file)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
     scaler = make_scaler(rt.device, args.amp)
@@ -256,6 +260,16 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
         _observer_epochs(args, spec, rt, writer, (segnet, obsnet, model),
                          (train_loader, val_loader), (optimizer, scheduler, scaler, criterion),
                          cfg, start, best, flag, folder)
+
+
+def log_data_wait(rt, writer, stats: dict, epoch: int) -> None:
+    """Log the share of the epoch spent waiting for data; say so when it is large."""
+    share = stats["data_wait_share"]
+    writer.add_scalar("Time/data_wait_share", share, epoch)
+    writer.add_scalar("Time/epoch_seconds", stats["seconds"], epoch)
+    if share > 0.1:
+        log(rt, f"epoch {epoch}: {share:.0%} of the time went to waiting for data; "
+                f"more --num_workers may help")
 
 
 def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start, best, flag,
@@ -276,6 +290,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
+        log_data_wait(rt, writer, stats, epoch)
         log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
                 f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
         scheduler.step()

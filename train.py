@@ -1,4 +1,5 @@
 """One training epoch: of the observer against the frozen SegNet, or of the SegNet itself."""
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,13 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
                writer, progress: bool, log_every: int, stop) -> dict:
     """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and three
     counts (observer correct, SegNet correct, pixels); backward through the GradScaler, sums
-    kept on the device, ``.item()`` only every ``log_every`` steps."""
+    kept on the device, ``.item()`` only every ``log_every`` steps. The summary also gives the
+    epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``)."""
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
     skipped: list[str] = []
     bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
-    for step, batch in enumerate(bar):
+    clock = {"data_wait": 0.0, "start": time.perf_counter()}
+    for step, batch in enumerate(_timed_batches(bar, clock)):
         images, labels = _unpack(batch, skipped)
         if len(images) == 0:
             continue
@@ -94,7 +97,23 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
             _log_step(writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
         if stop is not None and stop():
             raise TrainingStopped(epoch, step)
-    return {**_epoch_summary(totals, len(loader)), "skipped": skipped}
+    seconds = time.perf_counter() - clock["start"]
+    return {**_epoch_summary(totals, len(loader)), "skipped": skipped, "seconds": seconds,
+            "data_wait": clock["data_wait"], "data_wait_share": clock["data_wait"] / max(seconds, 1e-9)}
+
+
+def _timed_batches(batches, clock: dict):
+    """Yield from ``batches``, adding to ``clock["data_wait"]`` the seconds spent waiting for
+    each batch: near 0 when the loader's workers keep ahead of the training step."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        clock["data_wait"] += time.perf_counter() - start
+        yield batch
 
 
 def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,

@@ -130,3 +130,20 @@ class EncoderDecoder(nn.Module):
             outputs.append(x)
             x = self._drop(name, x, mc_drop)
         return outputs
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into
+    that convolution (the BatchNorm becomes an Identity); returns ``model``, changed in place.
+
+    For a frozen network only: its outputs stay the same up to float rounding, while the
+    forward and the attack's backward skip one pass over every feature map. The state_dict
+    keys change, so fold after loading and copying weights, and never save the folded model.
+    """
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
+                seq[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+    return model

@@ -28,15 +28,19 @@ def score_bins(scores: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Map scores to int32 bin indices in [0, 2**num_bits) preserving their order.
 
     The float32 bit pattern, with all bits flipped for negative values and only
-    the sign bit flipped otherwise, orders like the floats; its top ``num_bits``
-    bits are the bin. Bins thus have a constant *relative* width at every
-    magnitude (num_bits=16 keeps 7 mantissa bits: about 0.8%).
+    the sign bit flipped otherwise, orders like the floats (as unsigned ints); its
+    top ``num_bits`` bits are the bin. Bins thus have a constant *relative* width
+    at every magnitude (num_bits=16 keeps 7 mantissa bits: about 0.8%).
     """
-    # "+ 0.0" turns -0.0 into +0.0 so that the two zeros share a bin.
+    # "+ 0.0" turns -0.0 into +0.0 so that the two zeros share a bin; it is also the one
+    # fresh buffer that every later step updates in place (no further allocation).
     bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
-    shift = 32 - num_bits
-    half = 1 << (num_bits - 1)
-    return torch.where(bits < 0, torch.bitwise_not(bits) >> shift, (bits >> shift) + half)
+    flip = bits >> 31  # arithmetic shift: all ones for negatives, zero otherwise
+    flip |= -(1 << 31)
+    bits ^= flip
+    bits >>= 32 - num_bits  # arithmetic, so the sign bit smears: mask it off
+    bits &= (1 << num_bits) - 1
+    return bits
 
 
 def _check_mask(name: str, mask, shape):
@@ -161,27 +165,43 @@ class OODMeter:
         if self._counts is None:
             self._init_state(scores.device if self.device is None else self.device)
         dev = self.device
-        scores, is_positive = scores.to(dev), is_positive.to(dev)
-        valid = torch.ones_like(is_positive) if valid is None else valid.to(dev)
+        scores, is_positive = scores.to(dev).flatten(), is_positive.to(dev).flatten()
+        valid = None if valid is None else valid.to(dev).flatten()
+        probs = None if probs is None else probs.to(dev).flatten()
         self._check_values(scores, valid, probs)
-        idx = score_bins(scores, self.num_bits)
-        key = torch.where(valid, idx + self.nbins * is_positive, 2 * self.nbins)
-        self._counts += torch.bincount(key.flatten(), minlength=2 * self.nbins + 1)[:-1]
+        for start in range(0, scores.numel(), self.CHUNK):
+            part = slice(start, start + self.CHUNK)
+            self._count(scores[part], is_positive[part], None if valid is None else valid[part],
+                        None if probs is None else probs[part])
         self._updates += 1
+        self._prob_updates += probs is not None
+
+    # Pixels binned per pass: temporaries stay ~16 MB, re-used by the allocator, so that
+    # memory does not grow with the batch and no large buffer is page-faulted in each time.
+    CHUNK = 1 << 22
+
+    def _count(self, scores, is_positive, valid, probs):
+        """Bin one chunk of flat tensors into the counts (and the prob sums)."""
+        idx = score_bins(scores, self.num_bits)
+        key = idx + (is_positive.to(torch.int32) << self.num_bits)
+        if valid is not None:
+            key.masked_fill_(~valid, 2 * self.nbins)  # one spare bin, dropped below
+        self._counts += torch.bincount(key, minlength=2 * self.nbins + 1)[:-1]
         if probs is not None:
-            pidx = torch.where(valid, idx, self.nbins).flatten()
-            weights = probs.to(dev, torch.float64).flatten()
-            self.prob_sum += torch.bincount(pidx, weights, minlength=self.nbins + 1)[:-1]
-            self._prob_updates += 1
+            if valid is not None:
+                idx.masked_fill_(~valid, self.nbins)
+            weights = probs.to(torch.float64)
+            self.prob_sum += torch.bincount(idx, weights, minlength=self.nbins + 1)[:-1]
 
     @staticmethod
     def _check_values(scores, valid, probs):
         # One host sync for all checks.
-        bad = [torch.isnan(scores).logical_and(valid).any()]
+        bad = [torch.isnan(scores)]
         if probs is not None:
-            p = probs.to(scores.device)
-            bad.append(((p < 0) | (p > 1) | torch.isnan(p)).logical_and(valid).any())
-        nan_scores, *bad_probs = torch.stack(bad).tolist()
+            bad.append((probs < 0) | (probs > 1) | torch.isnan(probs))
+        if valid is not None:
+            bad = [b.logical_and_(valid) for b in bad]
+        nan_scores, *bad_probs = torch.stack([b.any() for b in bad]).tolist()
         if nan_scores:
             raise ValueError("OODMeter.update: scores contain NaN")
         if any(bad_probs):

@@ -129,3 +129,30 @@ def test_nan_score_in_evaluation_names_the_method(nets, monkeypatch):
     with pytest.raises(FloatingPointError, match="method 'broken' produced NaN scores"):
         evaluate(nets[0], None, loader, ["broken"], SPECS["Synthetic"], torch.device("cpu"),
                  MethodConfig(), 12, "val", progress=False)
+
+
+class SlowLoader:
+    """Two batches, each handed out after ``delay`` seconds (a loader that cannot keep up)."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def __len__(self):
+        return 2
+
+    def __iter__(self):
+        import time
+        for _ in range(2):
+            time.sleep(self.delay)
+            yield torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48))
+
+
+def test_epoch_reports_time_waiting_for_data(nets):
+    segnet, obsnet = nets
+    optimizer = torch.optim.SGD(obsnet.parameters(), lr=0.01)
+    stats = [train_observer_epoch(0, obsnet, segnet, SlowLoader(delay), optimizer,
+                                  CRITERIA["bce"](2.0), torch.device("cpu"), ObserverConfig(None),
+                                  progress=False) for delay in (0.0, 0.25)]
+    assert stats[1]["data_wait"] >= 0.5 > stats[0]["data_wait"]
+    assert stats[1]["seconds"] >= stats[1]["data_wait"]
+    assert 0 <= stats[0]["data_wait_share"] < stats[1]["data_wait_share"] <= 1
