@@ -216,13 +216,20 @@ def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, sta
         scheduler.step()
         state = training_state(segnet, optimizer, scheduler, scaler, epoch, max(best, miou), args)
         if rt.is_main:
-            if miou > best:
+            if improves(miou, best):
                 save_checkpoint(args.segnet_file, state)
             save_checkpoint(last, state)
         best = max(best, miou)
         stop_if_asked(stop, flag, rt, seen, ("SegNet", epoch, last))
     log(rt, f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
     skipped_summary(rt, seen)
+
+
+def improves(value: float, best: float) -> bool:
+    """Whether a validation metric is worth keeping a best checkpoint for: it beats ``best``,
+    or nothing was kept yet (``best`` < 0). The second case keeps a first checkpoint when the
+    metric is undefined (NaN, e.g. a SegNet that made no error on the validation split)."""
+    return value > best or best < 0
 
 
 def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> None:
@@ -295,7 +302,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
                 f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
         scheduler.step()
         state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
-        save_observer(folder, state, epoch, auroc > best, rt)
+        save_observer(folder, state, epoch, improves(auroc, best), rt)
         best = max(best, auroc)
         stop_if_asked(stop, flag, rt, seen, ("ObsNet", epoch, last))
     log(rt, f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")

@@ -165,3 +165,11 @@ def test_skip_bad_samples_counts_and_continues(bad_image_data):
         "skipped 1 unreadable sample(s) (2 time(s) in all): "), out.stdout
     assert str(image) in summary[0]
     assert (root / "skip" / "last.pth").is_file()
+
+
+def test_first_best_checkpoint_is_kept_even_when_the_metric_is_undefined():
+    from stages import improves
+    nan = float("nan")
+    assert improves(nan, -1.0) and improves(0.0, -1.0)  # nothing kept yet: keep this one
+    assert not improves(nan, 0.5) and not improves(0.4, 0.5)
+    assert improves(0.6, 0.5)
