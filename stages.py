@@ -199,7 +199,7 @@ def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, sta
                    last) -> None:
     train_loader, val_loader = loaders
     optimizer, scheduler, scaler = training
-    stop, seen = stop_check(flag, rt), {}
+    stop, seen, warned = stop_check(flag, rt), {}, False
     for epoch in tqdm(range(start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
         set_epoch(train_loader, epoch, args.seed)
         stats = train_or_stop(partial(
@@ -210,7 +210,7 @@ def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, sta
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
-        log_data_wait(rt, writer, stats, epoch)
+        warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
                 f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
         scheduler.step()
@@ -252,7 +252,7 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
-    # The frozen SegNet is never saved here: fold its batch norms (the attack runs ~15% faster).
+    # The frozen SegNet is never saved here: fold its batch norms (attack 18% faster, BENCHMARKS.md).
     segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
     folder = Path(args.obsnet_file)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
@@ -269,14 +269,17 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
                          cfg, start, best, flag, folder)
 
 
-def log_data_wait(rt, writer, stats: dict, epoch: int) -> None:
-    """Log the share of the epoch spent waiting for data; say so when it is large."""
+def log_data_wait(rt, writer, stats: dict, epoch: int, warned: bool) -> bool:
+    """Log the share of the epoch spent waiting for data, and say it once per stage when it is
+    over 10%; returns whether that was said (now or before)."""
     share = stats["data_wait_share"]
     writer.add_scalar("Time/data_wait_share", share, epoch)
     writer.add_scalar("Time/epoch_seconds", stats["seconds"], epoch)
-    if share > 0.1:
-        log(rt, f"epoch {epoch}: {share:.0%} of the time went to waiting for data; "
-                f"more --num_workers may help")
+    if share > 0.1 and not warned:
+        log(rt, f"epoch {epoch}: {share:.0%} of the time went to waiting for data; more "
+                f"--num_workers may help (said once; Time/data_wait_share in TensorBoard)")
+        return True
+    return warned
 
 
 def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start, best, flag,
@@ -284,7 +287,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
     segnet, obsnet, model = nets
     train_loader, val_loader = loaders
     optimizer, scheduler, scaler, criterion = training
-    stop, seen, last = stop_check(flag, rt), {}, folder / "last.pth"
+    stop, seen, last, warned = stop_check(flag, rt), {}, folder / "last.pth", False
     for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs", disable=not rt.is_main):
         set_epoch(train_loader, epoch, args.seed)
         stats = train_or_stop(partial(
@@ -297,7 +300,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
-        log_data_wait(rt, writer, stats, epoch)
+        warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
                 f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
         scheduler.step()

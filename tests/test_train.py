@@ -156,3 +156,18 @@ def test_epoch_reports_time_waiting_for_data(nets):
     assert stats[1]["data_wait"] >= 0.5 > stats[0]["data_wait"]
     assert stats[1]["seconds"] >= stats[1]["data_wait"]
     assert 0 <= stats[0]["data_wait_share"] < stats[1]["data_wait_share"] <= 1
+
+
+def test_slow_data_is_reported_once_per_stage(capsys):
+    from types import SimpleNamespace
+
+    from stages import log_data_wait
+    from Utils.report import NullWriter
+    rt, writer = SimpleNamespace(is_main=True), NullWriter()
+    stats = {"data_wait_share": 0.05, "seconds": 10.0}
+    assert not log_data_wait(rt, writer, stats, 0, False)
+    assert "waiting for data" not in capsys.readouterr().out
+    stats["data_wait_share"] = 0.5
+    assert log_data_wait(rt, writer, stats, 1, False)
+    assert log_data_wait(rt, writer, stats, 2, True)
+    assert capsys.readouterr().out.count("50% of the time went to waiting for data") == 1
