@@ -58,7 +58,8 @@ def ratios(rows: dict) -> dict:
             "mc_dropout_over_obsnet_total": mc["total"] / obsnet["total"]}
 
 
-def _total(entry) -> float:
+def total_seconds(entry: dict) -> float:
+    """A method row's total seconds per image (the SegNet forward's row holds a Spread)."""
     total = entry["total"]
     return total if isinstance(total, float) else total.median
 
@@ -75,7 +76,7 @@ def main() -> None:
     out = run(tuple(args.size), args.width_mult, args.T, args.runs, args.amp)
     for name, entry in out["methods"].items():
         added = "" if entry["added"] is None else f", added {entry['added'].scaled(1000).text()} ms"
-        print(f"{name:<15} total {_total(entry) * 1000:.1f} ms/image{added}")
+        print(f"{name:<15} total {total_seconds(entry) * 1000:.1f} ms/image{added}")
     print(f"ObsNet / SegNet forward {out['obsnet_over_segnet_forward']:.2f}; MC dropout (T={args.T}) "
           f"/ ObsNet: x{out['mc_dropout_over_obsnet_added']:.0f} (added cost), "
           f"x{out['mc_dropout_over_obsnet_total']:.0f} (total)")

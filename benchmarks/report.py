@@ -1,4 +1,5 @@
 """The markdown report of a benchmark run: machine, tables, targets."""
+from benchmarks.inference import total_seconds
 from benchmarks.train_step import PARTS
 
 
@@ -47,8 +48,9 @@ def inference_section(results) -> list[str]:
                   f"batch 1, MC dropout T = {r['mc_passes']}, amp {'on' if r['amp'] else 'off'}:", ""]
         body = []
         for name, e in r["methods"].items():
-            total = e["total"] if isinstance(e["total"], float) else e["total"].median
-            body.append((name, f"{total * 1000:.1f}", "—" if e["added"] is None else _ms(e["added"])))
+            total = e["total"].scaled(1000).text() if name == "segnet_forward" else \
+                f"{total_seconds(e) * 1000:.1f}"
+            body.append((name, total, "—" if e["added"] is None else _ms(e["added"])))
         lines += _table(["method", "total (image to map)", "added to the SegNet forward"], body)
         lines += [f"ObsNet / SegNet forward: {r['obsnet_over_segnet_forward']:.2f}. MC dropout / "
                   f"ObsNet: {r['mc_dropout_over_obsnet_added']:.1f}x (ObsNet's added cost), "
