@@ -7,6 +7,7 @@ import resource
 import statistics
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -49,32 +50,24 @@ CPU = torch.device("cpu")
 
 def repeat(fn, runs: int, warmup: int = 1, device=CPU) -> Spread:
     """Seconds per call of ``fn()`` over ``runs`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return Spread.of(times)
+    return measure(fn, runs, warmup, device, track_memory=False)[0]
 
 
-def measure(fn, runs: int, warmup: int = 0, device=CPU):
+def measure(fn, runs: int, warmup: int = 0, device=CPU, track_memory: bool = True):
     """Call ``fn()`` ``warmup + runs`` times; return (time Spread of the timed calls, largest
-    peak memory above the start of a call in bytes, the last result)."""
+    peak memory above the start of a call in bytes (0 without ``track_memory``), the last
+    result)."""
     for _ in range(warmup):
         fn()
     times, peak, result = [], 0, None
     for _ in range(runs):
-        with PeakRSS() as mem:
+        with PeakRSS() if track_memory else nullcontext() as mem:
             sync(device)
             start = time.perf_counter()
             result = fn()
             sync(device)
             times.append(time.perf_counter() - start)
-        peak = max(peak, mem.above_start)
+        peak = max(peak, mem.above_start) if track_memory else 0
     return Spread.of(times), peak, result
 
 
