@@ -5,26 +5,31 @@ import torch
 from tqdm import tqdm
 
 from Dataset.specs import DatasetSpec
-from Utils.metrics import ConfusionMeter, OODMeter
+from Utils.metrics import ConfusionMeter, OODMeter, PerImageMeter
 from Utils.uncertainty import METHODS, EvalBatch, MethodConfig
 from Utils.utils import autocast
 
 
 class _Meters:
-    """Meters of one method: OOD protocol, error protocol and time."""
+    """Meters of one method: OOD protocol pooled over the split and per image (anomaly-seg's),
+    error protocol, and time."""
 
     def __init__(self):
         self.ood, self.error, self.seconds = OODMeter(), OODMeter(), 0.0
+        self.ood_image = PerImageMeter()
 
 
 def _label_masks(labels: torch.Tensor, pred: torch.Tensor, spec: DatasetSpec, nclass: int):
-    """Error-protocol target/valid and OOD-protocol target/valid masks (see DESIGN.md)."""
+    """Error-protocol target/valid, OOD target, pooled OOD valid (void excluded) and per-image
+    OOD valid (every pixel but the ignore id: anomaly-seg's negatives include void)."""
     anomaly = torch.isin(labels, torch.tensor(spec.anomaly_ids, device=labels.device))
     labelled = ((labels >= 0) & (labels < nclass)) | anomaly
+    image_valid = torch.ones_like(anomaly)
     if spec.ignore_id is not None:
         labelled &= labels != spec.ignore_id
+        image_valid = labels != spec.ignore_id
     ood_valid = labelled if spec.void_id is None else labelled & (labels != spec.void_id)
-    return pred != labels, labelled, anomaly, ood_valid
+    return pred != labels, labelled, anomaly, ood_valid, image_valid
 
 
 def _timed(device, fn, *args, **kwargs):
@@ -39,7 +44,7 @@ def _timed(device, fn, *args, **kwargs):
 
 def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device):
     """Run every method on one batch and feed its meters."""
-    error, err_valid, anomaly, ood_valid = masks
+    error, err_valid, anomaly, ood_valid, image_valid = masks
     for name in names:
         method = METHODS[name]
         scores, seconds = _timed(device, method.fn, batch, cfg)
@@ -47,9 +52,11 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
             raise FloatingPointError(f"method '{name}' produced NaN scores")
         m = meters[name]
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
-        probs = None if method.to_prob is None else method.to_prob(scores)
+        probs = None if method.to_prob is None else method.to_prob(scores, cfg)
         m.error.update(scores, error, err_valid, probs=probs)
         m.ood.update(scores, anomaly, ood_valid)
+        if anomaly.any():
+            m.ood_image.update(scores, anomaly, image_valid)
 
 
 @torch.no_grad()
@@ -58,7 +65,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
-    Pixels are pooled over the whole split; meters are summed across DDP ranks.
+    ``ood`` and ``error`` pool the pixels of the whole split, ``ood_per_image`` averages over
+    the images (anomaly-seg's protocol); meters are summed across DDP ranks.
     ``ensemble``: extra SegNets for the "ensemble" method.
     """
     segnet.eval()
@@ -111,14 +119,18 @@ def _results(split, confusion, meters, n_images, spec, device):
                       "iou": dict(zip(spec.class_names, seg["iou"]))},
            "methods": {}}
     for name, m in meters.items():
-        m.error.all_reduce()
-        m.ood.all_reduce()
+        for meter in (m.error, m.ood, m.ood_image):
+            meter.all_reduce()
         err, ood = m.error.compute(), m.ood.compute()
         entry = {"error": {"auroc": err["auroc"], "aupr_error": err["ap"],
                            "aupr_success": err["ap_neg"], "fpr95": err["fpr95_neg"],
                            "ace": err.get("ace"), "ece": err.get("ece")},
-                 "ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1)}
+                 "ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1),
+                 # 0 unless some scores stayed in coarse bins: see OODMeter
+                 "auroc_bound": max(err["auroc_bound"], ood["auroc_bound"])}
         if ood["n_pos"] > 0:
             entry["ood"] = {"auroc": ood["auroc"], "aupr": ood["ap"], "fpr95": ood["fpr95"]}
+            per_image = m.ood_image.compute()
+            entry["ood_per_image"] = {k: per_image[k] for k in ("auroc", "aupr", "fpr95")}
         out["methods"][name] = entry
     return out

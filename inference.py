@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from Dataset.camvid import read_image
 from Dataset.specs import SPECS
-from Models.load_net import load_networks
+from Models.load_net import load_networks, merge_observer_flags
 from Utils.affichage import colorize_labels, viridis
 from Utils.cli import UsageError, run_friendly
 
@@ -61,10 +61,12 @@ def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(segnet, obsnet, batch):
-    """(class map B×H×W, probability that the SegNet is wrong B×H×W) at the batch's size."""
+def predict(segnet, obsnet, batch, no_residual: bool = False, no_img: bool = False):
+    """(class map B×H×W, probability that the SegNet is wrong B×H×W) at the batch's size;
+    ``no_residual``/``no_img``: the ablations the observer was trained with."""
     feats = segnet(batch, return_feat=True)
-    return feats[-1].argmax(dim=1), torch.sigmoid(obsnet(batch, feats).squeeze(1).float())
+    logits = obsnet(batch, feats, no_residual=no_residual, no_img=no_img)
+    return feats[-1].argmax(dim=1), torch.sigmoid(logits.squeeze(1).float())
 
 
 def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) -> None:
@@ -86,8 +88,10 @@ def run(argv) -> int:
         raise UsageError("--bsize must be at least 1")
     files = list_images(Path(args.img_folder))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flags = merge_observer_flags({"obs_mlp": args.obs_mlp}, args.obsnet_file)
     segnet, obsnet = load_networks(args.model, args.nclass or spec.nclass, args.width_mult,
-                                   args.obs_mlp, args.segnet_file, args.obsnet_file, device)
+                                   flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
+                                   device)
     obsnet.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,8 @@ def run(argv) -> int:
     for start in tqdm(range(0, len(files), args.bsize), desc="Inference", unit="batch"):
         chunk = files[start:start + args.bsize]
         images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]
-        preds, probs = predict(segnet, obsnet, prepare(images, size, spec).to(device))
+        preds, probs = predict(segnet, obsnet, prepare(images, size, spec).to(device),
+                               flags.get("no_residual", False), flags.get("no_img", False))
         for path, image, pred, prob in zip(chunk, images, preds.cpu(), probs.cpu()):
             save_outputs(image, pred, prob, spec.colors, out, path.stem)
     print(f"{len(files)} images -> {out} (PNG triptychs and float16 .npy maps)")

@@ -10,7 +10,7 @@ from Models.load_net import SEGMENTERS
 from stages import run_stage
 from Utils.adv_attack import ATTACK_CHOICES
 from Utils.cli import UsageError, run_friendly
-from Utils.uncertainty import ALIASES, METHODS, parse_methods
+from Utils.uncertainty import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
 from Utils.utils import seed_everything
 
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bsize", type=int, default=8, help="batch size")
     a("--lr", type=float, default=2e-2, help="learning rate")
     a("--Temp", type=float, default=1.2, help="temperature of temperature scaling")
+    a("--sampling_score", default="entropy", choices=SAMPLING_SCORES,
+      help="score of the mean softmax of mc_dropout, gauss, mcda, ensemble: its entropy "
+           "(the original's) or mcp (1 - its max)")
     a("--noise", type=float, default=0.0, help="std of Gaussian noise added to training inputs")
     a("--epsilon", type=float, default=0.1, help="FGSM step size of the attack")
     a("--gauss_lambda", type=float, default=0.002, help="std of the Gaussian weight perturbation")
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--focal", action="store_true", help="focal loss instead of weighted BCE for ObsNet")
     a("--channels_last", action="store_true",
       help="channels-last memory format for models and inputs (faster convolutions on GPU)")
-    a("--amp", action="store_true", help="mixed precision (float16 + GradScaler on GPU, bfloat16 on CPU)")
+    a("--amp", nargs="?", const="auto", default=None, choices=("auto", "float16", "bfloat16"),
+      help="mixed precision: --amp alone is the device's default (float16 + GradScaler on GPU, "
+           "bfloat16 on CPU); --amp float16 or --amp bfloat16 on any device")
     a("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -124,7 +129,7 @@ def resolve_args(args):
         raise UsageError(str(exc)) from None
     if "ensemble" in names and not args.ensemble:
         raise UsageError("--test_multi ensemble needs --ensemble FILE,FILE,... (SegNet checkpoints)")
-    if "void" in names and spec.void_id is None:
+    if "void" in names and spec.void_logit is None:
         raise UsageError(f"--test_multi void: {spec.name} has no void class")
     return spec
 

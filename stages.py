@@ -13,7 +13,8 @@ from Dataset.load_data import build_dataset, build_loader
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
 from Models.blocks import fold_batchnorm
-from Models.load_net import build_models, init_from_segnet, load_networks, load_weights, save_checkpoint
+from Models.load_net import (OBSERVER_FLAGS, build_models, init_from_segnet, load_networks,
+                             load_weights, merge_observer_flags, save_checkpoint)
 from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                    train_segnet_epoch)
 from Utils.adv_attack import AttackConfig, parse_attack
@@ -41,8 +42,9 @@ def attack_config(args, spec):
         return None
     factor = min(args.size[0] / spec.size[0], args.size[1] / spec.size[1])
     patch = tuple(max(1, round(v * factor)) for v in spec.patch_size)
+    real = tuple(c for c in range(spec.nclass) if c != spec.void_id)
     return AttackConfig(mode=parsed[0], mask=parsed[1], epsilon=args.epsilon, patch_size=patch,
-                        nclass=args.nclass, mean=spec.mean, std=spec.std)
+                        nclass=args.nclass, mean=spec.mean, std=spec.std, target_classes=real)
 
 
 def make_optimizer(args, params, schedule: str = "multistep"):
@@ -57,14 +59,17 @@ def make_optimizer(args, params, schedule: str = "multistep"):
         optimizer = torch.optim.AdamW(params, lr=args.lr)
     if schedule == "cosine":
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epoch)
-    milestones = sorted({m for m in (args.epoch // 2, args.epoch - 5) if m > 0})
+    # As the original: a milestone listed twice decays twice (x0.04 at once for --epoch 10).
+    milestones = sorted(m for m in (args.epoch // 2, args.epoch - 5) if m > 0)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
 
 
 def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
-    resolved arguments and random generator states."""
+    resolved arguments and random generator states; the observer's architecture flags
+    (``observer``), which evaluation and inference.py run it with."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "observer": {flag: bool(getattr(args, flag)) for flag in OBSERVER_FLAGS},
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "best": best, "rng": rng_state(),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
@@ -282,6 +287,21 @@ def log_data_wait(rt, writer, stats: dict, epoch: int, warned: bool) -> bool:
     return warned
 
 
+ATTACK_STATS = (("attack_flip_rate", "attack flip rate"),
+                ("segnet_error_in_mask", "SegNet error in mask"),
+                ("segnet_error_outside_mask", "outside"))
+
+
+def attack_summary(writer, stats: dict, epoch: int) -> str:
+    """What the attack did this epoch, as TensorBoard scalars (Train/...) and as a piece of the
+    epoch line ("" when training on clean images)."""
+    if "attack_flip_rate" not in stats:
+        return ""
+    for key, _ in ATTACK_STATS:
+        writer.add_scalar(f"Train/{key}", stats[key], epoch)
+    return "".join(f", {label} {stats[key]:.1%}" for key, label in ATTACK_STATS)
+
+
 def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start, best, flag,
                      folder) -> None:
     segnet, obsnet, model = nets
@@ -295,14 +315,16 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
             rt.device, cfg, writer, rt.is_main, scaler, args.amp, stop=stop),
             flag, rt, seen, ("ObsNet", epoch, last))
         results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, rt.device,
-                                       MethodConfig(), args.nclass, spec.val_split,
+                                       MethodConfig(no_residual=cfg.no_residual, no_img=cfg.no_img),
+                                       args.nclass, spec.val_split,
                                        amp=args.amp, progress=rt.is_main)
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
         warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
-                f"{stats['obsnet_acc']:.3f}, val error AUROC {auroc:.4f}")
+                f"{stats['obsnet_acc']:.3f}{attack_summary(writer, stats, epoch)}, "
+                f"val error AUROC {auroc:.4f}")
         scheduler.step()
         state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
         save_observer(folder, state, epoch, improves(auroc, best), rt)
@@ -312,11 +334,15 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
     skipped_summary(rt, seen)
 
 
-def method_config(args, spec) -> MethodConfig:
-    """Hyper-parameters of the uncertainty methods, from the command line and the spec."""
+def method_config(args, spec, observer: dict) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the command line, the spec and the
+    observer's flags (``observer``, as its checkpoint records them)."""
+    void = None if spec.void_logit is None else spec.void_logit % args.nclass
     return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
                         odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
-                        void_id=spec.void_id, mean=spec.mean, std=spec.std, progress=True)
+                        void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
+                        std=spec.std, progress=True, no_residual=observer["no_residual"],
+                        no_img=observer["no_img"])
 
 
 def load_ensemble(args, device) -> list:
@@ -330,13 +356,16 @@ def stage_test(args, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
     names = parse_methods(args.test_multi)
     loader = loader_for(args, spec, spec.test_split, False, rt)
-    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
+    observer = {flag: getattr(args, flag) for flag in OBSERVER_FLAGS}
+    if "obsnet" in names:
+        observer = merge_observer_flags(observer, args.obsnet_file)
+    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
                                    args.segnet_file, args.obsnet_file if "obsnet" in names else None,
                                    rt.device)
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
     results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,
-                                        method_config(args, spec), args.nclass, spec.test_split,
+                                        method_config(args, spec, observer), args.nclass, spec.test_split,
                                         amp=args.amp, progress=rt.is_main,
                                         ensemble=load_ensemble(args, rt.device))
     log_scalars(writer, results, "Test", 0)

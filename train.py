@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from Utils.adv_attack import AttackConfig, select_attack
-from Utils.utils import autocast
+from Utils.utils import amp_dtype, autocast
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,10 @@ class ObserverConfig:
     log_every: int = 10
 
 
-def make_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
-    """A GradScaler, active only for float16 autocast on GPU."""
-    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+def make_scaler(device: torch.device, amp) -> torch.amp.GradScaler:
+    """A GradScaler, active for float16 autocast (on any device: float16 gradients underflow
+    without it); bfloat16 has float32's range and needs none."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
 def _step(loss, optimizer, scaler) -> None:
@@ -34,6 +35,9 @@ def _step(loss, optimizer, scaler) -> None:
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+
+
+ATTACK_COUNTS = 5  # see observer_step
 
 
 class TrainingStopped(Exception):
@@ -58,28 +62,55 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
 
 
 def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig):
-    """Attack, SegNet forward, error map, observer forward; returns (loss, error map, logits)."""
+    """Attack, SegNet forward, error map, observer forward.
+
+    Returns (loss, error map, logits, attack counts): the counts are a float64 tensor of
+    (attacked pixels, of them flipped by the attack, SegNet errors inside the mask, pixels
+    outside it, SegNet errors outside it), over labelled pixels; zeros without an attack.
+    """
     if cfg.noise > 0:
         images = images + cfg.noise * torch.randn_like(images)
+    attack = None
     if cfg.attack is not None:
-        images, _ = select_attack(images, labels, segnet, cfg.attack)
+        attack = select_attack(images, labels, segnet, cfg.attack)
+        images = attack.images
     with torch.no_grad():
         feats = segnet(images, mc_drop=cfg.drop, return_feat=True)
-        error = (feats[-1].argmax(dim=1) != labels).float()
+        pred = feats[-1].argmax(dim=1)
+        error = (pred != labels).float()
     logits = obsnet(images, feats, no_residual=cfg.no_residual, no_img=cfg.no_img).squeeze(1)
-    if cfg.ignore_id is None:
-        return criterion(logits.float(), error), error, logits
-    valid = labels != cfg.ignore_id
-    return criterion(logits.float()[valid], error[valid]), error, logits
+    valid = None if cfg.ignore_id is None else labels != cfg.ignore_id
+    counts = attack_counts(attack, pred, error, valid)
+    if valid is None:
+        return criterion(logits.float(), error), error, logits, counts
+    return criterion(logits.float()[valid], error[valid]), error, logits, counts
+
+
+
+@torch.no_grad()
+def attack_counts(attack, pred, error, valid) -> torch.Tensor:
+    """(attacked, flipped, errors inside, outside, errors outside) pixel counts; see
+    ``observer_step``. Flipped: the SegNet's class after the attack differs from before."""
+    if attack is None:
+        return error.new_zeros(ATTACK_COUNTS, dtype=torch.float64)
+    inside = attack.mask[:, 0] > 0
+    outside = ~inside
+    if valid is not None:
+        inside, outside = inside & valid, outside & valid
+    flipped = (pred != attack.pred_before) & inside
+    return torch.stack([inside.sum(), flipped.sum(), (error.bool() & inside).sum(),
+                        outside.sum(), (error.bool() & outside).sum()]).double()
 
 
 def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scaler, amp: bool,
                writer, progress: bool, log_every: int, stop) -> dict:
-    """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and three
-    counts (observer correct, SegNet correct, pixels); backward through the GradScaler, sums
+    """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and a
+    tensor of counts (observer correct, SegNet correct, pixels, then the attack's counts of
+    ``observer_step`` for the observer); backward through the GradScaler, sums
     kept on the device, ``.item()`` only every ``log_every`` steps. The summary also gives the
     epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``)."""
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, obs ok, seg ok, pixels
+    # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
+    totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
     skipped: list[str] = []
     bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
     clock = {"data_wait": 0.0, "start": time.perf_counter()}
@@ -91,7 +122,7 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
         with autocast(device, amp):
             loss, counts = batch_loss(images, labels)
         _step(loss, optimizer, scaler)
-        totals += torch.cat([loss.detach().double().view(1), counts.double()])
+        totals[: 1 + len(counts)] += torch.cat([loss.detach().double().view(1), counts.double()])
         if step % log_every == 0:
             _check_finite(loss, epoch, step)
             _log_step(writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
@@ -128,12 +159,12 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
     segnet.eval()
 
     def batch_loss(images, labels):
-        loss, error, logits = observer_step(images, labels, segnet, obsnet, criterion, cfg)
+        loss, error, logits, attacked = observer_step(images, labels, segnet, obsnet, criterion, cfg)
         with torch.no_grad():
             counts = torch.stack([((logits > 0).float() == error).sum().double(),
                                   (error == 0).sum().double(),
                                   error.new_tensor(error.numel(), dtype=torch.float64)])
-        return loss, counts
+        return loss, torch.cat([counts, attacked])
 
     return _run_epoch("ObsNet", epoch, loader, device, batch_loss, optimizer,
                       scaler or make_scaler(device, False), amp, writer, progress, cfg.log_every,
@@ -170,11 +201,24 @@ def _log_step(writer, bar, tag, loss, global_step):
         writer.add_scalar(tag, value, global_step)
 
 
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else float("nan")
+
+
 def _epoch_summary(totals: torch.Tensor, n_steps: int) -> dict:
-    """Reduce across DDP ranks and turn the running sums into means."""
+    """Reduce across DDP ranks and turn the running sums into means and shares.
+
+    With the attack's counts: ``attack_flip_rate`` (share of attacked pixels whose SegNet class
+    the attack changed), ``segnet_error_in_mask`` and ``segnet_error_outside_mask``.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
         n_steps *= torch.distributed.get_world_size()
-    loss, obs_ok, seg_ok, pixels = totals.tolist()
-    return {"loss": loss / max(n_steps, 1), "obsnet_acc": obs_ok / max(pixels, 1),
-            "segnet_acc": seg_ok / max(pixels, 1)}
+    loss, obs_ok, seg_ok, pixels, *attack = totals.tolist()
+    out = {"loss": loss / max(n_steps, 1), "obsnet_acc": obs_ok / max(pixels, 1),
+           "segnet_acc": seg_ok / max(pixels, 1)}
+    if attack and attack[0] > 0:
+        inside, flipped, err_in, outside, err_out = attack
+        out.update(attack_flip_rate=flipped / inside, segnet_error_in_mask=err_in / inside,
+                   segnet_error_outside_mask=_share(err_out, outside))
+    return out

@@ -25,6 +25,9 @@ class DatasetSpec:
     colors: tuple[tuple[int, int, int], ...]  # RGB per id, anomaly ids included
     anomaly_ids: tuple[int, ...]
     void_id: int | None = None  # a predicted class left out of mIoU and of OOD negatives
+    # The output whose raw logit the "void" method reads, as the original: CamVid's Void,
+    # StreetHazards' "other"; -1: the last output (the original's choice for BDD-Anomaly).
+    void_logit: int | None = None
     ignore_id: int | None = 255
     train_split: str = "train"
     val_split: str = "val"
@@ -47,13 +50,13 @@ SPECS: dict[str, DatasetSpec] = {
         name="CamVid", size=(360, 480), crop=(50, 80),
         mean=(0.4108, 0.4240, 0.4316), std=(0.3066, 0.3111, 0.3068), pos_weight=2.0,
         patch_size=(128, 128, 60, 80), class_names=CAMVID_CLASSES, colors=CAMVID_COLORS,
-        anomaly_ids=(12,), void_id=11),
+        anomaly_ids=(12,), void_id=11, void_logit=11),
     # Generated road scenes in the CamVid layout and label set (Dataset/synthetic.py).
     "Synthetic": DatasetSpec(
         name="Synthetic", size=(96, 128), crop=(12, 16),
         mean=(0.45, 0.45, 0.45), std=(0.25, 0.25, 0.25), pos_weight=2.0,
         patch_size=(40, 40, 14, 22), class_names=CAMVID_CLASSES, colors=CAMVID_COLORS,
-        anomaly_ids=(12,), void_id=11),
+        anomaly_ids=(12,), void_id=11, void_logit=11),
     "StreetHazard": DatasetSpec(
         name="StreetHazard", size=(360, 640), crop=(80, 150),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_weight=3.0, patch_size=(300, 360, 160, 200),
@@ -63,7 +66,7 @@ SPECS: dict[str, DatasetSpec] = {
         colors=((0, 0, 0), (70, 70, 70), (190, 153, 153), (250, 170, 160), (220, 20, 60),
                 (153, 153, 153), (157, 234, 50), (128, 64, 128), (244, 35, 232),
                 (107, 142, 35), (0, 0, 142), (102, 102, 156), (220, 220, 0), (255, 255, 255)),
-        anomaly_ids=(13,), void_id=0, train_split="train", val_split="validation",
+        anomaly_ids=(13,), void_id=0, void_logit=3, train_split="train", val_split="validation",
         test_split="test"),
     "BddAnomaly": DatasetSpec(
         name="BddAnomaly", size=(360, 640), crop=(80, 150),
@@ -77,7 +80,7 @@ SPECS: dict[str, DatasetSpec] = {
                 (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
                 (0, 0, 142), (0, 0, 70), (0, 60, 100), (255, 255, 255), (255, 255, 255),
                 (255, 255, 255)),
-        anomaly_ids=(17, 18, 19), void_id=0, train_split="train", val_split="validation",
+        anomaly_ids=(17, 18, 19), void_id=0, void_logit=-1, train_split="train", val_split="validation",
         test_split="test"),
 }
 

@@ -120,6 +120,40 @@ def load_weights(model: nn.Module, path) -> dict:
     return checkpoint
 
 
+OBSERVER_FLAGS = ("obs_mlp", "no_residual", "no_img")  # what changes how an observer is run
+
+
+def observer_path(obsnet_file) -> Path:
+    """An observer checkpoint: the file itself, or a folder's ``best.pth``."""
+    path = Path(obsnet_file)
+    return path / "best.pth" if path.is_dir() else path
+
+
+def observer_flags(obsnet_file) -> dict | None:
+    """The architecture flags recorded in an observer checkpoint (``OBSERVER_FLAGS``), or None
+    for a checkpoint that records none (the original's plain state_dicts)."""
+    checkpoint = load_checkpoint(observer_path(obsnet_file))
+    recorded = checkpoint.get("observer") if isinstance(checkpoint, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS}
+
+
+def merge_observer_flags(given: dict, obsnet_file) -> dict:
+    """The observer flags to run a checkpoint with: those it records, else ``given`` (the
+    command line's). A flag given on the command line that the checkpoint was trained
+    without is a CheckpointError (exit 1), since it would score with another network."""
+    recorded = observer_flags(obsnet_file)
+    if recorded is None:
+        return dict(given)
+    for flag in OBSERVER_FLAGS:
+        if given.get(flag) and not recorded[flag]:
+            raise CheckpointError(f"{observer_path(obsnet_file)}: this observer was trained "
+                                  f"without --{flag}; drop --{flag} (its checkpoint records "
+                                  f"how it was trained)")
+    return recorded
+
+
 def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
                   obsnet_file=None, device="cpu"):
     """(frozen SegNet loaded from ``segnet_file``, ObsNet) on ``device``.
@@ -133,8 +167,7 @@ def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, seg
                               f"(train one with --train_segnet)")
     load_weights(segnet, segnet_file)
     if obsnet_file is not None:
-        path = Path(obsnet_file)
-        load_weights(obsnet, path / "best.pth" if path.is_dir() else path)
+        load_weights(obsnet, observer_path(obsnet_file))
     return freeze(segnet.to(device)), obsnet.to(device)
 
 

@@ -3,7 +3,9 @@
 Masks are generated in torch on the images' device, vectorised over the batch.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ class AttackConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     noise_std: float = 0.03  # noise added inside the mask first, for more diverse attacks
+    # "max" mode draws its target among these (the dataset's real classes: no void, no unused
+    # output), as the original's randint(nclass - 1); empty: every output.
+    target_classes: tuple[int, ...] = ()
 
 
 def _place_regions(local: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -213,25 +218,69 @@ def _valid_range(cfg, device):
     return -mean / std, (1 - mean) / std
 
 
-def fgsm(segnet, images, labels, mask, cfg: AttackConfig) -> torch.Tensor:
-    """One signed-gradient step of size epsilon inside ``mask``; SegNet weights get no grad."""
+class AttackOutput(NamedTuple):
+    """What ``select_attack`` gives: the attacked images, the B×1×H×W mask, and the SegNet's
+    B×H×W prediction on the attack's input just before its signed-gradient step."""
+
+    images: torch.Tensor
+    mask: torch.Tensor
+    pred_before: torch.Tensor
+
+
+def max_mode_target(labels: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    """One random class per image, among ``cfg.target_classes``, as a B×H×W target."""
+    classes = torch.tensor(cfg.target_classes or range(cfg.nclass), device=labels.device)
+    pick = torch.randint(0, len(classes), (labels.shape[0], 1, 1), device=labels.device)
+    return classes[pick].expand_as(labels)
+
+
+def attack_precision(device_type: str):
+    """float16 autocast is switched off for the attack's forward and backward: float16's range
+    (smallest subnormal 6e-8) cannot hold input gradients, which are 1e-9 to 1e-3 per pixel;
+    their sign would be 0 and the pixel left unattacked. bfloat16 has float32's range and
+    stays on. Everything after the attack runs in the autocast dtype."""
+    if torch.is_autocast_enabled(device_type) and \
+            torch.get_autocast_dtype(device_type) == torch.float16:
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def fgsm(segnet, images, labels, mask, cfg: AttackConfig):
+    """One signed-gradient step of size epsilon inside ``mask``; SegNet weights get no grad.
+
+    Returns (attacked images, the SegNet's prediction before the step). The loss is a *sum*
+    over pixels, not a mean: the same gradient signs, without a 1/(B·H·W) factor that pushes
+    every input gradient towards underflow in low precision (see ``attack_precision``).
+    """
     x = (images + cfg.noise_std * torch.randn_like(images) * mask).detach().requires_grad_(True)
+    with attack_precision(images.device.type):
+        return _signed_step(segnet, x, images, labels, mask, cfg)
+
+
+def _signed_step(segnet, x, images, labels, mask, cfg: AttackConfig):
     logits = segnet(x)
     if cfg.mode == "min":
         target = labels.masked_fill((labels < 0) | (labels >= cfg.nclass), -100)
         direction = 1.0  # up the true class's loss
     else:
-        fake = torch.randint(0, cfg.nclass, (labels.shape[0], 1, 1), device=labels.device)
-        target, direction = fake.expand_as(labels), -1.0  # down the loss of a random class
-    loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
+        target, direction = max_mode_target(labels, cfg), -1.0  # down the loss of a random class
+    loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)  # gradient w.r.t. the input only
     lo, hi = _valid_range(cfg, images.device)
     adv = x.detach() + direction * cfg.epsilon * grad.sign() * mask
     adv = torch.maximum(torch.minimum(adv, hi), lo)
-    return torch.where(mask > 0, adv, images.detach())
+    return torch.where(mask > 0, adv, images.detach()), logits.detach().argmax(dim=1)
 
 
-def select_attack(images, labels, segnet, cfg: AttackConfig):
-    """Attack a batch; returns (attacked images, B×1×H×W mask)."""
+def select_attack(images, labels, segnet, cfg: AttackConfig) -> AttackOutput:
+    """Attack a batch: draw the mask, then one FGSM step inside it.
+
+    ``min_class`` attacks only the pixels the SegNet already gets right (as the original):
+    pushing a wrong pixel further from its true class changes nothing to learn from.
+    """
     mask = MASKS[cfg.mask](images, labels, cfg)
-    return fgsm(segnet, images, labels, mask, cfg), mask
+    if cfg.mode == "min" and cfg.mask == "class":
+        with torch.no_grad():
+            mask = mask * (segnet(images).argmax(dim=1, keepdim=True) == labels.unsqueeze(1))
+    adv, pred_before = fgsm(segnet, images, labels, mask, cfg)
+    return AttackOutput(adv, mask, pred_before)

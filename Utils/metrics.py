@@ -24,20 +24,25 @@ def _dist_device():
     return torch.device("cpu")
 
 
-def score_bins(scores: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Map scores to int32 bin indices in [0, 2**num_bits) preserving their order.
+def _order_key(scores: torch.Tensor) -> torch.Tensor:
+    """int32 whose *unsigned* order is the order of the float32 scores (-0.0 and +0.0 equal).
 
-    The float32 bit pattern, with all bits flipped for negative values and only
-    the sign bit flipped otherwise, orders like the floats (as unsigned ints); its
-    top ``num_bits`` bits are the bin. Bins thus have a constant *relative* width
-    at every magnitude (num_bits=16 keeps 7 mantissa bits: about 0.8%).
+    The float32 bit pattern with all bits flipped for negative values and only the sign bit
+    flipped otherwise orders like the floats when read as an unsigned integer; distinct floats
+    give distinct keys and equal floats the same key.
     """
-    # "+ 0.0" turns -0.0 into +0.0 so that the two zeros share a bin; it is also the one
-    # fresh buffer that every later step updates in place (no further allocation).
+    # "+ 0.0" turns -0.0 into +0.0; it is also the one fresh buffer the rest updates in place.
     bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
     flip = bits >> 31  # arithmetic shift: all ones for negatives, zero otherwise
     flip |= -(1 << 31)
     bits ^= flip
+    return bits
+
+
+def score_bins(scores: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Order-preserving int32 bin indices in [0, 2**num_bits): the top ``num_bits`` bits of
+    ``_order_key``. Bins have a constant *relative* width at every magnitude."""
+    bits = _order_key(scores)
     bits >>= 32 - num_bits  # arithmetic, so the sign bit smears: mask it off
     bits &= (1 << num_bits) - 1
     return bits
@@ -102,48 +107,60 @@ def _calibration(pos: np.ndarray, count: np.ndarray, prob_sum: np.ndarray):
 
 
 class OODMeter:
-    """Streaming binary-ranking meter with memory independent of the pixels seen.
+    """Streaming binary-ranking meter, exact on float32 scores, with bounded memory.
 
-    Scores are binned by ``score_bins`` (higher score = more likely positive);
-    pixels of one bin are treated as tied. Per bin it keeps ``neg``/``pos``
-    pixel counts (int64) and ``prob_sum`` (float64, sum of the optional
-    calibration probabilities). ``num_bits`` in [1, 24]; the default 20 (11 mantissa bits)
-    keeps AP within 1e-4 of scikit-learn on continuous scores and costs 24 MB; 16 costs 1.5 MB.
+    Higher score = more likely positive. Every pixel goes to a *coarse* bin, the top 20 bits of
+    its order key (a relative width of 2^-11 at every magnitude). A coarse bin that holds at
+    least 1/1024 of an update's pixels is *refined*: from then on it keeps one count per
+    remaining 12 bits, i.e. one count per distinct float32 value (at most ``max_refined`` such
+    bins, 256 by default).
+
+    Why this is exact: scikit-learn ties two pixels exactly when their float32 scores are
+    equal. Inside a refined bin the meter keys on all 32 bits of the order key, so it ties
+    exactly the same pixels and orders the others as the floats: its per-threshold counts there
+    are sklearn's, and AUROC, AP and both FPR95 follow from them by the same sums. Scores whose
+    spread is tiny next to their magnitude (ODIN's 0.9166 +- 1e-3, 1e4 +- 1, probabilities
+    within 1e-5 of 1, energies near -30 +- 0.05) pile up in a few coarse bins, which are refined
+    at the first update. What stays coarse holds under 1/1024 of an update's pixels per bin,
+    within a relative width of 2^-11; ``compute()`` reports ``auroc_bound``, the largest change of
+    AUROC that any order inside those bins could make (0 when every occupied bin is refined).
+
+    Memory: 2^20 coarse bins (24 MB) plus 96 KB per refined bin (at most 24 MB more), whatever
+    the pixel count.
     """
 
+    COARSE_BITS = 20
+    FINE_BITS = 32 - COARSE_BITS
+    REFINE_SHARE = 1 / 1024  # share of an update's pixels that makes a coarse bin refined
+    SAMPLE = 1 << 16  # pixels per update looked at to find the bins to refine
     # Pixels binned per pass: temporaries stay ~16 MB, re-used by the allocator, so that
     # memory does not grow with the batch and no large buffer is page-faulted in each time.
     CHUNK = 1 << 22
 
-    def __init__(self, num_bits: int = 20, device=None):
-        if not 1 <= num_bits <= 24:
-            raise ValueError(f"num_bits must be in [1, 24], got {num_bits}")
-        self.num_bits = num_bits
-        self.nbins = 1 << num_bits
+    def __init__(self, max_refined: int = 256, device=None):
+        if not 0 <= max_refined < 1 << 15:
+            raise ValueError(f"max_refined must be in [0, 32767], got {max_refined}")
+        self.max_refined = max_refined
+        self.ncoarse, self.nfine = 1 << self.COARSE_BITS, 1 << self.FINE_BITS
         self.device = None if device is None else torch.device(device)
         self.reset()
 
     def reset(self):
         """Forget every pixel seen (state is re-created on the next update)."""
-        self._counts = None  # [neg bins | pos bins], one bincount per update
-        self.prob_sum = None
+        self._counts = None  # int64 2×L: negatives, positives; coarse bins then refined slots
+        self._prob = None  # float64 L: sums of the calibration probabilities
+        self._slot_of = None  # int32 per coarse bin: its refined slot, or -1
+        self.bins: list[int] = []  # the refined coarse bins, in slot order
         self._updates = 0
         self._prob_updates = 0
 
     def _init_state(self, device):
         self.device = torch.device(device)
-        self._counts = torch.zeros(2 * self.nbins, dtype=torch.int64, device=self.device)
-        self.prob_sum = torch.zeros(self.nbins, dtype=torch.float64, device=self.device)
-
-    @property
-    def neg(self):
-        """Per-bin counts of negative pixels (a view of the state), or None."""
-        return None if self._counts is None else self._counts[: self.nbins]
-
-    @property
-    def pos(self):
-        """Per-bin counts of positive pixels (a view of the state), or None."""
-        return None if self._counts is None else self._counts[self.nbins:]
+        self._counts = torch.zeros(2, self.ncoarse, dtype=torch.int64, device=self.device)
+        self._prob = torch.zeros(self.ncoarse, dtype=torch.float64, device=self.device)
+        # int16 (max_refined < 2^15): a small table keeps the per-pixel look-up in cache.
+        self._slot_of = torch.full((self.ncoarse,), -1, dtype=torch.int16, device=self.device)
+        self.bins = []
 
     @property
     def has_probs(self) -> bool:
@@ -151,8 +168,38 @@ class OODMeter:
         return self._updates > 0 and self._prob_updates == self._updates
 
     def state_tensors(self):
-        """The tensors holding the state (empty before the first update)."""
-        return [] if self._counts is None else [self._counts, self.prob_sum]
+        """The tensors holding the counts (empty before the first update)."""
+        return [] if self._counts is None else [self._counts, self._prob]
+
+    def _refine(self, new_bins) -> None:
+        """Give each coarse bin of ``new_bins`` a slot of fine counts (zeros to start)."""
+        new_bins = [int(b) for b in new_bins if self._slot_of[int(b)] < 0]
+        new_bins = new_bins[: self.max_refined - len(self.bins)]
+        if not new_bins:
+            return
+        first = len(self.bins)
+        self._slot_of[torch.tensor(new_bins, device=self.device)] = torch.arange(
+            first, first + len(new_bins), dtype=torch.int16, device=self.device)
+        self.bins += new_bins
+        extra = len(new_bins) * self.nfine
+        self._counts = torch.cat([self._counts, self._counts.new_zeros(2, extra)], 1)
+        self._prob = torch.cat([self._prob, self._prob.new_zeros(extra)])
+
+    def _refine_heavy(self, scores, valid) -> None:
+        """Refine the coarse bins holding at least REFINE_SHARE of a sample of the update."""
+        if len(self.bins) >= self.max_refined:
+            return
+        step = scores.numel() // self.SAMPLE + 1
+        sample = scores[::step]
+        if valid is not None:
+            sample = sample[valid[::step]]
+        if sample.numel() == 0:
+            return
+        counts = torch.bincount(score_bins(sample, self.COARSE_BITS), minlength=self.ncoarse)
+        counts.masked_fill_(self._slot_of >= 0, 0)
+        heavy = torch.nonzero(counts >= max(1.0, self.REFINE_SHARE * sample.numel())).flatten()
+        order = torch.argsort(counts[heavy], descending=True, stable=True)
+        self._refine(heavy[order][: self.max_refined - len(self.bins)].tolist())
 
     def update(self, scores, is_positive, valid=None, probs=None):
         """Add pixels. All arguments share one shape (e.g. B×H×W).
@@ -173,6 +220,7 @@ class OODMeter:
         valid = None if valid is None else valid.to(dev).flatten()
         probs = None if probs is None else probs.to(dev).flatten()
         self._check_values(scores, valid, probs)
+        self._refine_heavy(scores, valid)
         for start in range(0, scores.numel(), self.CHUNK):
             part = slice(start, start + self.CHUNK)
             self._count(scores[part], is_positive[part], None if valid is None else valid[part],
@@ -180,18 +228,33 @@ class OODMeter:
         self._updates += 1
         self._prob_updates += probs is not None
 
+    def _entries(self, scores):
+        """Each score's entry in the state: its coarse bin, or ncoarse + slot·nfine + low bits."""
+        key = _order_key(scores)
+        coarse = key >> self.FINE_BITS
+        coarse &= self.ncoarse - 1
+        if not self.bins:
+            return coarse
+        fine = torch.index_select(self._slot_of, 0, coarse).to(torch.int32)
+        key &= self.nfine - 1
+        fine *= self.nfine
+        fine += key
+        fine += self.ncoarse  # an unrefined bin (slot -1) lands below ncoarse: keep the coarse one
+        return torch.where(fine >= self.ncoarse, fine, coarse)
+
     def _count(self, scores, is_positive, valid, probs):
-        """Bin one chunk of flat tensors into the counts (and the prob sums)."""
-        idx = score_bins(scores, self.num_bits)
-        key = idx + (is_positive.to(torch.int32) << self.num_bits)
+        """Count one chunk of flat tensors (and sum its probs)."""
+        length = self._counts.shape[1]
+        entry = self._entries(scores)
+        key = entry.add(is_positive.to(torch.int32), alpha=length)
         if valid is not None:
-            key.masked_fill_(~valid, 2 * self.nbins)  # one spare bin, dropped below
-        self._counts += torch.bincount(key, minlength=2 * self.nbins + 1)[:-1]
+            key.masked_fill_(~valid, 2 * length)  # one spare bin, dropped below
+        self._counts += torch.bincount(key, minlength=2 * length + 1)[:-1].view(2, length)
         if probs is not None:
             if valid is not None:
-                idx.masked_fill_(~valid, self.nbins)
+                entry.masked_fill_(~valid, length)
             weights = probs.to(torch.float64)
-            self.prob_sum += torch.bincount(idx, weights, minlength=self.nbins + 1)[:-1]
+            self._prob += torch.bincount(entry, weights, minlength=length + 1)[:-1]
 
     @staticmethod
     def _check_values(scores, valid, probs):
@@ -207,51 +270,106 @@ class OODMeter:
         if any(bad_probs):
             raise ValueError("OODMeter.update: probs must lie in [0, 1] (no NaN)")
 
+    def _fine(self, slot: int) -> slice:
+        start = self.ncoarse + slot * self.nfine
+        return slice(start, start + self.nfine)
+
     def merge(self, other: "OODMeter"):
-        """Add the pixels counted by ``other`` (same ``num_bits``) to this meter."""
-        if other.num_bits != self.num_bits:
-            raise ValueError("cannot merge meters with different num_bits")
+        """Add the pixels counted by ``other`` to this meter.
+
+        A bin refined in ``other`` is refined here too while slots are free; past
+        ``max_refined``, its fine counts join the coarse bin (``auroc_bound`` then says so).
+        """
         if other._counts is None:
             return self
         if self._counts is None:
             self._init_state(other.device if self.device is None else self.device)
-        self._counts += other._counts.to(self.device)
-        self.prob_sum += other.prob_sum.to(self.device)
+        self._refine(other.bins)
+        counts, prob = other._counts.to(self.device), other._prob.to(self.device)
+        self._counts[:, : self.ncoarse] += counts[:, : self.ncoarse]
+        self._prob[: self.ncoarse] += prob[: self.ncoarse]
+        for slot, b in enumerate(other.bins):
+            part = other._fine(slot)
+            mine = int(self._slot_of[b])
+            if mine >= 0:
+                self._counts[:, self._fine(mine)] += counts[:, part]
+                self._prob[self._fine(mine)] += prob[part]
+            else:
+                self._counts[:, b] += counts[:, part].sum(1)
+                self._prob[b] += prob[part].sum()
         self._updates += other._updates
         self._prob_updates += other._prob_updates
         return self
 
     def all_reduce(self):
-        """Sum the state over the default process group; a no-op without one."""
+        """Sum the state over the default process group; a no-op without one.
+
+        The ranks first agree on the refined bins (those refined on most ranks, at most
+        ``max_refined``), re-lay their counts on them, then sum.
+        """
         if not _dist_ready():
             return self
+        device = _dist_device() if self.device is None else self.device
         if self._counts is None:
-            self._init_state(_dist_device() if self.device is None else self.device)
-        ups = torch.tensor([self._updates, self._prob_updates], device=self.device)
-        for t in (self._counts, self.prob_sum, ups):
+            self._init_state(device)
+        votes = torch.zeros(self.ncoarse, dtype=torch.int32, device=self.device)
+        if self.bins:
+            votes[torch.tensor(self.bins, device=self.device)] = 1
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+        order = torch.argsort(-votes, stable=True)[: self.max_refined]
+        agreed = sorted(b for b in order[votes[order] > 0].tolist())
+        common = OODMeter(self.max_refined, self.device)
+        common._init_state(self.device)
+        common._refine(agreed)
+        common.merge(self)
+        ups = torch.tensor([common._updates, common._prob_updates], device=self.device)
+        for t in (common._counts, common._prob, ups):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        self._counts, self._prob, self._slot_of, self.bins = (
+            common._counts, common._prob, common._slot_of, common.bins)
         self._updates, self._prob_updates = (int(v) for v in ups.tolist())
         return self
 
-    def pr_curve_counts(self):
-        """(tp, fp, tn, fn) int64 tensors, one entry per non-empty bin, high score first.
+    def table(self):
+        """(neg, pos, prob_sum, auroc_bound): float64 arrays with one entry per occupied
+        threshold, from the lowest score to the highest; see the class docstring."""
+        if self._counts is None:
+            empty = np.zeros(0)
+            return empty, empty, empty, 0.0
+        counts = self._counts.cpu().numpy().astype(np.float64)
+        prob = self._prob.cpu().numpy()
+        coarse = np.vstack([counts[:, : self.ncoarse], prob[None, : self.ncoarse]])
+        pieces, start, loose_pairs = [], 0, 0.0
+        for slot, b in sorted(enumerate(self.bins), key=lambda sb: sb[1]):
+            fine = np.vstack([counts[:, self._fine(slot)], prob[None, self._fine(slot)]])
+            loose_pairs += _place_residual(fine, coarse[:, b].copy())
+            pieces += [coarse[:, start:b], fine]
+            start = b + 1
+        pieces.append(coarse[:, start:])
+        neg, pos, prob_sum = np.hstack(pieces)
+        rest = np.ones(self.ncoarse, dtype=bool)
+        rest[self.bins] = False
+        loose_pairs += 0.5 * float(np.sum(coarse[0, rest] * coarse[1, rest]))
+        keep = (neg + pos) > 0
+        n_pairs = float(neg.sum()) * float(pos.sum())
+        return neg[keep], pos[keep], prob_sum[keep], loose_pairs / n_pairs if n_pairs else 0.0
 
-        Entry i counts the pixels predicted positive at threshold "score >= bin i".
+    def pr_curve_counts(self):
+        """(tp, fp, tn, fn) int64 tensors, one entry per occupied threshold, high score first.
+
+        Entry i counts the pixels predicted positive at threshold "score >= threshold i".
         Ready for TensorBoard's ``add_pr_curve_raw``.
         """
-        if self._counts is None:
-            empty = torch.zeros(0, dtype=torch.int64)
-            return empty, empty, empty, empty
-        pos, neg = self.pos.flip(0), self.neg.flip(0)
-        keep = (pos + neg) > 0
-        tp, fp = pos[keep].cumsum(0), neg[keep].cumsum(0)
-        return tp, fp, neg.sum() - fp, pos.sum() - tp
+        neg, pos, _, _ = self.table()
+        tp = torch.from_numpy(np.cumsum(pos[::-1])).long()
+        fp = torch.from_numpy(np.cumsum(neg[::-1])).long()
+        return tp, fp, int(neg.sum()) - fp, int(pos.sum()) - tp
 
     def compute(self) -> dict:
         """Metrics as Python floats (``n_pos``/``n_neg`` as ints).
 
-        - ``auroc``: ROC AUC; pixels of one bin are one threshold (trapezoid, so
-          a tied positive/negative pair counts 1/2), as sklearn's roc_auc_score.
+        - ``auroc``: ROC AUC; tied pixels are one threshold (trapezoid, so a tied
+          positive/negative pair counts 1/2), as sklearn's roc_auc_score.
         - ``ap``: average precision, sum over thresholds from high to low of
           (R_n - R_{n-1}) * P_n, as sklearn's average_precision_score.
         - ``ap_neg``: the same with negatives as the class of interest and
@@ -263,29 +381,120 @@ class OODMeter:
           the first t that accepts >= 95% of negatives (ObsNet's protocol with
           positives = segmentation errors).
         - ``ace``/``ece`` (None unless every update gave ``probs``), both on
-          groups of consecutive score bins, |mean prob - positive rate| per
+          groups of consecutive thresholds, |mean prob - positive rate| per
           group: ``ace`` averages it over the non-empty groups among 15 groups
-          of about equal pixel count (a bin joins the group in which its first
+          of about equal pixel count (a threshold joins the group in which its first
           pixel falls); ``ece`` weights it by pixel count over 15 uniform ranges
-          of [0, 1], each bin going to the range holding its mean prob.
+          of [0, 1], each threshold going to the range holding its mean prob.
+        - ``auroc_bound``: the largest |AUROC - exact AUROC| the unrefined bins allow.
 
         Undefined values (no positives and/or no negatives) are NaN, never a
         fake 0 or 1; a threshold that is never reached is reported as NaN.
         """
-        if self._counts is None:
-            pos = neg = prob_sum = np.zeros(self.nbins)
-        else:
-            pos = self.pos.cpu().numpy().astype(np.float64)
-            neg = self.neg.cpu().numpy().astype(np.float64)
-            prob_sum = self.prob_sum.cpu().numpy()
+        neg, pos, prob_sum, bound = self.table()
         auroc, ap, fpr95 = _ranking(pos[::-1], neg[::-1])
         _, ap_neg, fpr95_neg = _ranking(neg, pos)
         ace = ece = None
         if self.has_probs:
             ace, ece = _calibration(pos, pos + neg, prob_sum)
         return {"auroc": auroc, "ap": ap, "ap_neg": ap_neg, "fpr95": fpr95,
-                "fpr95_neg": fpr95_neg, "ace": ace, "ece": ece,
+                "fpr95_neg": fpr95_neg, "ace": ace, "ece": ece, "auroc_bound": bound,
                 "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
+
+
+def _place_residual(fine: np.ndarray, residual: np.ndarray) -> float:
+    """Add a refined bin's coarse ``residual`` (pixels counted before it was refined, or merged
+    from a meter that had not refined it) to its fine entry at the bin's median pixel, in place.
+
+    Returns the (positive, negative) pairs whose order this may get wrong, each worth up to 1.
+    """
+    if residual[:2].sum() == 0:
+        return 0.0
+    total = fine[0] + fine[1]
+    at = int(np.searchsorted(np.cumsum(total), total.sum() / 2)) if total.sum() else fine.shape[1] // 2
+    fine[:, at] += residual
+    neg_all, pos_all = fine[0].sum(), fine[1].sum()
+    return float(residual[1] * neg_all + residual[0] * pos_all - residual[0] * residual[1])
+
+
+def anomaly_seg_fpr95(tp: np.ndarray, fp: np.ndarray) -> float:
+    """FPR at 95% recall as anomaly-seg's ``fpr_and_fdr_at_recall``: cumulative counts at each
+    distinct threshold from the highest score down; among the thresholds up to the first that
+    reaches full recall (plus a closing point of recall 1 and no false positive), the one
+    whose recall is *closest* to 0.95, the lowest threshold on a tie."""
+    n_pos, n_neg = tp[-1], fp[-1]
+    last = int(np.searchsorted(tp, n_pos))  # first threshold with every positive found
+    recall = np.r_[tp[last::-1] / n_pos, 1.0]
+    false_pos = np.r_[fp[last::-1], 0.0]
+    return float(false_pos[np.argmin(np.abs(recall - 0.95))] / n_neg)
+
+
+def image_measures(scores: np.ndarray, positive: np.ndarray):
+    """Exact (AUROC, AP, anomaly-seg's FPR95) of one image's pixels by one sort, as
+    anomaly-seg computes them (scikit-learn's AUROC and AP); None without both classes."""
+    if scores.size == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    ranked, y = scores[order], positive[order].astype(np.float64)
+    ends = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # tie blocks
+    tp = np.cumsum(y)[ends]
+    fp = (ends + 1) - tp
+    if tp[-1] == 0 or fp[-1] == 0:
+        return None
+    tp_prev, fp_prev = np.r_[0.0, tp[:-1]], np.r_[0.0, fp[:-1]]
+    auroc = float(np.sum((fp - fp_prev) * (tp + tp_prev)) / (2 * tp[-1] * fp[-1]))
+    ap = float(np.sum((tp - tp_prev) * tp / (tp + fp)) / tp[-1])
+    return auroc, ap, anomaly_seg_fpr95(tp, fp)
+
+
+class PerImageMeter:
+    """anomaly-seg's OOD protocol: AUROC, AUPR and FPR95 of each image, averaged over the
+    images that hold both anomaly and other pixels (the others are skipped, as there).
+
+    ``update`` takes one batch of B images; the sums live in a float64 tensor on the batch's
+    device, so ``merge`` and ``all_reduce`` add them up as for the other meters.
+    """
+
+    def __init__(self):
+        self.sums = None  # auroc, aupr, fpr95, images counted, images skipped
+
+    def update(self, scores, is_positive, valid=None):
+        """Add the B images of B×H×W ``scores`` (positives: ``is_positive``; only the pixels
+        with ``valid`` True count)."""
+        if self.sums is None:
+            self.sums = torch.zeros(5, dtype=torch.float64, device=scores.device)
+        s = scores.detach().float().cpu().numpy()
+        y = is_positive.cpu().numpy()
+        keep = np.ones_like(y) if valid is None else valid.cpu().numpy()
+        add = np.zeros(5)
+        for image in range(s.shape[0]):
+            measures = image_measures(s[image][keep[image]], y[image][keep[image]])
+            add += (*measures, 1.0, 0.0) if measures else (0.0, 0.0, 0.0, 0.0, 1.0)
+        self.sums += torch.from_numpy(add).to(self.sums.device)
+
+    def merge(self, other: "PerImageMeter"):
+        """Add the images of ``other``."""
+        if other.sums is None:
+            return self
+        if self.sums is None:
+            self.sums = torch.zeros_like(other.sums)
+        self.sums += other.sums.to(self.sums.device)
+        return self
+
+    def all_reduce(self):
+        """Sum over the default process group; a no-op without one."""
+        if _dist_ready():
+            if self.sums is None:
+                self.sums = torch.zeros(5, dtype=torch.float64, device=_dist_device())
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+        return self
+
+    def compute(self) -> dict:
+        """Means over the counted images (NaN when none), and how many were counted / skipped."""
+        auroc, aupr, fpr, n, skipped = (0.0,) * 5 if self.sums is None else self.sums.tolist()
+        mean = (lambda v: v / n) if n else (lambda v: NAN)
+        return {"auroc": mean(auroc), "aupr": mean(aupr), "fpr95": mean(fpr),
+                "n_images": int(n), "n_skipped": int(skipped)}
 
 
 class ConfusionMeter:

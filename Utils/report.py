@@ -12,6 +12,8 @@ from torchvision.utils import make_grid
 from Utils.affichage import colorize_labels, viridis
 
 COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "fpr95", "OOD FPR95"),
+           ("ood_per_image", "auroc", "img AUROC"), ("ood_per_image", "aupr", "img AUPR"),
+           ("ood_per_image", "fpr95", "img FPR95"),
            ("error", "auroc", "Err AUROC"), ("error", "aupr_error", "AUPR-Err"),
            ("error", "aupr_success", "AUPR-Succ"), ("error", "fpr95", "Err FPR95"),
            ("error", "ace", "ACE"), ("error", "ece", "ECE"))
@@ -31,7 +33,8 @@ def _percent(value) -> str:
 
 
 def format_table(results: dict) -> str:
-    """One row per method, one column per metric, in percent with one decimal."""
+    """One row per method, one column per metric, in percent with one decimal: "OOD" pooled
+    over the split's pixels, "img" anomaly-seg's mean over images, "Err" the error protocol."""
     seg = results["segnet"]
     lines = [f"split {results['split']} ({results['n_images']} images): SegNet mIoU "
              f"{_percent(seg['miou'])}, pixel accuracy {_percent(seg['pixel_acc'])}",
@@ -109,7 +112,7 @@ def log_scalars(writer, results: dict, prefix: str, step: int) -> None:
     writer.add_scalar(f"{prefix}/segnet_miou", results["segnet"]["miou"], step)
     writer.add_scalar(f"{prefix}/segnet_pixel_acc", results["segnet"]["pixel_acc"], step)
     for name, entry in results["methods"].items():
-        for block in ("ood", "error"):
+        for block in ("ood", "ood_per_image", "error"):
             for key, value in entry.get(block, {}).items():
                 if value is not None and not math.isnan(value):
                     writer.add_scalar(f"{prefix}/{name}/{block}_{key}", value, step)

@@ -1,9 +1,10 @@
 """Uncertainty methods: each maps a batch to a B×H×W score, higher = more likely wrong/OOD.
 
 Every method has the same signature ``fn(batch, cfg)`` and reuses the SegNet forward pass
-stored in ``batch`` when it needs one. ``Method.to_prob`` maps a score to a probability
-that the SegNet is wrong (used for ACE/ECE); it is ``None`` for scores with no such
-probability (energy, max logit, entropy), and calibration is then not reported.
+stored in ``batch`` when it needs one. ``Method.to_prob(score, cfg)`` maps a score to the
+method's probability that the SegNet is wrong (used for ACE/ECE); it is ``None``, or returns
+None, for scores that are no such probability (energy, max logit, entropy, ODIN's tempered
+softmax, the void logit), and calibration is then not reported.
 
 Rules every method follows: no method leaves a trace on the SegNet (weights, buffers and
 train/eval mode are as before, even after an exception); no per-image state is taken from
@@ -39,7 +40,10 @@ class MethodConfig:
     odin_eps: float = 0.001  # --odin_eps
     odin_temp: float = 1000.0  # --odin_temp
     gauss_lambda: float = 0.002  # --gauss_lambda: std of the weight perturbation
-    void_id: int | None = None  # the dataset's void/unlabelled class (spec.void_id)
+    void_class: int | None = None  # the output whose raw logit "void" reads (spec.void_logit)
+    sampling_score: str = "entropy"  # --sampling_score: of the mean softmax, "entropy" or "mcp"
+    no_residual: bool = False  # the observer's ablation flags (from its checkpoint)
+    no_img: bool = False
     mean: tuple = (0.485, 0.456, 0.406)  # normalisation of the inputs (spec.mean/std), for mcda
     std: tuple = (0.229, 0.224, 0.225)
     progress: bool = False  # tqdm over passes
@@ -49,9 +53,10 @@ class MethodConfig:
 class Method:
     """A registered method.
 
-    ``to_prob`` maps its score to a probability of error (ACE/ECE), or is ``None`` when the
-    score has none. ``uses_shared_forward``: the method reads ``batch.feats`` (its time
-    includes the shared SegNet forward). ``description``: one line for the README table.
+    ``to_prob(score, cfg)`` maps its score to a probability of error (ACE/ECE), or is
+    ``None`` (or returns None) when the score has none. ``uses_shared_forward``: the method
+    reads ``batch.feats`` (its time includes the shared SegNet forward). ``description``: one
+    line for the README table.
     """
 
     fn: Callable
@@ -70,8 +75,12 @@ def max_softmax_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return 1 - torch.softmax(logits.float(), dim=1).amax(dim=1)
 
 
-def mean_softmax_uncertainty(logit_passes: Iterable[torch.Tensor]) -> torch.Tensor:
-    """1 - max of the softmax averaged over an iterable of B×C×H×W logits (B×H×W).
+SAMPLING_SCORES = ("entropy", "mcp")
+
+
+def mean_softmax_uncertainty(logit_passes: Iterable[torch.Tensor], kind: str = "entropy") -> torch.Tensor:
+    """A score of the softmax averaged over an iterable of B×C×H×W logits (B×H×W): its
+    entropy in nats (``kind="entropy"``, the original's) or 1 - its max (``"mcp"``).
 
     Shared by mc_dropout, gauss, mcda and ensemble; the passes are consumed one at a time.
     """
@@ -82,7 +91,12 @@ def mean_softmax_uncertainty(logit_passes: Iterable[torch.Tensor]) -> torch.Tens
         count += 1
     if count == 0:
         raise ValueError("mean_softmax_uncertainty: no pass to average (--T must be >= 1)")
-    return 1 - (total / count).amax(dim=1)
+    mean = total / count
+    if kind == "entropy":
+        return torch.special.entr(mean).sum(dim=1)
+    if kind == "mcp":
+        return 1 - mean.amax(dim=1)
+    raise ValueError(f"--sampling_score {kind}: expected one of {', '.join(SAMPLING_SCORES)}")
 
 
 def _passes(cfg: MethodConfig, desc: str):
@@ -95,15 +109,25 @@ def _logits(batch: EvalBatch) -> torch.Tensor:
     return batch.feats[-1]
 
 
-def _identity(x):
+def _identity(x, cfg=None):
     return x
+
+
+def _sigmoid(x, cfg=None):
+    return torch.sigmoid(x)
+
+
+def _sampling_prob(x, cfg: MethodConfig):
+    """1 - max mean softmax is a probability of error; the entropy is none."""
+    return x if cfg.sampling_score == "mcp" else None
 
 
 # --------------------------------------------------------------------------- single forward
 
 def obsnet_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """The observer's logit that the SegNet is wrong."""
-    return batch.obsnet(batch.images, batch.feats).squeeze(1).float()
+    """The observer's logit that the SegNet is wrong (with the ablations it was trained with)."""
+    return batch.obsnet(batch.images, batch.feats, no_residual=cfg.no_residual,
+                        no_img=cfg.no_img).squeeze(1).float()
 
 
 def mcp_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
@@ -138,14 +162,14 @@ def energy_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
 
 
 def void_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """Softmax probability of the void class ``cfg.void_id``."""
+    """The raw logit of the class ``cfg.void_class``, as the original (no softmax)."""
     logits = _logits(batch)
-    if cfg.void_id is None:
-        raise ValueError("method 'void' needs a dataset with a void class (its spec has no void_id)")
-    if not 0 <= cfg.void_id < logits.shape[1]:
-        raise ValueError(f"method 'void': void_id {cfg.void_id} is not one of the "
+    if cfg.void_class is None:
+        raise ValueError("method 'void' needs a dataset with a void class (its spec has no void_logit)")
+    if not 0 <= cfg.void_class < logits.shape[1]:
+        raise ValueError(f"method 'void': class {cfg.void_class} is not one of the "
                          f"{logits.shape[1]} predicted classes")
-    return torch.softmax(logits.float(), dim=1)[:, cfg.void_id]
+    return logits[:, cfg.void_class].float()
 
 
 # --------------------------------------------------------------------------- ODIN
@@ -174,11 +198,12 @@ def odin_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def mc_dropout_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """1 - max of the softmax averaged over ``mc_passes`` dropout passes (Gal & Ghahramani).
+    """``cfg.sampling_score`` of the softmax averaged over ``mc_passes`` dropout passes (Gal &
+    Ghahramani).
 
     Dropout masks are drawn per element, so this one is batch-independent only in law."""
-    return mean_softmax_uncertainty(batch.segnet(batch.images, mc_drop=True)
-                                    for _ in _passes(cfg, "MC dropout passes"))
+    return mean_softmax_uncertainty((batch.segnet(batch.images, mc_drop=True)
+                                     for _ in _passes(cfg, "MC dropout passes")), cfg.sampling_score)
 
 
 @contextmanager
@@ -199,7 +224,8 @@ def noisy_weights(model: torch.nn.Module, std: float, originals: list[torch.Tens
 
 @torch.no_grad()
 def gauss_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """1 - max mean softmax over ``mc_passes`` Gaussian perturbations of the weights.
+    """``cfg.sampling_score`` of the mean softmax over ``mc_passes`` Gaussian perturbations of
+    the weights.
 
     One noise draw per parameter per pass, shared by the whole batch."""
     originals = [p.detach().clone() for p in batch.segnet.parameters()]
@@ -210,7 +236,7 @@ def gauss_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
                 logits = net(batch.images)
             yield logits  # outside the block: the weights are already restored
 
-    return mean_softmax_uncertainty(passes())
+    return mean_softmax_uncertainty(passes(), cfg.sampling_score)
 
 
 MCDA_FLIP_P = 0.5  # probability of a horizontal flip
@@ -241,19 +267,21 @@ def mcda_augment(images: torch.Tensor, mean: tuple, std: tuple) -> tuple[torch.T
 
 @torch.no_grad()
 def mcda_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """1 - max mean softmax over ``mc_passes`` test-time augmentations (outputs un-flipped)."""
+    """``cfg.sampling_score`` of the mean softmax over ``mc_passes`` test-time augmentations
+    (outputs un-flipped)."""
     def passes():
         for _ in _passes(cfg, "MC data-augmentation passes"):
             augmented, flipped = mcda_augment(batch.images, cfg.mean, cfg.std)
             logits = batch.segnet(augmented)
             yield logits.flip(-1) if flipped else logits
 
-    return mean_softmax_uncertainty(passes())
+    return mean_softmax_uncertainty(passes(), cfg.sampling_score)
 
 
 @torch.no_grad()
 def ensemble_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """1 - max softmax averaged over the main SegNet and every member of ``batch.ensemble``."""
+    """``cfg.sampling_score`` of the softmax averaged over the main SegNet and every member of
+    ``batch.ensemble``."""
     if not batch.ensemble:
         raise ValueError("method 'ensemble': --ensemble FILE,FILE,... is required "
                          "(extra SegNet checkpoints to average with the main one)")
@@ -263,33 +291,35 @@ def ensemble_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
         for net in batch.ensemble:
             yield net(batch.images)
 
-    return mean_softmax_uncertainty(members())
+    return mean_softmax_uncertainty(members(), cfg.sampling_score)
 
 
 # --------------------------------------------------------------------------- registry
 
+SAMPLED = "of the mean softmax over "  # the sampling methods' score: --sampling_score
+
 METHODS: dict[str, Method] = {
-    "obsnet": Method(obsnet_score, torch.sigmoid, "ObsNet's logit that the SegNet is wrong "
+    "obsnet": Method(obsnet_score, _sigmoid, "ObsNet's logit that the SegNet is wrong "
                      "(prob: its sigmoid)", needs_obsnet=True),
     "mcp": Method(mcp_score, _identity, "1 - max softmax probability"),
     "temp_scale": Method(temp_scale_score, _identity,
                          "1 - max softmax of logits / T (--Temp)"),
-    "entropy": Method(entropy_score, None, "entropy of the softmax (no probability: no ACE)"),
-    "max_logit": Method(max_logit_score, None, "minus the max logit (no probability: no ACE)"),
-    "energy": Method(energy_score, None,
-                     "free energy -logsumexp(logits), higher = OOD (no probability: no ACE)"),
-    "odin": Method(odin_score, _identity, "1 - max softmax at T=--odin_temp of the input "
+    "entropy": Method(entropy_score, None, "entropy of the softmax"),
+    "max_logit": Method(max_logit_score, None, "minus the max logit"),
+    "energy": Method(energy_score, None, "free energy -logsumexp(logits), higher = OOD"),
+    "odin": Method(odin_score, None, "1 - max softmax at T=--odin_temp of the input "
                    "perturbed by --odin_eps towards the argmax class", uses_shared_forward=False),
-    "void": Method(void_score, _identity, "softmax probability of the void class",
-                   needs_void=True),
-    "mc_dropout": Method(mc_dropout_score, _identity, "1 - max mean softmax over --T MC dropout "
-                         "passes", uses_shared_forward=False),
-    "gauss": Method(gauss_score, _identity, "1 - max mean softmax over --T passes with "
-                    "N(0, --gauss_lambda²) noise on the weights", uses_shared_forward=False),
-    "mcda": Method(mcda_score, _identity, "1 - max mean softmax over --T test-time "
-                   "augmentations (flip, brightness, contrast, noise)", uses_shared_forward=False),
-    "ensemble": Method(ensemble_score, _identity, "1 - max mean softmax of the SegNet and the "
-                       "--ensemble members", needs_ensemble=True),
+    "void": Method(void_score, None, "raw logit of the void class", needs_void=True),
+    "mc_dropout": Method(mc_dropout_score, _sampling_prob, "entropy (or 1 - max) " + SAMPLED +
+                         "--T MC dropout passes", uses_shared_forward=False),
+    "gauss": Method(gauss_score, _sampling_prob, "entropy (or 1 - max) " + SAMPLED + "--T "
+                    "passes with N(0, --gauss_lambda²) noise on the weights",
+                    uses_shared_forward=False),
+    "mcda": Method(mcda_score, _sampling_prob, "entropy (or 1 - max) " + SAMPLED + "--T "
+                   "test-time augmentations (flip, brightness, contrast, noise)",
+                   uses_shared_forward=False),
+    "ensemble": Method(ensemble_score, _sampling_prob, "entropy (or 1 - max) of the mean "
+                       "softmax of the SegNet and the --ensemble members", needs_ensemble=True),
 }
 ALIASES = {"mc_drop": "mc_dropout"}
 

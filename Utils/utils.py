@@ -49,7 +49,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision: float16 on GPU (with a GradScaler), bfloat16 on CPU; off when disabled."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(device: torch.device, amp) -> torch.dtype | None:
+    """The autocast dtype of an ``--amp`` value: None/False (off); True or "auto" (the
+    device's default: float16 on GPU, bfloat16 on CPU); "float16" or "bfloat16"."""
+    if amp is None or amp is False:
+        return None
+    if amp is True or amp == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, amp):
+    """Mixed precision in the dtype of ``amp_dtype(device, amp)``; off when that is None."""
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

@@ -47,7 +47,7 @@ def run(pixel_counts=(1_000_000, 10_000_000, 50_000_000, 200_000_000)) -> list[d
     spec = SPECS["CamVid"]
     batches = generated_batches(2, spec.nclass)
     per_batch = BATCH_SHAPE[0] * BATCH_SHAPE[1] * BATCH_SHAPE[2]
-    cfg = MethodConfig(void_id=spec.void_id, mean=spec.mean, std=spec.std)
+    cfg = MethodConfig(void_class=spec.void_logit, mean=spec.mean, std=spec.std)
     rows = []
     for pixels in sorted(pixel_counts):
         loader = cycled(batches, max(1, round(pixels / per_batch)))

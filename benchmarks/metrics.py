@@ -2,8 +2,10 @@
 
     python -m benchmarks.metrics --sizes 10000000 40000000 --runs 3
 
-Same random scores for all three (Gaussian, 10% positives shifted by 1.5); for each: time of
-AUROC + AP, peak memory above the data, and the largest difference to scikit-learn.
+Same random scores for all three, of two kinds: "gaussian" (10% positives shifted by 1.5) and
+"narrow" (ODIN-like: 0.9166 + 1e-3 * N(0, 1), positives shifted by 1e-3, a spread far below
+the magnitude that coarse relative bins cannot separate). For each: time of AUROC + AP, peak
+memory above the data, and the largest difference to scikit-learn.
 """
 import argparse
 from functools import partial
@@ -47,18 +49,25 @@ def sklearn_ranking(scores: torch.Tensor, positive: torch.Tensor) -> tuple[float
     return roc_auc_score(y, s), average_precision_score(y, s)
 
 
-def scores_and_labels(n: int, seed: int = 0):
-    """``n`` float32 Gaussian scores, 10% positives shifted up by 1.5."""
+DISTRIBUTIONS = ("gaussian", "narrow")
+
+
+def scores_and_labels(n: int, seed: int = 0, kind: str = "gaussian"):
+    """``n`` float32 scores with 10% positives: Gaussian with positives shifted up by 1.5, or
+    "narrow", ODIN-like 0.9166 + 1e-3 * (Gaussian + positive)."""
     gen = torch.Generator().manual_seed(seed)
     positive = torch.rand(n, generator=gen) < 0.1
+    if kind == "narrow":
+        return 0.9166 + 1e-3 * (torch.randn(n, generator=gen) + positive), positive
     return torch.randn(n, generator=gen) + 1.5 * positive, positive
 
 
-def run(sizes=(10_000_000, 40_000_000), runs: int = 3) -> list[dict]:
-    """One row per (size, implementation): time, peak memory, difference to scikit-learn."""
+def run(sizes=(10_000_000, 40_000_000), runs: int = 3, distributions=DISTRIBUTIONS) -> list[dict]:
+    """One row per (size, distribution, implementation): time, peak memory, difference to
+    scikit-learn."""
     rows = []
-    for n in sizes:
-        scores, positive = scores_and_labels(n)
+    for n, kind in ((n, kind) for n in sizes for kind in distributions):
+        scores, positive = scores_and_labels(n, kind=kind)
         results = {}
         for name, fn in (("scikit-learn", sklearn_ranking), ("sort-based exact", sorted_exact),
                          ("OODMeter", meter_ranking)):
@@ -66,7 +75,8 @@ def run(sizes=(10_000_000, 40_000_000), runs: int = 3) -> list[dict]:
             results[name] = (seconds, peak, np.array(value))
         reference = results["scikit-learn"]
         for name, (seconds, peak, value) in results.items():
-            rows.append({"pixels": n, "method": name, "seconds": seconds, "peak_mb": peak / MB,
+            rows.append({"pixels": n, "scores": kind, "method": name, "seconds": seconds,
+                         "peak_mb": peak / MB,
                          "speedup_vs_sklearn": reference[0].median / seconds.median,
                          "max_abs_diff": float(np.abs(value - reference[2]).max())})
     return rows
@@ -77,9 +87,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 40_000_000])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--scores", nargs="+", choices=DISTRIBUTIONS, default=list(DISTRIBUTIONS))
     args = p.parse_args()
-    for r in run(args.sizes, args.runs):
-        print(f"{r['pixels']:>11,} {r['method']:<17} {r['seconds'].text(3)} s, "
+    for r in run(args.sizes, args.runs, args.scores):
+        print(f"{r['pixels']:>11,} {r['scores']:<8} {r['method']:<17} {r['seconds'].text(3)} s, "
               f"peak +{r['peak_mb']:.0f} MB, x{r['speedup_vs_sklearn']:.1f} vs scikit-learn, "
               f"max |diff| {r['max_abs_diff']:.1e}")
 

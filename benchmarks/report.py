@@ -14,11 +14,12 @@ def _ms(spread) -> str:
 
 def metrics_section(rows) -> list[str]:
     """OODMeter, scikit-learn and the sort-based computation on the same scores."""
-    body = [(f"{r['pixels']:,}", r["method"], r["seconds"].text(3), f"{r['peak_mb']:.0f}",
-             f"{r['speedup_vs_sklearn']:.1f}x", f"{r['max_abs_diff']:.1e}") for r in rows]
+    body = [(f"{r['pixels']:,}", r.get("scores", "gaussian"), r["method"], r["seconds"].text(3),
+             f"{r['peak_mb']:.0f}", f"{r['speedup_vs_sklearn']:.1f}x", f"{r['max_abs_diff']:.1e}")
+            for r in rows]
     return ["## AUROC + AP on N scores", ""] + _table(
-        ["scores", "implementation", "seconds", "peak MB above data", "speed vs scikit-learn",
-         "max abs diff vs scikit-learn"], body)
+        ["scores", "distribution", "implementation", "seconds", "peak MB above data",
+         "speed vs scikit-learn", "max abs diff vs scikit-learn"], body)
 
 
 def eval_memory_section(rows) -> list[str]:
@@ -62,9 +63,14 @@ def targets(results) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for each target whose section ran at full size."""
     out = []
     if "metrics" in results:
-        r = max((r for r in results["metrics"] if r["method"] == "OODMeter"), key=lambda r: r["pixels"])
+        meter = [r for r in results["metrics"] if r["method"] == "OODMeter"]
+        largest = max(r["pixels"] for r in meter)
+        r = min((r for r in meter if r["pixels"] == largest), key=lambda r: r["speedup_vs_sklearn"])
         out.append((f"OODMeter >= 50x faster than scikit-learn at {r['pixels']:,} scores",
                     f"{r['speedup_vs_sklearn']:.0f}x", r["speedup_vs_sklearn"] >= 50))
+        worst = max(r.get("max_abs_diff", 0.0) for r in meter)
+        out.append(("OODMeter's AUROC and AP within 1e-4 of scikit-learn, every size and distribution",
+                    f"{worst:.1e}", worst <= 1e-4))
     if "eval_memory" in results:
         r0, r1 = results["eval_memory"][0], results["eval_memory"][-1]
         out.append((f"evaluation memory growth < 100 MB from {r0['pixels']:,} to {r1['pixels']:,} "

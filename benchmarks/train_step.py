@@ -78,7 +78,7 @@ def timed_step(batch_iter, nets, attack, optimizer, scaler, amp, device) -> dict
     images, labels = images.to(device), labels.to(device)
     clock.lap("data_wait")
     with autocast(device, amp):
-        attacked, _ = select_attack(images, labels, segnet, attack)
+        attacked = select_attack(images, labels, segnet, attack).images
         clock.lap("attack")
         with torch.no_grad():
             feats = segnet(attacked, return_feat=True)

@@ -161,7 +161,7 @@ def test_fgsm_only_inside_mask_and_moves_loss(segnet, mode):
     images, labels = batch()
     cfg = config("square_patch", mode=mode)
     torch.manual_seed(3)
-    adv, mask = select_attack(images, labels, segnet, cfg)
+    adv, mask, _ = select_attack(images, labels, segnet, cfg)
     outside = mask.expand_as(images) == 0
     assert torch.equal(adv[outside], images[outside])
     assert (adv - images).abs().max() <= cfg.epsilon + 1e-6
@@ -175,7 +175,7 @@ def test_max_mode_pushes_towards_the_random_class(segnet):
     images, labels = batch(b=1)
     mask = torch.ones_like(images[:, :1])
     torch.manual_seed(5)
-    adv = fgsm(segnet, images, labels, mask, config("all_image", mode="max", eps=0.05))
+    adv, _ = fgsm(segnet, images, labels, mask, config("all_image", mode="max", eps=0.05))
     torch.manual_seed(5)
     fake = torch.randint(0, 5, (1, 1, 1)).expand_as(labels)
     assert F.cross_entropy(segnet(adv), fake) < F.cross_entropy(segnet(images), fake)
@@ -184,7 +184,7 @@ def test_max_mode_pushes_towards_the_random_class(segnet):
 def test_attack_keeps_pixels_in_valid_range(segnet):
     images, labels = batch()
     images[:] = 2.0  # the upper bound of (1 - 0.5) / 0.25
-    adv, _ = select_attack(images, labels, segnet, config("all_image", eps=1.0))
+    adv = select_attack(images, labels, segnet, config("all_image", eps=1.0)).images
     assert adv.max() <= 2.0 + 1e-6
 
 

@@ -69,8 +69,12 @@ def test_two_gloo_processes_give_the_metrics_of_one(data, tmp_path):
     assert two["segnet"]["miou"] == pytest.approx(one["segnet"]["miou"], abs=1e-12)
     for name in one["methods"]:
         for block in ("ood", "error"):
+            # Each rank refines the score bins its own pixels fill, the single run those of all
+            # pixels: the two agree within the meter's promise (1e-4 of scikit-learn on AUROC
+            # and AP, 1e-3 on FPR95), not bit for bit.
             for key, value in one["methods"][name][block].items():
-                assert two["methods"][name][block][key] == pytest.approx(value, abs=1e-9), key
+                tol = 1e-3 if key == "fpr95" else 1e-4
+                assert two["methods"][name][block][key] == pytest.approx(value, abs=tol), key
 
 
 def torchrun(*args):

@@ -12,7 +12,7 @@ from Models.segnet import SegNet, freeze
 from Utils.uncertainty import ALIASES, METHODS, EvalBatch, MethodConfig, parse_methods
 
 SHAPE = (3, 32, 48)
-CFG = MethodConfig(mc_passes=3, void_id=11)
+CFG = MethodConfig(mc_passes=3, void_class=11)
 DETERMINISTIC = ["obsnet", "mcp", "temp_scale", "entropy", "max_logit", "energy", "odin",
                  "void", "ensemble"]
 SEEDED = ["gauss", "mcda", "mc_dropout"]  # random, one draw per pass shared by the batch
@@ -56,7 +56,13 @@ def test_registry_names_and_descriptions():
     for method in METHODS.values():
         assert method.description and "\n" not in method.description
         assert method.to_prob is None or callable(method.to_prob)
-    assert {n for n, m in METHODS.items() if m.to_prob is None} == {"entropy", "max_logit", "energy"}
+    # ACE/ECE only where the score is the method's probability that the SegNet is wrong.
+    assert {n for n, m in METHODS.items() if m.to_prob is None} == {
+        "entropy", "max_logit", "energy", "odin", "void"}
+    sampled = torch.rand(2, 3)
+    for name in ("mc_dropout", "gauss", "mcda", "ensemble"):
+        assert METHODS[name].to_prob(sampled, CFG) is None  # entropy: no probability
+        assert METHODS[name].to_prob(sampled, MethodConfig(sampling_score="mcp")) is sampled
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -71,8 +77,8 @@ def test_shape_range_and_no_side_effects(name, nets):
     if name in PROBABILITY_SCORES:
         assert (scores >= 0).all() and (scores <= 1).all()
     to_prob = METHODS[name].to_prob
-    if to_prob is not None:
-        probs = to_prob(scores)
+    probs = None if to_prob is None else to_prob(scores, CFG)
+    if probs is not None:
         assert probs.shape == scores.shape and (probs >= 0).all() and (probs <= 1).all()
     assert torch.equal(images, images_before)
     for model, saved in zip((segnet, obsnet, *members), before):
@@ -94,10 +100,13 @@ def test_mc_dropout_masks_are_shared_by_the_batch(nets):
     same scores, and another seed gives other scores."""
     images = torch.randn(4, *SHAPE)
     images[3] = images[0]
-    scores = scores_for("mc_dropout", nets, images, MethodConfig(mc_passes=4), seed=1)
+    cfg = MethodConfig(mc_passes=4, sampling_score="mcp")
+    scores = scores_for("mc_dropout", nets, images, cfg, seed=1)
     assert (scores >= 0).all() and (scores <= 1).all()
     assert torch.allclose(scores[0], scores[3], atol=1e-6)
-    other = scores_for("mc_dropout", nets, images, MethodConfig(mc_passes=4), seed=2)
+    entropy = scores_for("mc_dropout", nets, images, MethodConfig(mc_passes=4), seed=1)
+    assert (entropy >= 0).all() and (entropy <= math.log(12) + 1e-5).all()  # nats, 12 classes
+    other = scores_for("mc_dropout", nets, images, cfg, seed=2)
     assert not torch.allclose(scores, other)
 
 
@@ -147,15 +156,27 @@ def test_void_picks_the_void_channel():
     logits = torch.randn(2, 12, 4, 6)
     logits[0, 11] = 20.0
     logits[1, 3] = 20.0
-    v = METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=11))
-    assert torch.allclose(v, torch.softmax(logits, 1)[:, 11])
-    assert (v[0] > 0.99).all() and (v[1] < 0.01).all()
-    v3 = METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=3))
-    assert (v3[1] > 0.99).all() and (v3[0] < 0.01).all()
+    v = METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_class=11))
+    assert torch.equal(v, logits[:, 11])  # the raw logit, as the original
+    v3 = METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_class=3))
+    assert torch.equal(v3, logits[:, 3])
     with pytest.raises(ValueError, match="void class"):
-        METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=None))
-    with pytest.raises(ValueError, match="void_id 12"):
-        METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_id=12))
+        METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_class=None))
+    with pytest.raises(ValueError, match="class 12 is not one"):
+        METHODS["void"].fn(batch_of_logits(logits), MethodConfig(void_class=12))
+
+
+def test_void_class_per_dataset_is_the_originals():
+    from Dataset.specs import SPECS
+    from stages import method_config
+    from types import SimpleNamespace
+    args = SimpleNamespace(T=2, Temp=1.0, odin_eps=0.0, odin_temp=1.0, gauss_lambda=0.0,
+                           sampling_score="entropy", nclass=19)
+    flags = {"no_residual": False, "no_img": False}
+    assert method_config(args, SPECS["BddAnomaly"], flags).void_class == 18  # the last output
+    assert method_config(args, SPECS["StreetHazard"], flags).void_class == 3  # "other"
+    args.nclass = 12
+    assert method_config(args, SPECS["CamVid"], flags).void_class == 11
 
 
 # --------------------------------------------------------------------------- ODIN
@@ -215,9 +236,12 @@ def test_odin_on_the_segnet_touches_only_the_input(nets):
 
 def test_gauss_with_zero_noise_is_mcp(nets):
     images = torch.randn(2, *SHAPE)
-    assert torch.allclose(scores_for("gauss", nets, images, MethodConfig(mc_passes=2, gauss_lambda=0.0)),
+    as_mcp = {"mc_passes": 2, "sampling_score": "mcp"}
+    assert torch.allclose(scores_for("gauss", nets, images, MethodConfig(gauss_lambda=0.0, **as_mcp)),
                           scores_for("mcp", nets, images), atol=1e-6)
-    assert not torch.allclose(scores_for("gauss", nets, images, MethodConfig(mc_passes=2, gauss_lambda=0.05)),
+    assert torch.allclose(scores_for("gauss", nets, images, MethodConfig(mc_passes=2, gauss_lambda=0.0)),
+                          scores_for("entropy", nets, images), atol=1e-5)
+    assert not torch.allclose(scores_for("gauss", nets, images, MethodConfig(gauss_lambda=0.05, **as_mcp)),
                               scores_for("mcp", nets, images), atol=1e-4)
 
 
@@ -276,7 +300,8 @@ def test_mcda_unflips_the_outputs(flip_p, monkeypatch):
     images = (torch.rand(2, *SHAPE) - m) / s
     with torch.no_grad():
         batch = EvalBatch(images, pointwise, None, [pointwise(images)])
-        assert torch.allclose(METHODS["mcda"].fn(batch, cfg), METHODS["mcp"].fn(batch, cfg), atol=1e-5)
+        assert torch.allclose(METHODS["mcda"].fn(batch, cfg), METHODS["entropy"].fn(batch, cfg),
+                              atol=1e-5)
 
 
 # --------------------------------------------------------------------------- ensemble
@@ -286,8 +311,11 @@ def test_ensemble_of_identical_members_is_mcp(nets):
     images = torch.randn(2, *SHAPE)
     batch = make_batch(images, segnet, ensemble=(segnet, segnet))
     with torch.no_grad():
-        assert torch.allclose(METHODS["ensemble"].fn(batch, CFG), METHODS["mcp"].fn(batch, CFG),
+        mcp_cfg = MethodConfig(mc_passes=3, sampling_score="mcp")
+        assert torch.allclose(METHODS["ensemble"].fn(batch, mcp_cfg), METHODS["mcp"].fn(batch, CFG),
                               atol=1e-6)
+        assert torch.allclose(METHODS["ensemble"].fn(batch, CFG), METHODS["entropy"].fn(batch, CFG),
+                              atol=1e-5)
 
 
 def test_ensemble_averages_the_main_segnet_with_the_members(nets):
@@ -296,7 +324,10 @@ def test_ensemble_averages_the_main_segnet_with_the_members(nets):
     batch = make_batch(images, segnet, ensemble=members[:1])
     with torch.no_grad():
         mean = (segnet(images).softmax(1) + members[0](images).softmax(1)) / 2
-        assert torch.allclose(METHODS["ensemble"].fn(batch, CFG), 1 - mean.amax(1), atol=1e-6)
+        mcp_cfg = MethodConfig(mc_passes=3, sampling_score="mcp")
+        assert torch.allclose(METHODS["ensemble"].fn(batch, mcp_cfg), 1 - mean.amax(1), atol=1e-6)
+        entropy = -(mean * mean.log()).sum(1)  # in nats, not normalised (the original's)
+        assert torch.allclose(METHODS["ensemble"].fn(batch, CFG), entropy, atol=1e-5)
 
 
 def test_ensemble_needs_members(nets):

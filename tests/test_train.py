@@ -26,7 +26,7 @@ def step(nets, cfg, seed=0):
     torch.manual_seed(0)  # the same batch every time; ``seed`` drives the step's randomness
     images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48))
     torch.manual_seed(seed)
-    loss, error, _ = observer_step(images, labels, nets[0], nets[1], CRITERIA["bce"](2.0), cfg)
+    loss, error, _, _ = observer_step(images, labels, nets[0], nets[1], CRITERIA["bce"](2.0), cfg)
     return loss, error
 
 
@@ -52,8 +52,8 @@ def test_ignored_pixels_leave_the_loss(nets):
     ignored = labels.clone()
     ignored[:, :16] = 255
     criterion = CRITERIA["bce"](2.0)
-    full, _, logits = observer_step(images, labels, *nets, criterion, ObserverConfig(None))
-    half, _, _ = observer_step(images, ignored, *nets, criterion,
+    full, _, logits, _ = observer_step(images, labels, *nets, criterion, ObserverConfig(None))
+    half, _, _, _ = observer_step(images, ignored, *nets, criterion,
                                ObserverConfig(None, ignore_id=255))
     error = (nets[0](images).argmax(1) != ignored).float()
     expected = criterion(logits[:, 16:], error[:, 16:])

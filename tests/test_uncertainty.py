@@ -1,4 +1,5 @@
 """Shared uncertainty helpers and the evaluation pass (per-method tests: test_methods.py)."""
+import math
 import pytest
 import torch
 
@@ -24,8 +25,14 @@ def test_max_softmax_uncertainty_range():
 def test_mean_softmax_uncertainty_averages_probabilities():
     a = torch.tensor([[[[10.0]], [[0.0]]]])
     b = torch.tensor([[[[0.0]], [[10.0]]]])
-    assert torch.allclose(mean_softmax_uncertainty([a]), max_softmax_uncertainty(a))
-    assert abs(mean_softmax_uncertainty([a, b]).item() - 0.5) < 1e-6  # not the mean of scores
+    assert torch.allclose(mean_softmax_uncertainty([a], "mcp"), max_softmax_uncertainty(a))
+    assert abs(mean_softmax_uncertainty([a, b], "mcp").item() - 0.5) < 1e-6  # not the mean of scores
+    # The default, the original's: entropy (nats) of the mean softmax, log 2 for [a, b].
+    assert abs(mean_softmax_uncertainty([a, b]).item() - math.log(2)) < 1e-6
+    p = torch.softmax(a, 1)
+    assert torch.allclose(mean_softmax_uncertainty([a]), -(p * p.log()).sum(1))
+    with pytest.raises(ValueError, match="--sampling_score"):
+        mean_softmax_uncertainty([a], "max")
     with pytest.raises(ValueError, match="no pass"):
         mean_softmax_uncertainty([])
 
