@@ -127,7 +127,9 @@ def _results(split, confusion, meters, n_images, spec, device):
                            "ace": err.get("ace"), "ece": err.get("ece")},
                  "ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1),
                  # 0 unless some scores stayed in coarse bins: see OODMeter
-                 "auroc_bound": max(err["auroc_bound"], ood["auroc_bound"])}
+                 "auroc_bound": max(err["auroc_bound"], ood["auroc_bound"]),
+                 # share of the pixels holding the most common score: a tie that large caps FPR95
+                 "tie_share": err["tie_share"]}
         if ood["n_pos"] > 0:
             entry["ood"] = {"auroc": ood["auroc"], "aupr": ood["ap"], "fpr95": ood["fpr95"]}
             per_image = m.ood_image.compute()

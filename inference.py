@@ -18,6 +18,7 @@ from tqdm import tqdm
 from Dataset.camvid import read_image
 from Dataset.specs import SPECS
 from Models.load_net import load_networks, merge_observer_flags
+from Models.obsnet import HEADS
 from Utils.affichage import colorize_labels, viridis
 from Utils.cli import UsageError, run_friendly
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nclass", type=int, default=None, help="SegNet outputs (default: the dataset's)")
     p.add_argument("--width_mult", type=float, default=1.0, help="channel width of the checkpoints")
     p.add_argument("--obs_mlp", action="store_true", help="the checkpoint is the small observer")
+    p.add_argument("--obs_head", default=None, choices=HEADS,
+                   help="the observer's last block (default: what the checkpoint records; "
+                        "original for plain state_dicts)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="network input size (default: the preset)")
     p.add_argument("--bsize", type=int, default=4, help="images per batch")
@@ -88,10 +92,10 @@ def run(argv) -> int:
         raise UsageError("--bsize must be at least 1")
     files = list_images(Path(args.img_folder))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = merge_observer_flags({"obs_mlp": args.obs_mlp}, args.obsnet_file)
+    flags = merge_observer_flags({"obs_mlp": args.obs_mlp, "head": args.obs_head}, args.obsnet_file)
     segnet, obsnet = load_networks(args.model, args.nclass or spec.nclass, args.width_mult,
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
-                                   device)
+                                   device, head=flags["head"])
     obsnet.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from Dataset.specs import SPECS
 from Models.load_net import SEGMENTERS
+from Models.obsnet import HEADS
 from stages import run_stage
 from Utils.adv_attack import ATTACK_CHOICES
 from Utils.cli import UsageError, run_friendly
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")
     a("--obs_mlp", action="store_true", help="small observer reading one SegNet map")
+    a("--obs_head", default=None, choices=HEADS,
+      help="observer's last block: linear (new observers' default: no tied scores) or original "
+           "(ReLU'd single channel, as the original); with --test_only the checkpoint's")
     a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
     a("--no_residual", action="store_true", help="ablation: ObsNet without the SegNet's maps")
     a("--no_pretrained", action="store_true", help="do not start ObsNet from the SegNet's weights")

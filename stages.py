@@ -13,8 +13,8 @@ from Dataset.load_data import build_dataset, build_loader
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
 from Models.blocks import fold_batchnorm
-from Models.load_net import (OBSERVER_FLAGS, build_models, init_from_segnet, load_networks,
-                             load_weights, merge_observer_flags, save_checkpoint)
+from Models.load_net import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet, load_networks,
+                             load_weights, merge_observer_flags, observer_record, save_checkpoint)
 from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                    train_segnet_epoch)
 from Utils.adv_attack import AttackConfig, parse_attack
@@ -66,10 +66,10 @@ def make_optimizer(args, params, schedule: str = "multistep"):
 
 def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
-    resolved arguments and random generator states; the observer's architecture flags
+    resolved arguments and random generator states; the observer's architecture flags and head
     (``observer``), which evaluation and inference.py run it with."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "observer": {flag: bool(getattr(args, flag)) for flag in OBSERVER_FLAGS},
+            "observer": observer_record(args),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "best": best, "rng": rng_state(),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
@@ -252,14 +252,18 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
     train_loader = loader_for(args, spec, spec.train_split, True, rt)
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
+    folder = Path(args.obsnet_file)
+    if args.resume:  # the run goes on with the network it started with
+        args.obs_head = merge_observer_flags(observer_record(args) | {"head": args.obs_head},
+                                             folder / "last.pth")["head"]
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                                   args.segnet_file, device=rt.device)
+                                   args.segnet_file, device=rt.device,
+                                   head=observer_record(args)["head"])
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
     # The frozen SegNet is never saved here: fold its batch norms (attack 18% faster, BENCHMARKS.md).
     segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
-    folder = Path(args.obsnet_file)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
     scaler = make_scaler(rt.device, args.amp)
     criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device)
@@ -356,12 +360,12 @@ def stage_test(args, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
     names = parse_methods(args.test_multi)
     loader = loader_for(args, spec, spec.test_split, False, rt)
-    observer = {flag: getattr(args, flag) for flag in OBSERVER_FLAGS}
+    observer = {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | {"head": args.obs_head}
     if "obsnet" in names:
         observer = merge_observer_flags(observer, args.obsnet_file)
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
                                    args.segnet_file, args.obsnet_file if "obsnet" in names else None,
-                                   rt.device)
+                                   rt.device, head=observer["head"] or DEFAULT_HEAD)
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
     results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,

@@ -14,24 +14,24 @@ def scaled(channels: int, width_mult: float) -> int:
 
 
 class ConvBNReLU(nn.Module):
-    """3x3 convolution, batch norm, ReLU."""
+    """3x3 convolution, batch norm, ReLU (``relu=False``: without the ReLU, same weights)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, relu: bool = True):
         super().__init__()
-        self.cbr_unit = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+                  nn.BatchNorm2d(out_channels)]
+        self.cbr_unit = nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if relu else []))
 
     def forward(self, x):
         return self.cbr_unit(x)
 
 
-def _add_convs(module: nn.Module, channels: list[int]) -> None:
-    """Register conv1..convN as ConvBNReLU layers chaining ``channels``."""
-    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:]), start=1):
-        module.add_module(f"conv{i}", ConvBNReLU(cin, cout))
+def _add_convs(module: nn.Module, channels: list[int], last_relu: bool = True) -> None:
+    """Register conv1..convN as ConvBNReLU layers chaining ``channels`` (the last one without
+    its ReLU unless ``last_relu``)."""
+    pairs = list(zip(channels[:-1], channels[1:]))
+    for i, (cin, cout) in enumerate(pairs, start=1):
+        module.add_module(f"conv{i}", ConvBNReLU(cin, cout, relu=last_relu or i < len(pairs)))
 
 
 class EncoderBlock(nn.Module):
@@ -53,12 +53,13 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """Upsampling (max-unpool with indices, or nearest x2 without) then ``n_convs`` conv layers.
 
-    All layers keep ``in_channels`` except the last, which maps to ``out_channels``.
+    All layers keep ``in_channels`` except the last, which maps to ``out_channels``, with a
+    ReLU unless ``last_relu`` is False.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, n_convs: int):
+    def __init__(self, in_channels: int, out_channels: int, n_convs: int, last_relu: bool = True):
         super().__init__()
-        _add_convs(self, [in_channels] * n_convs + [out_channels])
+        _add_convs(self, [in_channels] * n_convs + [out_channels], last_relu)
         self.n_convs = n_convs
 
     def forward(self, x, indices=None, output_shape=None):
@@ -81,7 +82,8 @@ class EncoderDecoder(nn.Module):
 
     DROPOUT_AFTER = ("down3", "down4", "down5", "up5", "up4", "up3")
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: tuple, width_mult: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: tuple, width_mult: float,
+                 last_relu: bool = True):
         super().__init__()
         c64, c128, c256, c512 = (scaled(c, width_mult) for c in (64, 128, 256, 512))
         self.down1 = EncoderBlock(in_channels, c64, 2)
@@ -93,7 +95,7 @@ class EncoderDecoder(nn.Module):
         self.up4 = DecoderBlock(c512, c256, 3)
         self.up3 = DecoderBlock(c256, c128, 3)
         self.up2 = DecoderBlock(c128, c64, 2)
-        self.up1 = DecoderBlock(c64, out_channels, 2)
+        self.up1 = DecoderBlock(c64, out_channels, 2, last_relu)
         self.dropout = dict(zip(self.DROPOUT_AFTER, dropout))
 
     def _drop(self, name, x, mc_drop):

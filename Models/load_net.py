@@ -25,20 +25,22 @@ SEGMENTERS = {
     "deeplabv3plus": lambda nclass, width_mult, backbone_weights=None: DeepLabV3Plus(
         3, nclass, backbone_weights=backbone_weights, width_mult=width_mult),
 }
-# Observers: builder(width_mult); "<model>_small" is the --obs_mlp variant of "<model>".
+# Observers: builder(width_mult, head); "<model>_small" is the --obs_mlp variant of "<model>".
+# ``head`` (Models.obsnet.HEADS) is the SegNet observers' last block; DeepLab's has no tie.
 OBSERVERS = {
-    "segnet": lambda width_mult: Obsnet_Seg(3, 1, width_mult=width_mult),
-    "segnet_small": lambda width_mult: Obsnet_Small(512, 1, width_mult=width_mult),
-    "deeplabv3plus": lambda width_mult: Obsnet_DeepLab(3, 1, width_mult=width_mult),
+    "segnet": lambda width_mult, head: Obsnet_Seg(3, 1, width_mult=width_mult, head=head),
+    "segnet_small": lambda width_mult, head: Obsnet_Small(512, 1, width_mult=width_mult, head=head),
+    "deeplabv3plus": lambda width_mult, head: Obsnet_DeepLab(3, 1, width_mult=width_mult),
 }
 
 
 def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
-                 backbone_weights=None):
+                 backbone_weights=None, head: str = "linear"):
     """Return (segnet, obsnet) for a registry name.
 
     ``backbone_weights``: None (random init), "imagenet" (torchvision download) or a
     torchvision state_dict file for the segmentation network's encoder (see SEGMENTERS).
+    ``head``: the observer's last block (``Models.obsnet.HEADS``).
     """
     if model not in SEGMENTERS:
         raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))})")
@@ -47,7 +49,7 @@ def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
         raise ValueError(f"--obs_mlp is not available with --model {model}: the light observer "
                          f"reads one SegNet map; use the default observer (drop --obs_mlp)")
     segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
-    obsnet = OBSERVERS[observer](width_mult)
+    obsnet = OBSERVERS[observer](width_mult, head)
     return segnet, obsnet
 
 
@@ -121,6 +123,7 @@ def load_weights(model: nn.Module, path) -> dict:
 
 
 OBSERVER_FLAGS = ("obs_mlp", "no_residual", "no_img")  # what changes how an observer is run
+DEFAULT_HEAD = "linear"  # of new observers; checkpoints that record no head have the original's
 
 
 def observer_path(obsnet_file) -> Path:
@@ -129,39 +132,53 @@ def observer_path(obsnet_file) -> Path:
     return path / "best.pth" if path.is_dir() else path
 
 
+def observer_record(args) -> dict:
+    """What an observer checkpoint records of how to build and run it: ``OBSERVER_FLAGS`` and
+    the ``head`` (``args.obs_head``, None meaning the default)."""
+    record = {flag: bool(getattr(args, flag)) for flag in OBSERVER_FLAGS}
+    return record | {"head": getattr(args, "obs_head", None) or DEFAULT_HEAD}
+
+
 def observer_flags(obsnet_file) -> dict | None:
-    """The architecture flags recorded in an observer checkpoint (``OBSERVER_FLAGS``), or None
-    for a checkpoint that records none (the original's plain state_dicts)."""
+    """The flags and head recorded in an observer checkpoint (see ``observer_record``), or
+    None for a checkpoint that records none (the original's plain state_dicts)."""
     checkpoint = load_checkpoint(observer_path(obsnet_file))
     recorded = checkpoint.get("observer") if isinstance(checkpoint, dict) else None
     if not isinstance(recorded, dict):
         return None
-    return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS}
+    return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS} | \
+        {"head": recorded.get("head", "original")}
 
 
 def merge_observer_flags(given: dict, obsnet_file) -> dict:
-    """The observer flags to run a checkpoint with: those it records, else ``given`` (the
-    command line's). A flag given on the command line that the checkpoint was trained
-    without is a CheckpointError (exit 1), since it would score with another network."""
+    """The observer flags and head to run a checkpoint with: those it records, else ``given``
+    (the command line's; a plain state_dict has the original head unless ``given["head"]``
+    says otherwise). A flag given on the command line that the checkpoint was trained
+    without, or another head, is a CheckpointError (exit 1): it would score with another
+    network."""
     recorded = observer_flags(obsnet_file)
+    path = observer_path(obsnet_file)
     if recorded is None:
-        return dict(given)
+        return dict(given) | {"head": given.get("head") or "original"}
     for flag in OBSERVER_FLAGS:
         if given.get(flag) and not recorded[flag]:
-            raise CheckpointError(f"{observer_path(obsnet_file)}: this observer was trained "
-                                  f"without --{flag}; drop --{flag} (its checkpoint records "
-                                  f"how it was trained)")
+            raise CheckpointError(f"{path}: this observer was trained without --{flag}; drop "
+                                  f"--{flag} (its checkpoint records how it was trained)")
+    if given.get("head") not in (None, recorded["head"]):
+        raise CheckpointError(f"{path}: this observer has the {recorded['head']} head, not "
+                              f"--obs_head {given['head']}; drop --obs_head (its checkpoint "
+                              f"records its head)")
     return recorded
 
 
 def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
-                  obsnet_file=None, device="cpu"):
-    """(frozen SegNet loaded from ``segnet_file``, ObsNet) on ``device``.
+                  obsnet_file=None, device="cpu", head: str = DEFAULT_HEAD):
+    """(frozen SegNet loaded from ``segnet_file``, ObsNet with ``head``) on ``device``.
 
     ``obsnet_file``: a checkpoint file, or a folder whose ``best.pth`` is loaded; None leaves
     the observer freshly initialised (for training).
     """
-    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp)
+    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head)
     if not Path(segnet_file).is_file():
         raise CheckpointError(f"--segnet_file {segnet_file}: file not found "
                               f"(train one with --train_segnet)")

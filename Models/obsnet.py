@@ -5,6 +5,17 @@ import torch.nn as nn
 from Models.blocks import DecoderBlock, EncoderDecoder, scaled
 
 OBSNET_DROPOUT = (0.1,) * 6
+# The observer's last block: "original" ends in a ReLU'd single channel before the 1x1 output
+# conv, so every pixel whose pre-activation is <= 0 gets one and the same score (a tie that
+# held over 10% of the pixels on real CamVid and capped FPR95 at 100%); "linear" drops that
+# ReLU (same weights, so checkpoints of either load into both: the checkpoint records which).
+HEADS = ("linear", "original")
+
+
+def _last_relu(head: str) -> bool:
+    if head not in HEADS:
+        raise ValueError(f"--obs_head {head}: unknown (available: {', '.join(HEADS)})")
+    return head == "original"
 
 
 class Obsnet_Seg(EncoderDecoder):  # noqa: N801  (the original's class name)
@@ -13,8 +24,10 @@ class Obsnet_Seg(EncoderDecoder):  # noqa: N801  (the original's class name)
     Returns one logit per pixel (B×1×H×W); higher = the SegNet is more likely wrong.
     """
 
-    def __init__(self, input_channels: int = 3, output_channels: int = 1, width_mult: float = 1.0):
-        super().__init__(input_channels, output_channels, OBSNET_DROPOUT, width_mult)
+    def __init__(self, input_channels: int = 3, output_channels: int = 1, width_mult: float = 1.0,
+                 head: str = "linear"):
+        super().__init__(input_channels, output_channels, OBSNET_DROPOUT, width_mult,
+                         last_relu=_last_relu(head))
         self.fc = nn.Conv2d(output_channels, output_channels, kernel_size=1)
 
     def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
@@ -34,13 +47,14 @@ class Obsnet_Small(nn.Module):  # noqa: N801
 
     FEATURE_INDEX = 6  # up4 in the SegNet's feature list: 256 channels at 1/8 resolution
 
-    def __init__(self, input_channels: int = 512, output_channels: int = 1, width_mult: float = 1.0):
+    def __init__(self, input_channels: int = 512, output_channels: int = 1, width_mult: float = 1.0,
+                 head: str = "linear"):
         super().__init__()
         c64, c128, c256 = (scaled(c, width_mult) for c in (64, 128, 256))
         self.up3 = DecoderBlock(c256, c128, 3)
         self.dropout_p = 0.3
         self.up2 = DecoderBlock(c128, c64, 2)
-        self.up1 = DecoderBlock(c64, output_channels, 2)
+        self.up1 = DecoderBlock(c64, output_channels, 2, last_relu=_last_relu(head))
         self.fc = nn.Conv2d(output_channels, output_channels, kernel_size=1)
 
     def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,

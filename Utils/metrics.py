@@ -387,6 +387,8 @@ class OODMeter:
           pixel falls); ``ece`` weights it by pixel count over 15 uniform ranges
           of [0, 1], each threshold going to the range holding its mean prob.
         - ``auroc_bound``: the largest |AUROC - exact AUROC| the unrefined bins allow.
+        - ``tie_share``: the share of pixels that share the most common score (exact when
+          its bin was refined, as every bin holding 1/1024 of a batch is; else an upper bound).
 
         Undefined values (no positives and/or no negatives) are NaN, never a
         fake 0 or 1; a threshold that is never reached is reported as NaN.
@@ -397,8 +399,10 @@ class OODMeter:
         ace = ece = None
         if self.has_probs:
             ace, ece = _calibration(pos, pos + neg, prob_sum)
+        total = pos + neg
         return {"auroc": auroc, "ap": ap, "ap_neg": ap_neg, "fpr95": fpr95,
                 "fpr95_neg": fpr95_neg, "ace": ace, "ece": ece, "auroc_bound": bound,
+                "tie_share": float(total.max() / total.sum()) if total.size else NAN,
                 "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
 
 

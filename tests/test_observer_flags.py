@@ -71,9 +71,11 @@ def approx(metrics):
 def test_training_records_the_flags_in_best_and_last(run):
     for name in ("best.pth", "last.pth"):
         state = torch.load(run / "nores" / name, weights_only=True)
-        assert state["observer"] == {"obs_mlp": False, "no_residual": True, "no_img": False}, name
+        assert state["observer"] == {"obs_mlp": False, "no_residual": True, "no_img": False,
+                                     "head": "linear"}, name
         mlp = torch.load(run / "mlp" / name, weights_only=True)
-        assert mlp["observer"] == {"obs_mlp": True, "no_residual": False, "no_img": False}, name
+        assert mlp["observer"] == {"obs_mlp": True, "no_residual": False, "no_img": False,
+                                   "head": "linear"}, name
 
 
 def test_training_validates_with_the_flags(run):
@@ -107,13 +109,14 @@ def test_a_flag_the_checkpoint_was_trained_without_is_one_line(run, tmp_path):
 
 
 def test_plain_state_dict_uses_the_command_line_flags(run, reference, tmp_path):
-    """The original project's observer files (weights only) record no flag: the CLI's apply."""
+    """The original project's observer files (weights only) record no flag: the CLI's apply
+    (the head too: a plain state_dict has the original's unless --obs_head says otherwise)."""
     plain = tmp_path / "plain.pth"
     torch.save(torch.load(run / "nores" / "best.pth", weights_only=True)["model"], plain)
     assert observer_flags(plain) is None
     logs = tmp_path / "logs"
     test = main_py(*TINY, *paths(run), "--obsnet_file", str(plain), "--tboard", str(logs),
-                   "--test_only", "--test_multi", "obsnet", "--no_residual")
+                   "--test_only", "--test_multi", "obsnet", "--no_residual", "--obs_head", "linear")
     assert test.returncode == 0, test.stderr
     assert cli_metrics(logs) == approx(reference[True])
     assert cli_metrics(logs) != approx(reference[False])
@@ -171,10 +174,10 @@ def test_observer_flags_reads_what_a_checkpoint_records(tmp_path):
     torch.save({"model": weights(), "observer": {"obs_mlp": False, "no_residual": True,
                                                  "no_img": False}}, tmp_path / "full.pth")
     assert observer_flags(tmp_path / "full.pth") == {"obs_mlp": False, "no_residual": True,
-                                                     "no_img": False}
+                                                     "no_img": False, "head": "original"}
     torch.save({"model": weights(), "observer": {"no_img": 1}}, tmp_path / "partial.pth")
     assert observer_flags(tmp_path / "partial.pth") == {"obs_mlp": False, "no_residual": False,
-                                                        "no_img": True}
+                                                        "no_img": True, "head": "original"}
     folder = tmp_path / "folder"
     folder.mkdir()
     torch.save({"model": weights(), "observer": {"obs_mlp": True}}, folder / "best.pth")
@@ -194,11 +197,12 @@ def test_checkpoints_without_flags_give_none(state, tmp_path):
     assert observer_flags(tmp_path / "obs.pth") is None
     given = {"obs_mlp": False, "no_residual": True, "no_img": False}
     merged = merge_observer_flags(given, tmp_path / "obs.pth")
-    assert merged == given and merged is not given
+    assert merged == given | {"head": "original"} and merged is not given
+    assert merge_observer_flags(given | {"head": "linear"}, tmp_path / "obs.pth")["head"] == "linear"
 
 
 def test_merge_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_path):
-    recorded = {"obs_mlp": True, "no_residual": True, "no_img": False}
+    recorded = {"obs_mlp": True, "no_residual": True, "no_img": False, "head": "linear"}
     torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
     nothing = dict.fromkeys(OBSERVER_FLAGS, False)
     assert merge_observer_flags(nothing, tmp_path / "obs.pth") == recorded

@@ -1,0 +1,510 @@
+"""Paste unseen objects into a CamVid-layout split: a CamVid-OOD-style split next to it.
+
+    python -m Dataset.paste --root DIR --split val [--out DIR] [--objects DIR] [--seed S]
+        [--count MIN MAX] [--size MIN MAX] [--anomaly_id ID] [--feather PX] [--overwrite]
+
+From ``root/{split}.txt`` (``{split}/x.png {split}annot/x.png`` lines, parsed and re-rooted
+as ``Dataset.camvid`` does) it writes, under ``--out`` (default: ``root``)::
+
+    {split}_ood/x.png        the image with the objects pasted in (RGB PNG)
+    {split}annot_ood/x.png   its label map (uint8 PNG); pasted pixels hold the anomaly id
+    {split}_ood.txt          "{split}_ood/x.png {split}annot_ood/x.png", written last
+
+the layout of CamVid-OOD's ``test_ood`` (anomaly id 12). Objects are procedural shapes by
+default: a union of 1-3 ellipses, smooth blobs and jagged polygons, filled with a texture
+(multi-scale noise, stripes, a colour gradient or a checkerboard) in saturated random
+colours that no CamVid class has. With ``--objects DIR`` they are cut-outs instead: RGBA
+images whose alpha > 127 is the object, or an image ``name.png`` with a mask
+``name_mask.png`` (non-zero = object; it wins over an alpha channel). Each object gets a
+random size (the longer side of its bounding box, as a fraction of the image's shorter side,
+within 2 px of resampling), position (wholly inside the image) and, for cut-outs, horizontal
+flip. Objects may overlap. Label: the hard mask; image: the same mask, its edge softened
+inwards by ``--feather`` pixels, so no pixel outside the label changes.
+
+Every frame draws from its own generator, seeded by ``--seed`` and the file name: the same
+seed gives byte-identical files, and a frame does not depend on the others.
+
+Nothing the tool did not write is overwritten: existing outputs are refused unless
+``--overwrite`` is given and the folders carry this tool's marker (``MARKER``), which lists
+the files it wrote; only those are replaced.
+
+Tune on val_ood, never on the test split: a pasted val split is for choosing thresholds,
+hyper-parameters and checkpoints; the test split (CamVid-OOD's test_ood) is for the final
+numbers only.
+"""
+import argparse
+import colorsys
+import json
+import math
+import os
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from Dataset.camvid import Pair, check_size, read_image, read_label, read_list
+from Dataset.errors import DatasetError
+from Utils.cli import UsageError, run_friendly
+
+PROG = "python -m Dataset.paste"
+MARKER = ".written_by_obsnet_paste"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_SUFFIX = "_mask"
+TEXTURES = ("noise", "stripes", "gradient", "checker")
+
+
+@dataclass(frozen=True)
+class PasteConfig:
+    """What is pasted: objects per frame, their size range (fraction of the shorter image
+    side), the label id they get, the inward edge softening of the image (pixels)."""
+
+    seed: int = 0
+    count: tuple[int, int] = (1, 1)
+    size: tuple[float, float] = (0.1, 0.3)
+    anomaly_id: int = 12
+    feather: float = 1.0
+
+
+class Cutout(NamedTuple):
+    """A user's object, cropped to its mask: RGB uint8 H×W×3 and a bool H×W mask."""
+
+    rgb: np.ndarray
+    mask: np.ndarray
+
+
+class Pasted(NamedTuple):
+    """One frame's result: image H×W×3 uint8, label H×W uint8, one full-frame bool mask per
+    pasted object (in pasting order)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    objects: list[np.ndarray]
+
+
+class Outputs(NamedTuple):
+    """The three paths a run writes."""
+
+    image_dir: Path
+    label_dir: Path
+    list_file: Path
+
+
+def check_config(config: PasteConfig) -> None:
+    """UsageError naming the flag when a value of ``config`` cannot work."""
+    (cmin, cmax), (smin, smax) = config.count, config.size
+    if not 0 <= cmin <= cmax or cmax < 1:
+        raise UsageError(f"--count {cmin} {cmax}: need 0 <= MIN <= MAX and MAX >= 1")
+    if not 0 < smin <= smax <= 1:
+        raise UsageError(f"--size {smin:g} {smax:g}: need 0 < MIN <= MAX <= 1 "
+                         "(fractions of the image's shorter side)")
+    if not 0 <= config.anomaly_id <= 255:
+        raise UsageError(f"--anomaly_id {config.anomaly_id}: must be in 0..255 (uint8 labels)")
+    if not 0 <= config.feather <= 20:
+        raise UsageError(f"--feather {config.feather:g}: must be in 0..20 pixels")
+    if config.seed < 0:
+        raise UsageError(f"--seed {config.seed}: must be >= 0")
+
+
+def frame_rng(seed: int, name: str) -> np.random.Generator:
+    """The generator of one frame, from the seed and its output file name only."""
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def _primitive(rng: np.random.Generator, centre: np.ndarray, radius: float) -> list[tuple]:
+    """Outline of one primitive around ``centre``, star-shaped about it, within 1.25 radius:
+    a rotated ellipse, a smooth blob or a jagged polygon."""
+    kind = rng.integers(3)
+    if kind == 2:  # jagged polygon: few vertices at random angles and radii
+        n = int(rng.integers(3, 10))
+        phi = np.sort(rng.uniform(0, 2 * np.pi, n))
+        r = radius * rng.uniform(0.4, 1.25, n)
+    else:
+        phi = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+        if kind == 0:  # ellipse with axes (a, b), rotated by theta
+            a, b = radius * rng.uniform(0.4, 1.25, 2)
+            theta = rng.uniform(0, np.pi)
+            r = a * b / np.hypot(b * np.cos(phi - theta), a * np.sin(phi - theta))
+        else:  # smooth blob: a few low harmonics of the radius (their amplitudes sum <= 0.25)
+            amps = rng.dirichlet(np.ones(3)) * rng.uniform(0.05, 0.25)
+            waves = [amp * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
+                     for k, amp in zip((2, 3, 5), amps)]
+            r = radius * (1 + np.sum(waves, axis=0))
+    points = centre + np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
+    return [tuple(p) for p in points]
+
+
+def _crop(mask: np.ndarray) -> tuple[slice, slice]:
+    """The bounding box of a non-empty bool mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _resize_rgba(rgb: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop an object to its mask, scale it so the longer side of its box is ``side``, crop
+    it to its new (hard) mask."""
+    box = _crop(mask)
+    rgb, mask = rgb[box], mask[box]
+    h, w = mask.shape
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rgba = np.dstack([rgb, mask.astype(np.uint8) * 255])
+    # RGBA resizing premultiplies alpha: no dark fringe from the transparent pixels' colour.
+    out = np.asarray(Image.fromarray(rgba).resize(size, Image.Resampling.BILINEAR))
+    hard = out[..., 3] > 127
+    if not hard.any():  # a sliver thinner than a pixel at this scale
+        hard = out[..., 3] == out[..., 3].max()
+    box = _crop(hard)
+    return out[..., :3][box], hard[box]
+
+
+def shape_mask(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A procedural shape: bool mask whose box's longer side is about ``side`` pixels."""
+    canvas = int(np.clip(4 * side, 64, 1024))  # drawn 4× larger, then downsampled (smooth edge)
+    img = Image.new("L", (canvas, canvas))
+    draw = ImageDraw.Draw(img)
+    centre = np.array([canvas / 2, canvas / 2])
+    first = None
+    for _ in range(int(rng.integers(1, 4))):
+        draw.polygon(_primitive(rng, centre, canvas * rng.uniform(0.1, 0.2)), fill=255)
+        if first is None:
+            first = np.argwhere(np.asarray(img) > 0)
+        # The next primitive starts inside the first one: the union stays connected and,
+        # 1.25 * 0.2 from the middle plus its own 1.25 * 0.2, inside the canvas.
+        y, x = first[rng.integers(len(first))]
+        centre = np.array([x, y], float)
+    mask = np.asarray(img) > 127
+    return _resize_rgba(np.zeros((*mask.shape, 3), np.uint8), mask, side)[1]
+
+
+# ----------------------------------------------------------------------------- textures
+
+def _colours(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` saturated, bright RGB colours in 0..1 (n×3)."""
+    hsv = np.stack([rng.uniform(0, 1, n), rng.uniform(0.6, 1, n), rng.uniform(0.6, 1, n)], 1)
+    return np.array([colorsys.hsv_to_rgb(*c) for c in hsv], np.float32)
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, octaves: int = 3) -> np.ndarray:
+    """Value noise in 0..1: random grids of 2, 4, 8 cells upsampled bicubically and summed."""
+    field = np.zeros((h, w), np.float32)
+    for k in range(octaves):
+        cells = 2 ** (k + 1) + int(rng.integers(2))
+        grid = Image.fromarray(rng.random((cells, cells)).astype(np.float32))
+        field += np.asarray(grid.resize((w, h), Image.Resampling.BICUBIC)) / 2**k
+    span = field.max() - field.min()
+    return (field - field.min()) / span if span > 0 else np.zeros_like(field)
+
+
+def _palette(t: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Map values in 0..1 through a piecewise-linear ramp of colours: H×W×3 in 0..1."""
+    stops = np.linspace(0, 1, len(colours))
+    return np.stack([np.interp(t, stops, colours[:, c]) for c in range(3)], axis=-1)
+
+
+def texture(rng: np.random.Generator, h: int, w: int, kind: str | None = None) -> np.ndarray:
+    """An h×w×3 float texture in 0..255 of ``kind`` (one of TEXTURES; random when None)."""
+    kind = kind or TEXTURES[rng.integers(len(TEXTURES))]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    along = xx * np.cos(theta) + yy * np.sin(theta)
+    across = -xx * np.sin(theta) + yy * np.cos(theta)
+    period = rng.uniform(3, max(4.0, max(h, w) / 3))
+    if kind == "noise":
+        t, n = _noise(rng, h, w), 3
+    elif kind == "stripes":  # wavy stripes, from soft (sine) to hard (sharpened)
+        wave = np.sin(2 * np.pi * (along / period + 0.5 * _noise(rng, h, w, 2)))
+        t, n = np.clip(0.5 + 0.5 * wave * rng.uniform(1, 6), 0, 1), 2
+    elif kind == "gradient":
+        t, n = along - along.min(), 3
+        t = 0.85 * t / max(float(t.max()), 1.0) + 0.15 * _noise(rng, h, w, 2)
+    elif kind == "checker":
+        t, n = ((np.floor(along / period) + np.floor(across / period)) % 2), 2
+    else:
+        raise ValueError(f"unknown texture {kind!r} (known: {', '.join(TEXTURES)})")
+    rgb = _palette(t, _colours(rng, n)) + rng.normal(0, 0.03, (h, w, 3))  # fine grain
+    return np.clip(rgb, 0, 1).astype(np.float32) * 255
+
+
+# ----------------------------------------------------------------------------- cut-outs
+
+def _open(path: Path, what: str) -> Image.Image:
+    """A fully decoded image, or a DatasetError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P":  # a palette image is an object only with a transparent index
+                return img.convert("RGBA" if "transparency" in img.info else "RGB")
+            return img.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"--objects: {what} {path}: cannot be read as an image: {exc}") from None
+
+
+def load_cutout(path: Path, mask_path: Path | None = None) -> Cutout:
+    """One object: ``path`` RGBA (alpha > 127) or RGB with ``mask_path`` (non-zero), cropped."""
+    img = _open(path, "object")
+    rgba = np.asarray(img.convert("RGBA"))
+    if mask_path is not None:
+        mask = np.asarray(_open(mask_path, "mask").convert("L")) > 0
+        if mask.shape != rgba.shape[:2]:
+            raise DatasetError(f"--objects: mask {mask_path} is {mask.shape} (H, W), "
+                               f"its image {path} is {rgba.shape[:2]}")
+    elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        mask = rgba[..., 3] > 127
+    else:
+        raise DatasetError(f"--objects: object {path} has no alpha channel and no mask file "
+                           f"{path.stem}{MASK_SUFFIX}.png")
+    if not mask.any():
+        raise DatasetError(f"--objects: {mask_path or path}: no object pixel "
+                           "(alpha > 127, or non-zero mask)")
+    box = _crop(mask)
+    return Cutout(np.ascontiguousarray(rgba[..., :3][box]), mask[box])
+
+
+def load_cutouts(folder: Path) -> list[Cutout]:
+    """Every object of a folder: ``name.png`` (RGBA) or ``name.png`` + ``name_mask.png``."""
+    if not folder.is_dir():
+        raise UsageError(f"--objects {folder}: folder not found")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    masks = {p.stem[:-len(MASK_SUFFIX)]: p for p in files if p.stem.endswith(MASK_SUFFIX)}
+    images = [p for p in files if not p.stem.endswith(MASK_SUFFIX)]
+    orphans = sorted(set(masks) - {p.stem for p in images})
+    if orphans:
+        raise DatasetError(f"--objects: mask {masks[orphans[0]]} has no object image "
+                           f"{orphans[0]}.png next to it")
+    if not images:
+        raise DatasetError(f"--objects {folder}: no object image ({', '.join(IMAGE_SUFFIXES)})")
+    return [load_cutout(p, masks.get(p.stem)) for p in images]
+
+
+# ----------------------------------------------------------------------------- pasting
+
+def make_object(rng: np.random.Generator, side: int,
+                cutouts: Sequence[Cutout] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float RGB 0..255 h×w×3, bool mask h×w) of one object whose longer side is ~``side``."""
+    if not cutouts:
+        mask = shape_mask(rng, side)
+        return texture(rng, *mask.shape), mask
+    cutout = cutouts[rng.integers(len(cutouts))]
+    rgb, mask = _resize_rgba(cutout.rgb, cutout.mask, side)
+    if rng.random() < 0.5:
+        rgb, mask = rgb[:, ::-1], mask[:, ::-1]
+    return rgb.astype(np.float32), mask
+
+
+def _soft_alpha(mask: np.ndarray, feather: float) -> np.ndarray:
+    """Image alpha of an object: the mask blurred by ``feather`` px, kept inside the mask."""
+    if feather <= 0:
+        return mask.astype(np.float32)
+    pad = math.ceil(3 * feather)
+    img = Image.fromarray(np.pad(mask, pad).astype(np.uint8) * 255)
+    blurred = np.asarray(img.filter(ImageFilter.GaussianBlur(feather)), np.float32) / 255
+    return blurred[pad:-pad, pad:-pad] * mask
+
+
+def paste_objects(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                  config: PasteConfig, cutouts: Sequence[Cutout] | None = None) -> Pasted:
+    """Paste ``config.count`` objects into an H×W×3 uint8 image and its H×W uint8 label
+    (neither is modified): the label gets the anomaly id on each object's hard mask."""
+    h, w = label.shape
+    out_image, out_label = image.astype(np.float32), label.copy()
+    objects = []
+    for _ in range(int(rng.integers(config.count[0], config.count[1] + 1))):
+        side = max(2, round(rng.uniform(*config.size) * min(h, w)))
+        rgb, mask = make_object(rng, side, cutouts)
+        oh, ow = mask.shape
+        y, x = int(rng.integers(h - oh + 1)), int(rng.integers(w - ow + 1))
+        alpha = _soft_alpha(mask, config.feather)[..., None]
+        region = out_image[y:y + oh, x:x + ow]
+        region[:] = region * (1 - alpha) + rgb * alpha
+        out_label[y:y + oh, x:x + ow][mask] = config.anomaly_id
+        full = np.zeros((h, w), bool)
+        full[y:y + oh, x:x + ow] = mask
+        objects.append(full)
+    return Pasted(np.rint(out_image).clip(0, 255).astype(np.uint8), out_label, objects)
+
+
+# ----------------------------------------------------------------------------- files
+
+def output_paths(out: Path, split: str) -> Outputs:
+    """``out/{split}_ood/``, ``out/{split}annot_ood/``, ``out/{split}_ood.txt``."""
+    return Outputs(out / f"{split}_ood", out / f"{split}annot_ood", out / f"{split}_ood.txt")
+
+
+def output_names(pairs: Sequence[Pair]) -> list[str]:
+    """Output file name of every pair (its image's stem + .png); DatasetError on duplicates."""
+    seen: dict[str, Pair] = {}
+    for pair in pairs:
+        name = f"{pair.image.stem}.png"
+        if name in seen:
+            raise DatasetError(f"{pair.source}: image {pair.image} would be written as {name}, "
+                               f"like {seen[name].image} ({seen[name].source})")
+        seen[name] = pair
+    return list(seen)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _marker_files(folder: Path) -> list[str] | None:
+    """The file names this tool's marker in ``folder`` lists; None when there is no marker."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        files = marker["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    # Only plain names are trusted: a hand-edited marker must not reach outside the folder.
+    return [f for f in files if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")]
+
+
+def _list_is_ours(outputs: Outputs) -> bool:
+    """True when every line of the existing list file names files in the two output folders."""
+    try:
+        lines = outputs.list_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    prefixes = (f"{outputs.image_dir.name}/", f"{outputs.label_dir.name}/")
+    fields = [line.split() for line in lines if line.strip()]
+    return all(len(f) == 2 and all(p.startswith(q) for p, q in zip(f, prefixes)) for f in fields)
+
+
+def claim_outputs(outputs: Outputs, names: Sequence[str], overwrite: bool,
+                  info: dict | None = None) -> None:
+    """Make the output folders this run's: FileExistsError (one line, naming the path) when an
+    output exists and ``overwrite`` is off or it is not this tool's; with ``overwrite``, the
+    previous run's listed files and list file are removed. Writes the markers."""
+    existing = [p for p in outputs if p.exists() or p.is_symlink()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: already exists; not overwritten "
+                              f"(--overwrite replaces this tool's own output)")
+    previous = {}
+    for folder in outputs[:2]:
+        if folder.exists() or folder.is_symlink():
+            previous[folder] = _marker_files(folder)
+            if previous[folder] is None or folder.is_symlink():
+                raise FileExistsError(f"{folder}: exists and has no {MARKER} marker (not written by "
+                                      f"{PROG}); not overwritten, even with --overwrite")
+    if outputs.list_file.exists() and (len(previous) < 2 or not _list_is_ours(outputs)):
+        raise FileExistsError(f"{outputs.list_file}: exists and was not written by {PROG}; "
+                              "not overwritten, even with --overwrite")
+    outputs.list_file.unlink(missing_ok=True)
+    for folder, files in previous.items():
+        for name in files:
+            (folder / name).unlink(missing_ok=True)
+    marker = json.dumps({"written_by": PROG, **(info or {}), "files": list(names)}, indent=1)
+    for folder in outputs[:2]:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / MARKER, marker)
+
+
+def check_free_id(pairs: Sequence[Pair], anomaly_id: int, allow: bool) -> int:
+    """Labels already holding ``anomaly_id``: DatasetError naming the first, or (``allow``)
+    their count after a warning on stderr."""
+    used = [pair for pair in pairs if (read_label(pair.label, pair.source).numpy() == anomaly_id).any()]
+    if used and not allow:
+        raise DatasetError(f"{used[0].source}: annotation {used[0].label} already holds id "
+                           f"{anomaly_id} (--anomaly_id): pasted objects would mix with it; "
+                           "choose another --anomaly_id or pass --allow_existing_id")
+    if used:
+        print(f"{PROG}: warning: {len(used)} label map(s) already hold id {anomaly_id}",
+              file=sys.stderr)
+    return len(used)
+
+
+def paste_frame(pair: Pair, name: str, outputs: Outputs, config: PasteConfig,
+                cutouts: Sequence[Cutout] | None) -> str:
+    """Read one pair, paste, write both PNGs; returns its list-file line."""
+    image = read_image(pair.image, pair.source)
+    label = read_label(pair.label, pair.source)
+    check_size(image, label, pair)
+    pasted = paste_objects(image.permute(1, 2, 0).numpy(), label.numpy(),
+                           frame_rng(config.seed, name), config, cutouts)
+    Image.fromarray(pasted.image).save(outputs.image_dir / name)
+    Image.fromarray(pasted.label).save(outputs.label_dir / name)
+    return f"{outputs.image_dir.name}/{name} {outputs.label_dir.name}/{name}\n"
+
+
+def paste_split(root: Path, split: str, config: PasteConfig, out: Path | None = None,
+                objects: Path | None = None, overwrite: bool = False,
+                allow_existing_id: bool = False, progress: bool = True) -> Path:
+    """Write the ``{split}_ood`` version of ``root/{split}.txt`` under ``out`` (default
+    ``root``); returns its list file, written last (an interrupted run leaves none)."""
+    check_config(config)
+    root = Path(root).expanduser().absolute()
+    out = root if out is None else Path(out).expanduser().absolute()
+    list_file, pairs = read_list(root, split)
+    names = output_names(pairs)
+    cutouts = load_cutouts(Path(objects).expanduser()) if objects is not None else None
+    check_free_id(pairs, config.anomaly_id, allow_existing_id)
+    outputs = output_paths(out, split)
+    info = {"source": str(list_file), "objects": str(objects) if objects else "procedural",
+            "config": asdict(config)}
+    claim_outputs(outputs, names, overwrite, info)
+    lines = [paste_frame(pair, name, outputs, config, cutouts)
+             for pair, name in tqdm(list(zip(pairs, names)), desc=f"paste {split}", unit="img",
+                                    file=sys.stderr, disable=not progress)]
+    write_atomic(outputs.list_file, "".join(lines))
+    return outputs.list_file
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (a UsageError for ``run_friendly``)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, type=Path, help="dataset root (CamVid layout)")
+    p.add_argument("--split", required=True, help="split to paste into, e.g. val (root/val.txt)")
+    p.add_argument("--out", type=Path, help="root to write to (default: --root)")
+    p.add_argument("--objects", type=Path, help="folder of cut-outs: RGBA name.png, or name.png "
+                   f"+ name{MASK_SUFFIX}.png (default: procedural shapes)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--count", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
+                   help="objects per frame (default 1 1)")
+    p.add_argument("--size", type=float, nargs=2, default=(0.1, 0.3), metavar=("MIN", "MAX"),
+                   help="object size, fraction of the shorter image side (default 0.1 0.3)")
+    p.add_argument("--anomaly_id", type=int, default=12, help="label id of pasted pixels (12)")
+    p.add_argument("--feather", type=float, default=1.0,
+                   help="soften the image edge inwards by this many pixels (0: hard; default 1)")
+    p.add_argument("--allow_existing_id", action="store_true",
+                   help="warn instead of refusing when a label already holds the anomaly id")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this tool's own previous output (never anything else)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 usage error, 1 bad data or existing output)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run(argv: list[str]) -> int:
+        args = _parser().parse_args(argv)
+        config = PasteConfig(seed=args.seed, count=tuple(args.count), size=tuple(args.size),
+                             anomaly_id=args.anomaly_id, feather=args.feather)
+        list_file = paste_split(args.root, args.split, config, args.out, args.objects,
+                                args.overwrite, args.allow_existing_id)
+        print(f"{PROG}: wrote {list_file}")
+        return 0
+
+    return run_friendly(PROG, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
