@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="observer's last block: linear (new observers' default: no tied scores) or original "
            "(ReLU'd single channel, as the original); with --test_only the checkpoint's")
     a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
+    a("--test_split", default=None,
+      help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
+           "CamVid); e.g. val_ood, written by python -m Dataset.paste")
+    a("--class_weights", default="none", choices=("none", "median_freq"),
+      help="--train_segnet: cross-entropy class weights; median_freq = SegNet's median-frequency "
+           "balancing over the training labels")
+    a("--scale_jitter", type=float, default=0.0,
+      help="training augmentation: random zoom in [1, 1 + S] then a crop, instead of the "
+           "preset's fixed crop (0: off)")
     a("--no_residual", action="store_true", help="ablation: ObsNet without the SegNet's maps")
     a("--no_pretrained", action="store_true", help="do not start ObsNet from the SegNet's weights")
     a("--nclass", type=int, default=None, help="SegNet outputs (default: the dataset's classes)")
@@ -103,7 +112,7 @@ def check_args(args, spec) -> None:
     for flag in ("lr", "epsilon", "width_mult", "Temp", "odin_temp"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be positive (got {getattr(args, flag)})")
-    for flag in ("odin_eps", "gauss_lambda", "noise"):
+    for flag in ("odin_eps", "gauss_lambda", "noise", "scale_jitter"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     if args.nclass is not None and args.nclass < spec.nclass:
@@ -127,6 +136,7 @@ def resolve_args(args):
     args.tboard = args.tboard or f"logs/{tag}"
     args.nclass = args.nclass or spec.nclass
     args.size = tuple(args.size or spec.size)
+    args.test_split = args.test_split or spec.test_split
     try:
         names = parse_methods(args.test_multi)
     except ValueError as exc:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from Dataset.class_weights import class_frequencies, median_frequency_weights
 from Dataset.load_data import build_dataset, build_loader
 from Dataset.synthetic import ensure_synthetic, is_complete
 from evaluation import evaluate
@@ -29,7 +30,8 @@ from Utils.utils import rng_state, set_rng_state
 
 def loader_for(args, spec, split: str, train: bool, rt=None):
     """A data loader over one split of the dataset (sharded across DDP ranks)."""
-    dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train)
+    dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train,
+                            scale_jitter=getattr(args, "scale_jitter", 0.0))
     return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
                         seed=max(args.seed, 0), distributed=bool(rt and rt.distributed),
                         skip_bad=train and args.skip_bad_samples)
@@ -192,24 +194,36 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
                           backbone_weights=weights)[0].to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
     scaler = make_scaler(rt.device, args.amp)
+    class_weights = segnet_class_weights(args, spec, rt)
     last = segnet_last(args.segnet_file)
     start, best = resume(last, segnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
     model = wrap_ddp(segnet, rt)
     with StopSignal() as flag:
         _segnet_epochs(args, spec, rt, writer, segnet, model, (train_loader, val_loader),
-                       (optimizer, scheduler, scaler), start, best, flag, last)
+                       (optimizer, scheduler, scaler, class_weights), start, best, flag, last)
+
+
+def segnet_class_weights(args, spec, rt):
+    """--class_weights: None, or the median-frequency weights of the training labels (said)."""
+    if args.class_weights == "none":
+        return None
+    dataset = build_dataset(spec, args.dset_folder, spec.train_split)
+    weights = median_frequency_weights(class_frequencies(dataset, args.nclass, rt.is_main))
+    log(rt, "median-frequency class weights: " + ", ".join(
+        f"{name} {w:.2f}" for name, w in zip(spec.class_names, weights.tolist())))
+    return weights
 
 
 def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, start, best, flag,
                    last) -> None:
     train_loader, val_loader = loaders
-    optimizer, scheduler, scaler = training
+    optimizer, scheduler, scaler, weights = training
     stop, seen, warned = stop_check(flag, rt), {}, False
     for epoch in tqdm(range(start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
         set_epoch(train_loader, epoch, args.seed)
         stats = train_or_stop(partial(
             train_segnet_epoch, epoch, model, train_loader, optimizer, args.nclass, rt.device,
-            writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop),
+            writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop, class_weights=weights),
             flag, rt, seen, ("SegNet", epoch, last))
         results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
@@ -359,7 +373,7 @@ def load_ensemble(args, device) -> list:
 def stage_test(args, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
     names = parse_methods(args.test_multi)
-    loader = loader_for(args, spec, spec.test_split, False, rt)
+    loader = loader_for(args, spec, args.test_split, False, rt)
     observer = {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | {"head": args.obs_head}
     if "obsnet" in names:
         observer = merge_observer_flags(observer, args.obsnet_file)
@@ -369,7 +383,7 @@ def stage_test(args, spec, rt, writer) -> None:
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
     results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,
-                                        method_config(args, spec, observer), args.nclass, spec.test_split,
+                                        method_config(args, spec, observer), args.nclass, args.test_split,
                                         amp=args.amp, progress=rt.is_main,
                                         ensemble=load_ensemble(args, rt.device))
     log_scalars(writer, results, "Test", 0)

@@ -173,17 +173,19 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
 
 def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
                        progress=True, log_every: int = 10, scaler=None, amp: bool = False,
-                       stop=None) -> dict:
-    """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored).
+                       stop=None, class_weights=None) -> dict:
+    """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored),
+    weighted per class by ``class_weights`` (a tensor of ``nclass`` weights) when given.
 
     ``stop`` and the ``skipped`` entry of the result: as in ``train_observer_epoch``.
     """
     segnet.train()
+    weight = None if class_weights is None else class_weights.to(device)
 
     def batch_loss(images, labels):
         target = labels.masked_fill((labels < 0) | (labels >= nclass), -100)
         logits = segnet(images)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
+        loss = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=-100)
         with torch.no_grad():
             valid = target >= 0
             correct = ((logits.argmax(1) == target) & valid).sum()

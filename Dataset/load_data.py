@@ -35,13 +35,16 @@ def dataset_builder(name: str) -> type[PairDataset]:
 
 
 def build_dataset(spec: DatasetSpec, root: str | Path, split: str,
-                  size: tuple[int, int] | None = None, train: bool = False) -> Dataset:
-    """One split of ``spec``'s dataset at ``size`` (H, W), with training or eval transforms.
+                  size: tuple[int, int] | None = None, train: bool = False,
+                  scale_jitter: float = 0.0) -> Dataset:
+    """One split of ``spec``'s dataset at ``size`` (H, W), with training or eval transforms
+    (``scale_jitter``: see ``train_transform``).
 
     Label ids are checked against ``spec`` as samples are read (DatasetError otherwise).
     """
     builder = dataset_builder(spec.name)
-    transform = train_transform(spec, size) if train else eval_transform(spec, size)
+    transform = (train_transform(spec, size, scale_jitter=scale_jitter) if train
+                 else eval_transform(spec, size))
     return builder(Path(root).expanduser(), split, transform, spec)
 
 

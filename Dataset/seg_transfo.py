@@ -26,7 +26,8 @@ def _crop_at(spec: DatasetSpec, size: tuple[int, int]) -> tuple[int, int]:
 
 
 def train_transform(spec: DatasetSpec, size: tuple[int, int] | None = None, *,
-                    hflip_p: float = 0.5, jitter: float = 0.2) -> v2.Compose:
+                    hflip_p: float = 0.5, jitter: float = 0.2,
+                    scale_jitter: float = 0.0) -> v2.Compose:
     """Training augmentation: resize, random crop of ``spec.crop`` pixels, resize back, flip, jitter.
 
     Args:
@@ -34,18 +35,28 @@ def train_transform(spec: DatasetSpec, size: tuple[int, int] | None = None, *,
         size: output (H, W); ``spec.size`` when None. The crop is scaled to this size.
         hflip_p: probability of a horizontal flip of image and label together.
         jitter: brightness / contrast / saturation jitter strength (0 disables it).
+        scale_jitter: when > 0, instead of the fixed crop: a random zoom by a factor drawn in
+            [1, 1 + scale_jitter], then a random crop back to ``size`` (no padding needed).
     """
     size = tuple(size or spec.size)
-    crop_h, crop_w = _crop_at(spec, size)
     # The first resize is a no-op when the files already have the preset size (CamVid).
-    steps = [v2.Resize(size, antialias=True),
-             v2.RandomCrop((size[0] - crop_h, size[1] - crop_w)),
-             v2.Resize(size, antialias=True),
+    steps = [v2.Resize(size, antialias=True), *_random_zoom(spec, size, scale_jitter),
              v2.RandomHorizontalFlip(p=hflip_p),
              v2.ToDtype(_TO_DTYPE, scale=True)]
     if jitter > 0:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
     return v2.Compose([*steps, _normalize(spec)])
+
+
+def _random_zoom(spec: DatasetSpec, size: tuple[int, int], scale_jitter: float) -> list:
+    """The geometric part of ``train_transform``: the spec's fixed crop and resize back, or a
+    random zoom in [1, 1 + scale_jitter] then a crop of ``size``."""
+    if scale_jitter > 0:
+        short = min(size)
+        return [v2.RandomResize(short, int(round(short * (1 + scale_jitter))) + 1, antialias=True),
+                v2.RandomCrop(size)]
+    crop_h, crop_w = _crop_at(spec, size)
+    return [v2.RandomCrop((size[0] - crop_h, size[1] - crop_w)), v2.Resize(size, antialias=True)]
 
 
 def eval_transform(spec: DatasetSpec, size: tuple[int, int] | None = None) -> v2.Compose:

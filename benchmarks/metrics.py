@@ -71,7 +71,7 @@ def run(sizes=(10_000_000, 40_000_000), runs: int = 3, distributions=DISTRIBUTIO
         results = {}
         for name, fn in (("scikit-learn", sklearn_ranking), ("sort-based exact", sorted_exact),
                          ("OODMeter", meter_ranking)):
-            seconds, peak, value = measure(partial(fn, scores, positive), runs)
+            seconds, peak, value = measure(partial(fn, scores, positive), runs, warmup=1)
             results[name] = (seconds, peak, np.array(value))
         reference = results["scikit-learn"]
         for name, (seconds, peak, value) in results.items():

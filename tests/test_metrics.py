@@ -177,11 +177,17 @@ def test_merge_equals_concatenation_and_all_reduce_noop():
     a.update(st[:5000], yt[:5000])
     b.update(st[5000:], yt[5000:])
     a.merge(b).merge(OODMeter())
-    for x, y_ in zip(a.table(), whole.table()):
-        np.testing.assert_array_equal(x, y_)
+    # Each update refines the bins its own sample asks for, so the merged table may split
+    # other bins than the whole one: the counts agree, the metrics to the meter's accuracy.
+    np.testing.assert_array_equal(a.table()[0].sum(), whole.table()[0].sum())
+    np.testing.assert_array_equal(a.table()[1].sum(), whole.table()[1].sum())
     before = whole.compute()
     assert whole.all_reduce().compute() == before
-    assert a.compute() == before
+    merged = a.compute()
+    for key in ("auroc", "ap", "ap_neg", "fpr95", "fpr95_neg"):
+        assert merged[key] == pytest.approx(before[key], abs=1e-4), key
+    assert merged["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-4)
+    assert merged["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-4)
 
 
 def test_pr_curve_counts():
