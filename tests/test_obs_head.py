@@ -1,6 +1,7 @@
 """The observer's head: "linear" (new observers' default, no tied scores) against the
 original's ReLU'd single channel; which one a checkpoint has, and how each is loaded."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -87,29 +88,24 @@ def run(tmp_path_factory):
     seg = main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
                   "--lr", "0.01")
     assert seg.returncode == 0, seg.stderr
-    for head in HEADS:
-        obs = main_py(*TINY, *paths(root), "--epoch", "1", "--lr", "0.01", "--obs_head", head,
+    for head in HEADS:  # the linear one by default, without --obs_head
+        flag = ["--obs_head", head] if head == "original" else []
+        obs = main_py(*TINY, *paths(root), "--epoch", "1", "--lr", "0.01", *flag,
                       "--obsnet_file", str(root / head), "--tboard", str(root / f"{head}_logs"))
         assert obs.returncode == 0, obs.stderr
     return root
 
 
 def test_training_records_the_head(run):
+    """Including the default (the "linear" observer was trained without --obs_head)."""
     for head in HEADS:
         for name in ("best.pth", "last.pth"):
             assert torch.load(run / head / name, weights_only=True)["observer"]["head"] == head
 
 
-def test_default_head_is_linear(run, tmp_path):
-    obs = main_py(*TINY, *paths(run), "--epoch", "1", "--lr", "0.01",
-                  "--obsnet_file", str(tmp_path / "obs"), "--tboard", str(tmp_path / "logs"))
-    assert obs.returncode == 0, obs.stderr
-    assert torch.load(tmp_path / "obs" / "last.pth", weights_only=True)["observer"]["head"] == "linear"
-
-
 def test_test_only_uses_the_recorded_head(run, tmp_path):
     """The original head's checkpoint, tested without --obs_head, scores with a ReLU: as a
-    plain state_dict (original head) it gives the same numbers, as a linear head others."""
+    plain state_dict (original head) it gives the same numbers, with --obs_head linear others."""
     def test(obsnet_file, *extra):
         logs = tmp_path / f"logs{len(list(tmp_path.iterdir()))}"
         out = main_py(*TINY, *paths(run), "--obsnet_file", str(obsnet_file), "--tboard", str(logs),
@@ -138,9 +134,9 @@ def test_contradicting_head_is_one_line(run, tmp_path):
 def test_resume_keeps_the_head(run, tmp_path):
     """A run started with the original head resumes with it, without --obs_head."""
     folder = tmp_path / "obs"
+    shutil.copytree(run / "original", folder)  # its epoch 1, trained with --obs_head original
     common = (*TINY, *paths(run), "--lr", "0.01", "--obsnet_file", str(folder), "--tboard",
               str(tmp_path / "logs"))
-    assert main_py(*common, "--epoch", "1", "--obs_head", "original").returncode == 0
     out = main_py(*common, "--epoch", "2", "--resume")
     assert out.returncode == 0, out.stderr
     assert torch.load(folder / "last.pth", weights_only=True)["observer"]["head"] == "original"

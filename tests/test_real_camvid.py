@@ -26,7 +26,7 @@ def test_recipe_runs_links_and_resumes(tmp_path, capsys):
     assert sorted(p.name for p in camvid.iterdir()) == listing  # the source is only read
     # a second call finds every output and runs nothing
     assert real_camvid.main(["--camvid", str(camvid), "--out", str(out), *TINY]) == 0
-    assert capsys.readouterr().out.count("skipped") == len(real_camvid.recipe(
+    assert capsys.readouterr().out.count("exists, skipped") == len(real_camvid.recipe(
         real_camvid.build_parser().parse_args(["--camvid", str(camvid), "--out", str(out)])))
 
 
