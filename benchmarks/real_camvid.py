@@ -26,18 +26,30 @@ LINKED = ("train", "trainannot", "val", "valannot", "train.txt", "val.txt")
 METHODS = "obsnet,mcp,mc_dropout,entropy,energy"
 
 
+def common_args(args) -> list[str]:
+    """The flags every main.py stage of the recipe shares (data, size, width, seed, SegNet)."""
+    return ["--data", "CamVid", "--dset_folder", str(args.out / "data"),
+            "--size", *map(str, args.size), "--width_mult", str(args.width_mult),
+            "--seed", str(args.seed), "--num_workers", str(args.workers),
+            "--segnet_file", str(args.out / "ckpt" / "segnet.pth")]
+
+
+def observer_args(args, folder: Path) -> list[str]:
+    """The observer stage's flags, its checkpoints in ``folder``."""
+    return ["--obsnet_file", str(folder), "--adv", args.adv, "--epsilon", str(args.epsilon),
+            "--epoch", str(args.obs_epochs), "--lr", str(args.obs_lr), "--obs_head", args.obs_head]
+
+
+def test_args(args, folder: Path, methods: str, split: str, logs: Path) -> list[str]:
+    """The test stage's flags: ``methods`` on ``split``, results in ``logs``."""
+    return ["--obsnet_file", str(folder), "--test_only", "--test_multi", methods, "--T",
+            str(args.T), "--test_split", split, "--tboard", str(logs)]
+
+
 def recipe(args) -> list[tuple[str, list[str], Path]]:
     """(name, command line, file it writes) of every stage, in order."""
     work, ckpt, logs = args.out / "data", args.out / "ckpt", args.out / "logs"
-    common = ["--data", "CamVid", "--dset_folder", str(work), "--size", *map(str, args.size),
-              "--width_mult",
-              str(args.width_mult), "--seed", str(args.seed), "--num_workers", str(args.workers),
-              "--segnet_file", str(ckpt / "segnet.pth")]
-    observer = ["--obsnet_file", str(ckpt / "obsnet"), "--adv", args.adv, "--epsilon",
-                str(args.epsilon), "--epoch", str(args.obs_epochs), "--lr", str(args.obs_lr),
-                "--obs_head", args.obs_head]
-    test = ["--obsnet_file", str(ckpt / "obsnet"), "--test_only", "--test_multi", METHODS,
-            "--T", str(args.T)]
+    common, observer = common_args(args), observer_args(args, ckpt / "obsnet")
     return [
         ("paste val_ood", [sys.executable, "-m", "Dataset.paste", "--root", str(work), "--split",
                            "val", "--seed", str(args.seed), "--count", "1", "3", "--size", "0.1",
@@ -48,10 +60,9 @@ def recipe(args) -> list[tuple[str, list[str], Path]]:
                           "--tboard", str(logs / "segnet")], ckpt / "segnet.pth"),
         ("train ObsNet", [sys.executable, "main.py", *common, *observer, "--tboard",
                           str(logs / "obsnet")], ckpt / "obsnet" / "best.pth"),
-        ("test val_ood", [sys.executable, "main.py", *common, *test, "--test_split", "val_ood",
-                          "--tboard", str(logs / "val_ood")], logs / "val_ood" / "results.json"),
-        ("test val", [sys.executable, "main.py", *common, *test, "--test_split", "val",
-                      "--tboard", str(logs / "val")], logs / "val" / "results.json"),
+        *((f"test {split}", [sys.executable, "main.py", *common,
+                             *test_args(args, ckpt / "obsnet", METHODS, split, logs / split)],
+           logs / split / "results.json") for split in ("val_ood", "val")),
     ]
 
 

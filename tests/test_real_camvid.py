@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import real_camvid
+from benchmarks import real_camvid_ablations as ablations
 from Dataset.synthetic import generate
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
@@ -34,3 +35,33 @@ def test_missing_camvid_entries_are_one_line(tmp_path):
     (tmp_path / "camvid").mkdir()
     with pytest.raises(SystemExit, match="missing train, trainannot"):
         real_camvid.main(["--camvid", str(tmp_path / "camvid"), "--out", str(tmp_path / "run")])
+
+
+# --------------------------------------------------------------------------- ablations
+
+def _entry(ood, ood_fpr, err, err_fpr):
+    return {"ood": {"auroc": ood, "fpr95": ood_fpr}, "error": {"auroc": err, "fpr95": err_fpr}}
+
+
+def test_ablation_commands_change_only_their_flag(tmp_path):
+    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
+    for change, flag, value in (({"adv": "none"}, "--adv", "none"),
+                                ({"epsilon": 0.05}, "--epsilon", "0.05"),
+                                ({"obs_head": "original"}, "--obs_head", "original"),
+                                ({"obs_epochs_factor": 2}, "--epoch", str(2 * args.obs_epochs))):
+        train, test, results = ablations.variant_commands(args, change)
+        assert train[train.index(flag) + 1] == value
+        assert "--test_split" in test and test[test.index("--test_split") + 1] == "val_ood"
+        assert results.parent.parent.name == ablations.variant_name(change)
+    train, _, _ = ablations.variant_commands(args, {"no_pretrained": True})
+    assert "--no_pretrained" in train
+    assert "--no_pretrained" not in ablations.variant_commands(args, {"adv": "none"})[0]
+
+
+def test_a_variant_wins_only_ahead_of_every_rival_with_both_fpr95_below_100():
+    rivals = [_entry(0.70, 0.8, 0.78, 0.8), _entry(0.75, 0.7, 0.77, 0.8)]
+    assert ablations.wins(_entry(0.76, 0.6, 0.80, 0.7), rivals)
+    assert not ablations.wins(_entry(0.74, 0.6, 0.80, 0.7), rivals)  # behind on OOD AUROC
+    assert not ablations.wins(_entry(0.76, 0.6, 0.80, 1.0), rivals)  # error FPR95 = 100%
+    text = ablations.table({"mcp": rivals[0]}, {"adv-none": {"entry": rivals[1], "seconds": 120}})
+    assert "| mcp (recipe) | 70.0 | 80.0 | 78.0 | 80.0 |" in text and "| adv-none |" in text
