@@ -95,11 +95,7 @@ def test_test_split_flag(root):
     assert results["split"] == "val" and "ood" not in results["methods"]["mcp"]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--scale_jitter", "-0.5"], "--scale_jitter must be >= 0"),
-    (["--class_weights", "inverse"], "--class_weights"),
-])
-def test_bad_recipe_flags_are_one_line(root, flags, message):
-    out = main_py(*TINY, *paths(root), "--train_segnet", *flags)
+def test_bad_recipe_flag_is_one_line(root):
+    out = main_py(*TINY, *paths(root), "--train_segnet", "--scale_jitter", "-0.5")
     assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert "--scale_jitter must be >= 0" in out.stderr and "Traceback" not in out.stderr
