@@ -217,13 +217,13 @@ def segnet_class_weights(args, spec, rt):
 def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, start, best, flag,
                    last) -> None:
     train_loader, val_loader = loaders
-    optimizer, scheduler, scaler, weights = training
+    optimizer, scheduler, scaler, class_weights = training
     stop, seen, warned = stop_check(flag, rt), {}, False
     for epoch in tqdm(range(start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
         set_epoch(train_loader, epoch, args.seed)
         stats = train_or_stop(partial(
             train_segnet_epoch, epoch, model, train_loader, optimizer, args.nclass, rt.device,
-            writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop, class_weights=weights),
+            writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop, class_weights=class_weights),
             flag, rt, seen, ("SegNet", epoch, last))
         results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
@@ -262,17 +262,22 @@ def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> 
     save_checkpoint(folder / "last.pth", state)
 
 
+def observer_given(args) -> dict:
+    """The observer flags and head the command line asks for (head None: not given)."""
+    return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | {"head": args.obs_head}
+
+
 def stage_train_obsnet(args, spec, rt, writer) -> None:
     """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
     train_loader = loader_for(args, spec, spec.train_split, True, rt)
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
     folder = Path(args.obsnet_file)
+    given = observer_given(args)
     if args.resume:  # the run goes on with the network it started with
-        args.obs_head = merge_observer_flags(observer_record(args) | {"head": args.obs_head},
-                                             folder / "last.pth")["head"]
+        args.obs_head = merge_observer_flags(given, folder / "last.pth")["head"]
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
                                    args.segnet_file, device=rt.device,
-                                   head=observer_record(args)["head"])
+                                   head=args.obs_head or DEFAULT_HEAD)
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
@@ -374,7 +379,7 @@ def stage_test(args, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
     names = parse_methods(args.test_multi)
     loader = loader_for(args, spec, args.test_split, False, rt)
-    observer = {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | {"head": args.obs_head}
+    observer = observer_given(args)
     if "obsnet" in names:
         observer = merge_observer_flags(observer, args.obsnet_file)
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
