@@ -8,9 +8,13 @@ variant trains an observer and is scored on val_ood, next to MCP and MC dropout.
 Variants (``--only`` picks groups): the attack (``none``, ``min_random_patch``,
 ``max_random_patch``, ``min_all_image``, ``fractal``), ε in {0.01, 0.025, 0.05, 0.1}, the
 original head against the linear one, no initialisation from the SegNet, and twice the epochs.
-Every other flag is the recipe's. A variant whose results exist is not run again. The table
-(markdown, for BENCHMARKS.md) goes to stdout and ``<out>/ablations.md``; a variant "wins" when
-it beats MCP, MC dropout and ``--adv none`` on both error and OOD AUROC with both FPR95 < 100%.
+Every other flag is the recipe's. ``--only`` takes groups or single variants (``adv-none
+epsilon-0.1``), run in the order given. A variant whose results exist is not run again, and one
+that equals the recipe's observer (``adv-min_random_patch``, ``epsilon-0.025``) is not trained:
+the recipe's results stand for it. The table (markdown, for BENCHMARKS.md) shows every variant
+with results so far, in the groups' order; it goes to stdout and ``<out>/ablations.md``. A
+variant "wins" when it beats MCP, MC dropout and ``--adv none`` on both error and OOD AUROC
+with both FPR95 < 100%.
 """
 import argparse
 import json
@@ -40,7 +44,7 @@ def variant_name(change: dict) -> str:
 
 def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
     """(train command, test command, results.json) of one variant."""
-    folder = args.out / "ablations" / variant_name(change)
+    folder = variant_folder(args, change)
     varied = replace_args(args, change)
     train = [sys.executable, "main.py", *common_args(varied),
              *observer_args(varied, folder / "ckpt"), "--tboard", str(folder / "train_logs"),
@@ -48,6 +52,18 @@ def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
     test = [sys.executable, "main.py", *common_args(varied),
             *test_args(varied, folder / "ckpt", "obsnet", "val_ood", folder / "val_ood")]
     return train, test, folder / "val_ood" / "results.json"
+
+
+def variant_folder(args, change: dict) -> Path:
+    """Where a variant's checkpoints, logs, results and wall time go."""
+    return args.out / "ablations" / variant_name(change)
+
+
+def same_as_recipe(args, change: dict) -> bool:
+    """True when the variant's observer is the recipe's own (nothing to train)."""
+    varied = replace_args(args, change)
+    return (not change.get("no_pretrained")
+            and observer_args(varied, Path()) == observer_args(args, Path()))
 
 
 def replace_args(args, change: dict) -> argparse.Namespace:
@@ -58,21 +74,50 @@ def replace_args(args, change: dict) -> argparse.Namespace:
     return argparse.Namespace(**(vars(args) | fields))
 
 
-def run_variant(args, change: dict, log_file: Path) -> dict:
-    """Train and test one variant unless its results exist; its obsnet entry and seconds."""
+def run_variant(args, change: dict, log_file: Path) -> None:
+    """Train and test one variant unless its results exist or it is the recipe's observer;
+    its wall time goes to ``seconds.json`` beside its results."""
     train, test, results = variant_commands(args, change)
-    seconds = None
-    if not results.exists():
-        start = time.perf_counter()
-        for command in (train, test):
-            print(f"[ablations] {variant_name(change)}: {' '.join(command)}", flush=True)
-            with open(log_file, "a") as log:
-                done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            if done.returncode:
-                raise SystemExit(f"ablations: error: {variant_name(change)} failed; see {log_file}")
-        seconds = time.perf_counter() - start
-    entry = json.loads(results.read_text())["methods"]["obsnet"]
-    return {"entry": entry, "seconds": seconds}
+    if results.exists() or same_as_recipe(args, change):
+        return
+    start = time.perf_counter()
+    for command in (train, test):
+        print(f"[ablations] {variant_name(change)}: {' '.join(command)}", flush=True)
+        with open(log_file, "a") as log:
+            done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise SystemExit(f"ablations: error: {variant_name(change)} failed; see {log_file}")
+    (variant_folder(args, change) / "seconds.json").write_text(
+        json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def collect(args, recipe_obsnet: dict) -> dict:
+    """Every variant with results so far: {name: {"entry", "seconds"}}, in the groups' order
+    (the recipe's observer for the variants that equal it, with no time of their own)."""
+    variants = {}
+    for change in (c for changes in GROUPS.values() for c in changes):
+        _, _, results = variant_commands(args, change)
+        seconds_file = variant_folder(args, change) / "seconds.json"
+        if same_as_recipe(args, change):
+            variants[variant_name(change) + " (= recipe)"] = {"entry": recipe_obsnet,
+                                                              "seconds": None}
+        elif results.exists():
+            seconds = (json.loads(seconds_file.read_text())["seconds"]
+                       if seconds_file.exists() else None)
+            variants[variant_name(change)] = {
+                "entry": json.loads(results.read_text())["methods"]["obsnet"],
+                "seconds": seconds}
+    return variants
+
+
+def chosen_changes(only: list[str]) -> list[dict]:
+    """The variants ``--only`` names (groups or single variants), in its order, once each."""
+    by_name = {variant_name(c): c for changes in GROUPS.values() for c in changes}
+    chosen = {}
+    for item in only:
+        for change in GROUPS.get(item) or [by_name[item]]:
+            chosen.setdefault(variant_name(change), change)
+    return list(chosen.values())
 
 
 def _cells(entry: dict) -> list[str]:
@@ -88,9 +133,10 @@ def wins(entry: dict, rivals) -> bool:
 
 
 def table(baselines: dict, variants: dict) -> str:
-    """Markdown: the baselines, then each variant, with whether it wins."""
+    """Markdown: the baselines, then each variant, with whether it wins against MCP, MC
+    dropout and ``--adv none``."""
     none = variants.get("adv-none", {}).get("entry")
-    rivals = [e for e in (*baselines.values(), none) if e is not None]
+    rivals = [e for e in (baselines.get("mcp"), baselines.get("mc_dropout"), none) if e is not None]
     lines = ["| variant | OOD AUROC | OOD FPR95 | Err AUROC | Err FPR95 | beats MCP, MC dropout, "
              "adv none | minutes |", "|---|---|---|---|---|---|---|"]
     for name, entry in baselines.items():
@@ -98,15 +144,17 @@ def table(baselines: dict, variants: dict) -> str:
     for name, v in variants.items():
         e = v["entry"]
         minutes = "" if v["seconds"] is None else f"{v['seconds'] / 60:.0f}"
-        lines.append(f"| {name} | " + " | ".join(_cells(e)) +
-                     f" | {'yes' if wins(e, rivals) else 'no'} | {minutes} |")
+        verdict = "(no attack)" if e is none else "yes" if wins(e, rivals) else "no"
+        lines.append(f"| {name} | " + " | ".join(_cells(e)) + f" | {verdict} | {minutes} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    """Run the chosen groups of variants and print the table."""
+    """Run the chosen variants and print the table of every variant with results."""
     p = build_parser()
-    p.add_argument("--only", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    names = [variant_name(c) for changes in GROUPS.values() for c in changes]
+    p.add_argument("--only", nargs="+", choices=list(GROUPS) + names, default=list(GROUPS),
+                   metavar="GROUP_OR_VARIANT", help=f"groups {list(GROUPS)} or variants {names}")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     link_camvid(args.camvid.expanduser().resolve(), args.out / "data")
@@ -116,11 +164,9 @@ def main(argv=None) -> int:
                          "benchmarks.real_camvid first")
     methods = json.loads(recipe_results.read_text())["methods"]
     baselines = {m: methods[m] for m in ("obsnet", "mcp", "mc_dropout") if m in methods}
-    variants = {}
-    for group in args.only:
-        for change in GROUPS[group]:
-            variants[variant_name(change)] = run_variant(args, change, args.out / "ablations.log")
-    text = table(baselines, variants)
+    for change in chosen_changes(args.only):
+        run_variant(args, change, args.out / "ablations.log")
+    text = table(baselines, collect(args, methods["obsnet"]))
     (args.out / "ablations.md").write_text(text + "\n")
     print(text)
     return 0

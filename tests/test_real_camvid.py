@@ -65,3 +65,34 @@ def test_a_variant_wins_only_ahead_of_every_rival_with_both_fpr95_below_100():
     assert not ablations.wins(_entry(0.76, 0.6, 0.80, 1.0), rivals)  # error FPR95 = 100%
     text = ablations.table({"mcp": rivals[0]}, {"adv-none": {"entry": rivals[1], "seconds": 120}})
     assert "| mcp (recipe) | 70.0 | 80.0 | 78.0 | 80.0 |" in text and "| adv-none |" in text
+
+
+def test_variants_equal_to_the_recipe_are_not_trained_and_only_picks_single_variants(tmp_path):
+    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
+    assert ablations.same_as_recipe(args, {"adv": "min_random_patch"})
+    assert ablations.same_as_recipe(args, {"epsilon": 0.025})
+    assert not ablations.same_as_recipe(args, {"epsilon": 0.05})
+    assert not ablations.same_as_recipe(args, {"no_pretrained": True})
+    ablations.run_variant(args, {"epsilon": 0.025}, tmp_path / "log")  # nothing to run
+    assert not (tmp_path / "ablations").exists()
+    picked = ablations.chosen_changes(["adv-none", "epsilon", "epsilon-0.1"])
+    assert [ablations.variant_name(c) for c in picked] == [
+        "adv-none", "epsilon-0.01", "epsilon-0.025", "epsilon-0.05", "epsilon-0.1"]
+
+
+def test_table_collects_every_variant_with_results_and_its_time(tmp_path):
+    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
+    recipe, none = _entry(0.60, 0.7, 0.85, 0.6), _entry(0.55, 0.7, 0.84, 0.6)
+    folder = ablations.variant_folder(args, {"adv": "none"})
+    (folder / "val_ood").mkdir(parents=True)
+    (folder / "val_ood" / "results.json").write_text(json.dumps({"methods": {"obsnet": none}}))
+    (folder / "seconds.json").write_text(json.dumps({"seconds": 600}))
+    variants = ablations.collect(args, recipe)
+    assert list(variants) == ["adv-none", "adv-min_random_patch (= recipe)",
+                              "epsilon-0.025 (= recipe)"]
+    assert variants["adv-none"]["seconds"] == 600
+    mcp = _entry(0.5, 0.8, 0.8, 0.7)
+    text = ablations.table({"obsnet": recipe, "mcp": mcp, "mc_dropout": mcp}, variants)
+    # the recipe's observer beats MCP, MC dropout and adv none: it wins though it is "obsnet"
+    assert "| adv-min_random_patch (= recipe) | 60.0 | 70.0 | 85.0 | 60.0 | yes |  |" in text
+    assert "| adv-none | 55.0 | 70.0 | 84.0 | 60.0 | (no attack) | 10 |" in text
