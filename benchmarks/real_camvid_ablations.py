@@ -8,7 +8,8 @@ variant trains an observer and is scored on val_ood, next to MCP and MC dropout.
 Variants (``--only`` picks groups): the attack (``none``, ``min_random_patch``,
 ``max_random_patch``, ``min_all_image``, ``fractal``), ε in {0.01, 0.025, 0.05, 0.1}, the
 original head against the linear one, no initialisation from the SegNet, and twice the epochs.
-Every other flag is the recipe's. A variant whose results exist is not run again. The table
+Every other flag is the recipe's. A variant whose results exist is not run again; one whose
+training was interrupted continues with ``--resume``. The table
 (markdown, for BENCHMARKS.md) goes to stdout and ``<out>/ablations.md``; a variant "wins" when
 it beats MCP, MC dropout and ``--adv none`` on both error and OOD AUROC with both FPR95 < 100%.
 """
@@ -19,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.real_camvid import (ROOT, build_parser, common_args, link_camvid, observer_args,
-                                    test_args)
+from benchmarks.real_camvid import (ROOT, build_parser, common_args, continue_flag, link_camvid,
+                                    observer_args, test_args)
 
 GROUPS = {
     "adv": [{"adv": a} for a in ("none", "min_random_patch", "max_random_patch", "min_all_image",
@@ -44,7 +45,8 @@ def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
     varied = replace_args(args, change)
     train = [sys.executable, "main.py", *common_args(varied),
              *observer_args(varied, folder / "ckpt"), "--tboard", str(folder / "train_logs"),
-             *(["--no_pretrained"] if change.get("no_pretrained") else [])]
+             *(["--no_pretrained"] if change.get("no_pretrained") else []),
+             *continue_flag(folder / "ckpt" / "last.pth")]
     test = [sys.executable, "main.py", *common_args(varied),
             *test_args(varied, folder / "ckpt", "obsnet", "val_ood", folder / "val_ood")]
     return train, test, folder / "val_ood" / "results.json"
