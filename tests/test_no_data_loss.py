@@ -128,11 +128,11 @@ def test_earlier_checkpoints_are_not_replaced_without_resume_or_overwrite(base, 
     folder = tmp_path / "obs"
     folder.mkdir()
     (folder / "best.pth").write_bytes(b"an earlier run")
-    out = main_py(*TINY, *paths(base), "--obsnet_file", str(folder), "--epoch", "1")
-    assert out.returncode == 2, out.stderr
-    one_line_error(out, f"--obsnet_file {folder}: checkpoints of an earlier run are there "
-                        f"(best.pth); add --resume to continue that run or --overwrite to "
-                        f"replace them")
+    code, line = main_in_process(capsys, *TINY, *paths(base), "--obsnet_file", folder,
+                                 "--epoch", "1")
+    assert code == 2 and line == (f"main.py: error: --obsnet_file {folder}: checkpoints of an "
+                                  f"earlier run are there (best.pth); add --resume to continue "
+                                  f"that run or --overwrite to replace them")
     assert (folder / "best.pth").read_bytes() == b"an earlier run"
     seg = base / "segnet.pth"
     code, line = main_in_process(capsys, *TINY, *paths(base), "--train_segnet", "--epoch", "1")
@@ -163,8 +163,9 @@ def test_a_live_run_holds_its_outputs(base, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def rerun(base):
-    """An observer run with --overwrite (umask 027) into a folder holding an earlier run's
-    checkpoints, the lock of a killed run and temporary files of a killed save."""
+    """``python main.py`` training an observer with --overwrite (umask 027) into a folder
+    holding an earlier run's checkpoints, the lock of a killed run and temporary files of a
+    killed save (the subprocess test of the refusals, the lock and the file hygiene)."""
     folder = base / "rerun"
     folder.mkdir()
     for name in ("best.pth", "last.pth"):

@@ -65,3 +65,23 @@ def test_a_variant_wins_only_ahead_of_every_rival_with_both_fpr95_below_100():
     assert not ablations.wins(_entry(0.76, 0.6, 0.80, 1.0), rivals)  # error FPR95 = 100%
     text = ablations.table({"mcp": rivals[0]}, {"adv-none": {"entry": rivals[1], "seconds": 120}})
     assert "| mcp (recipe) | 70.0 | 80.0 | 78.0 | 80.0 |" in text and "| adv-none |" in text
+
+
+def test_an_interrupted_training_stage_is_resumed(tmp_path):
+    """A training stage is done when its last.pth holds its last epoch; an interrupted one
+    runs again with --resume, one that left no last.pth with --overwrite (main.py refuses to
+    replace checkpoints without one of them)."""
+    import torch
+    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
+    stages = {name: (cmd, out) for name, cmd, out in real_camvid.recipe(args)}
+    command, last = stages["train ObsNet"]
+    assert last.name == "last.pth" and "--overwrite" in command and "--resume" not in command
+    last.parent.mkdir(parents=True)
+    torch.save({"epoch": 3, "args": {"epoch": args.obs_epochs}}, last)  # stopped after epoch 3
+    assert not real_camvid.finished(last)
+    command = {name: cmd for name, cmd, _ in real_camvid.recipe(args)}["train ObsNet"]
+    assert "--resume" in command and "--overwrite" not in command
+    torch.save({"epoch": args.obs_epochs - 1, "args": {"epoch": args.obs_epochs}}, last)
+    assert real_camvid.finished(last)
+    train, _, _ = ablations.variant_commands(args, {"adv": "none"})
+    assert "--overwrite" in train  # its own folder holds no last.pth
