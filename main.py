@@ -16,12 +16,15 @@ from Utils.utils import seed_everything
 
 
 # `python main.py` with no argument: the three stages of the demo, each a plain command line.
+# The training stages pass --overwrite: a rerun of the demo replaces the demo's own
+# checkpoints in ckpt/demo/ (the SegNet stage runs only when ckpt/demo/segnet.pth is missing).
 DEMO_COMMON = ["--data", "Synthetic", "--dset_folder", "data/Synthetic", "--segnet_file",
                "ckpt/demo/segnet.pth", "--obsnet_file", "ckpt/demo/", "--tboard", "logs/demo",
                "--width_mult", "0.125", "--seed", "0", "--bsize", "8"]
 DEMO_STAGES = [
-    ["--train_segnet", "--epoch", "24", "--optim", "AdamW", "--lr", "0.003"],
-    ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5"],
+    ["--train_segnet", "--epoch", "24", "--optim", "AdamW", "--lr", "0.003", "--overwrite"],
+    ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5",
+     "--overwrite"],
     ["--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "20"],
 ]
 
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true",
       help="continue training from <obsnet_file>/last.pth (with --train_segnet: from "
            "<segnet_file stem>.last.pth)")
+    a("--overwrite", action="store_true",
+      help="training: replace the checkpoints of an earlier run in --obsnet_file (with "
+           "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start")
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")
     a("--obs_mlp", action="store_true", help="small observer reading one SegNet map")

@@ -56,9 +56,42 @@ def _unpack(batch, skipped: list):
     return batch[0], batch[1]
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+class NonFinite:
+    """Where the first non-finite loss of an epoch happened, kept on the device: ``update``
+    runs every step without a host synchronisation, ``check`` synchronises once (at log points
+    and at the end of the epoch, before anything is saved) and raises FloatingPointError.
+
+    Under DDP the end-of-epoch check takes the earliest step over the ranks, so that every
+    rank stops together.
+    """
+
+    NONE = 2 ** 62  # no non-finite loss yet
+
+    def __init__(self, tag: str, epoch: int, device):
+        self.tag, self.epoch = tag, epoch
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Record ``step`` if ``loss`` is the first non-finite loss (device-side only)."""
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first == self.NONE)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, all_ranks: bool = False) -> None:
+        """FloatingPointError naming the epoch and step of the first non-finite loss."""
+        first = self.first
+        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            first = first.clone()
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        step = int(first.item())
+        if step == self.NONE:
+            return
+        value = self.value.item() if step == int(self.first.item()) else "not finite"
+        raise FloatingPointError(
+            f"{self.tag} training diverged: the loss is {value} at epoch {self.epoch}, step "
+            f"{step}; nothing of epoch {self.epoch} was saved (lower --lr)")
 
 
 def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig):
@@ -111,6 +144,7 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
     epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``)."""
     # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
+    nonfinite = NonFinite(tag, epoch, device)
     skipped: list[str] = []
     bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
     clock = {"data_wait": 0.0, "start": time.perf_counter()}
@@ -123,11 +157,13 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
             loss, counts = batch_loss(images, labels)
         _step(loss, optimizer, scaler)
         totals[: 1 + len(counts)] += torch.cat([loss.detach().double().view(1), counts.double()])
+        nonfinite.update(loss, step)
         if step % log_every == 0:
-            _check_finite(loss, epoch, step)
+            nonfinite.check()
             _log_step(writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
         if stop is not None and stop():
             raise TrainingStopped(epoch, step)
+    nonfinite.check(all_ranks=True)
     seconds = time.perf_counter() - clock["start"]
     return {**_epoch_summary(totals, len(loader)), "skipped": skipped, "seconds": seconds,
             "data_wait": clock["data_wait"], "data_wait_share": clock["data_wait"] / max(seconds, 1e-9)}
