@@ -204,6 +204,12 @@ def skipped_summary(rt, seen: dict) -> None:
                 f"all): " + "; ".join(seen))
 
 
+def unlabelled_note(stats: dict) -> str:
+    """The end of an epoch line when batches with every pixel ignored were skipped."""
+    n = stats.get("unlabelled_batches", 0)
+    return f" ({n} batch(es) skipped: every pixel is the ignore label)" if n else ""
+
+
 def train_or_stop(train_epoch, flag: StopSignal, rt, seen: dict, where: tuple) -> dict:
     """``train_epoch()``, with a stop signal in its middle turned into Interrupted and the
     samples it skipped reported; ``where`` = (stage name, epoch, resume file)."""
@@ -281,7 +287,7 @@ def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, sta
         writer.add_scalar("Val/segnet_miou", miou, epoch)
         warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
-                f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
+                f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}{unlabelled_note(stats)}")
         scheduler.step()
         state = training_state(segnet, optimizer, scheduler, scaler, epoch, max(best, miou), args)
         if rt.is_main:
@@ -398,7 +404,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
         warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
                 f"{stats['obsnet_acc']:.3f}{attack_summary(writer, stats, epoch)}, "
-                f"val error AUROC {auroc:.4f}")
+                f"val error AUROC {auroc:.4f}{unlabelled_note(stats)}")
         scheduler.step()
         state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
         save_observer(folder, state, epoch, improves(auroc, best), rt)
@@ -442,13 +448,13 @@ def stage_test(args, spec, rt, writer) -> None:
                                         method_config(args, spec, observer), args.nclass, args.test_split,
                                         amp=args.amp, progress=rt.is_main,
                                         ensemble=load_ensemble(args, rt.device))
+    log(rt, format_table(results))  # first: a file that cannot be written must not hide it
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     if rt.is_main:
         write_json(Path(args.tboard) / "results.json", results, "--tboard")
         write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
-    log(rt, format_table(results))
     log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
 
 

@@ -43,13 +43,15 @@ def test_triptych_and_raw_maps_at_input_resolution(checkpoints):
                     str(checkpoints / "images"), "--out", str(out), "--width_mult", "0.0625",
                     "--size", "32", "48", "--bsize", "2")
     assert run.returncode == 0, run.stderr
-    for stem, (h, w) in {"a": (40, 60), "b": (77, 33), "c": (64, 64)}.items():
+    # outputs keep the whole file name: a.png and a.jpg of one folder never collide
+    for stem, (h, w) in {"a.png": (40, 60), "b.jpg": (77, 33), "c.JPEG": (64, 64)}.items():
         raw = np.load(out / f"{stem}.npy")
         assert raw.dtype == np.float16 and raw.shape == (h, w)
         assert 0 <= raw.min() and raw.max() <= 1  # one sigmoid: probabilities
         with Image.open(out / f"{stem}.png") as picture:
             assert picture.size == (3 * w, h)
-    assert not (out / "notes.npy").exists()
+    assert not list(out.glob("notes*"))
+    assert "1 file(s) of" in run.stdout and "notes.txt" in run.stdout
 
 
 def test_bad_folder_and_checkpoint_are_one_line(checkpoints, tmp_path):
