@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from Dataset.camvid import read_image
 from Dataset.specs import SPECS
-from Models.load_net import CheckpointError, load_networks, merge_observer_flags, observer_path
+from Models.load_net import load_networks, merge_observer_flags
 from Models.obsnet import HEADS
 from Utils.affichage import colorize_labels, viridis
 from Utils.cli import UsageError, check_nclass_and_size, parse_checked, run_friendly
@@ -69,16 +69,6 @@ def output_name(image: Path) -> str:
     return image.name
 
 
-def check_finite_weights(net: torch.nn.Module, path) -> None:
-    """CheckpointError naming ``path`` when the network loaded from it holds NaN or inf."""
-    bad = [name for name, t in net.state_dict().items()
-           if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values (first: "
-                              f"{bad[0]}); the training that wrote it diverged, use an earlier "
-                              f"checkpoint")
-
-
 def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
     """uint8 images of any sizes -> one normalised batch at the network size."""
     batch = [TF.resize(img, list(size), antialias=True) for img in images]
@@ -123,8 +113,6 @@ def run(argv) -> int:
     segnet, obsnet = load_networks(args.model, nclass, args.width_mult,
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
                                    device, head=flags["head"])
-    check_finite_weights(segnet, args.segnet_file)
-    check_finite_weights(obsnet, observer_path(args.obsnet_file))
     obsnet.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

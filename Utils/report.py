@@ -3,7 +3,6 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid

@@ -333,8 +333,8 @@ def test_inference_with_nan_weights_names_the_checkpoint(nets, tmp_path):
     Image.new("RGB", (48, 32), (90, 120, 30)).save(folder / "x.png")
     out = run_inference(nets, folder, tmp_path / "out", obsnet="nan_obsnet")
     line = last_line(out, "inference.py", 1)
-    assert line.startswith(f"inference.py: error: {nets / 'nan_obsnet' / 'best.pth'}: 1 tensor(s) "
-                           "hold NaN or infinite values (first: "), line
+    assert line.startswith(f"inference.py: error: --obsnet_file {nets / 'nan_obsnet' / 'best.pth'}: "
+                           "holds NaN or infinite weights (first: "), line
 
 
 def test_viridis_survives_nan_and_inf():
