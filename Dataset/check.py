@@ -5,7 +5,8 @@
 Reports, per split: the split file and its image count; missing or unreadable files;
 image / label size mismatches; label values the dataset cannot have; labels with every
 pixel ignored; anomaly and ignore pixel counts; per-class pixel shares (%). The listing, path
-resolution and label decoding are the loaders' own (``Dataset.load_data.DATASETS``); no transform or resize is applied.
+resolution and label decoding are the loaders' own (``Dataset.load_data.DATASETS``); no
+transform or resize is applied.
 Exit status: 0 when nothing is wrong, 1 when a problem was found, 2 for a usage error.
 """
 import argparse
