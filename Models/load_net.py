@@ -80,8 +80,9 @@ def load_checkpoint(path, label: str | None = None) -> dict:
         raise CheckpointError(f"{where}: cannot be read ({exc.strerror or exc})") from None
     except pickle.UnpicklingError as exc:
         if RUNS_CODE.search(str(exc)):  # what weights_only refuses: objects that could run code
-            raise CheckpointError(f"{where}: cannot be loaded as a checkpoint (refused: it holds "
-                                  f"Python objects other than tensors, which could run code)") from None
+            raise CheckpointError(f"{where}: cannot be loaded as a checkpoint (refused: it "
+                                  f"holds Python objects other than tensors, which could run "
+                                  f"code)") from None
         raise CheckpointError(f"{where}: not a checkpoint (not a PyTorch file: "
                               f"{_first_line(exc)})") from None
     except Exception as exc:  # truncated, corrupted or not a PyTorch file

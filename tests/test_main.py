@@ -112,7 +112,8 @@ def test_real_dataset_needs_a_folder():
 
 
 def test_missing_segnet_file_is_explained(run_dir, tmp_path):
-    out = main_py(*TINY, *paths(run_dir), "--segnet_file", str(tmp_path / "none.pth"), "--epoch", "1")
+    out = main_py(*TINY, *paths(run_dir), "--segnet_file", str(tmp_path / "none.pth"), "--epoch", "1",
+                  "--obsnet_file", str(tmp_path / "obsnet"))  # run_dir/obsnet holds a run
     assert out.returncode == 1
     assert "none.pth: file not found (train one with --train_segnet)" in out.stderr
 
