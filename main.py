@@ -160,7 +160,7 @@ def run(argv) -> int:
     rank = int(os.environ.get("RANK", "0"))
     seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1)
     if args.seed >= 0 and args.model == "segnet" and rank == 0:
-        print(UNPOOL_NOTE, file=sys.stderr)
+        print(UNPOOL_NOTE, flush=True)  # stdout: stderr is kept for errors (one line)
     run_stage(args, spec)
     return 0
 

@@ -354,7 +354,7 @@ def test_table_printed_before_results_files_and_unpool_warning_in_our_words(base
     line = last_line(out, "main.py", 1)
     assert "results.csv" in line and "Is a directory" in line, line
     assert any(row.startswith("Method ") for row in out.stdout.splitlines()), out.stdout
-    assert out.stderr.count(UNPOOL_NOTE) == 1 and "UserWarning" not in out.stderr, out.stderr
+    assert out.stdout.count(UNPOOL_NOTE) == 1 and "UserWarning" not in out.stderr, out.stderr
 
 
 def test_batches_with_every_pixel_ignored_are_skipped_in_both_stages():
