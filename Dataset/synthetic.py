@@ -7,7 +7,8 @@ the CamVid (SegNet tutorial) layout, deterministic for a seed::
     .complete                                    # JSON parameters, written last
 
 Only an empty or missing folder, or one marked as ours (``.synthetic``, or ``.complete`` as
-written by earlier versions), is written to: anything else is refused and left untouched.
+written by earlier versions, or nothing but this module's folders, image names and lists, as
+an interrupted earlier version leaves), is written to: anything else is refused untouched.
 
 CLI: ``python -m Dataset.synthetic --out DIR --seed S [--n_train N ...]``.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -68,12 +70,30 @@ def refusal(root) -> str | None:
         return None
     try:
         entries = sorted(p.name for p in root.iterdir())
+        if not entries or _left_by_earlier_version(root, entries):
+            return None
     except OSError as exc:
         return f"it cannot be read ({exc.strerror or exc})"
-    if not entries:
-        return None
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     return f"it holds files the synthetic generator did not write ({shown})"
+
+
+GENERATED_NAME = re.compile(r"^(train|val|test)_\d{5}\.png$")  # what _save names its images
+
+
+def _left_by_earlier_version(root: Path, entries: list[str]) -> bool:
+    """Whether ``root`` holds only what an interrupted run of an earlier version (which wrote
+    no owner marker) leaves: this module's folders holding only its image names, its list
+    files, its marker's temporary file. A real dataset's images have other names."""
+    folders = {d for pair in DIRS.values() for d in pair}
+    known = folders | {f"{split}.txt" for split in DIRS} | {MARKER + ".tmp"}
+    if not set(entries) <= known:
+        return False
+    for name in set(entries) & folders:
+        folder = root / name
+        if not folder.is_dir() or not all(GENERATED_NAME.match(p.name) for p in folder.iterdir()):
+            return False
+    return True
 
 
 def _claim(root: Path) -> None:

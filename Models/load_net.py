@@ -1,5 +1,6 @@
 """Model registry and checkpoint files (atomic writes, safe loads)."""
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def load_checkpoint(path, label: str | None = None) -> dict:
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot be read ({exc.strerror or exc})") from None
     except pickle.UnpicklingError as exc:
-        if RUNS_CODE.search(str(exc)):  # what weights_only refuses: objects that could run code
+        if RUNS_CODE.search(str(exc)) or _names_code(path):  # objects that could run code
             raise CheckpointError(f"{where}: cannot be loaded as a checkpoint (refused: it "
                                   f"holds Python objects other than tensors, which could run "
                                   f"code)") from None
@@ -88,6 +89,20 @@ def load_checkpoint(path, label: str | None = None) -> dict:
     except Exception as exc:  # truncated, corrupted or not a PyTorch file
         raise CheckpointError(f"{where}: cannot be loaded as a checkpoint (not a readable "
                               f"PyTorch file: {_first_line(exc)})") from None
+
+
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _names_code(path: Path) -> bool:
+    """Whether ``path`` is a pickle that names callables or classes: read with pickletools,
+    which only parses opcodes and runs nothing (weights_only stops earlier at opcodes it does
+    not know, e.g. those of pickle protocol 4)."""
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in CODE_OPCODES for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a pickle: random bytes, another format
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -61,6 +61,7 @@ def test_synthetic_data_is_never_written_over_a_real_dataset(base, tmp_path):
     shutil.copytree(base / "data", real)
     for marker in (MARKER, OWNER):
         (real / marker).unlink()
+    (real / "train" / "train_00000.png").rename(real / "train" / "0001TP_006690.png")
     before = listing(real)
     out = main_py(*TINY, *paths(base, obsnet="dataloss"), "--dset_folder", str(real), "--epoch", "1")
     assert out.returncode == 2, out.stderr
@@ -88,6 +89,12 @@ def test_synthetic_folders_it_may_write(tmp_path):
     # interrupted (owner marker, no .complete): ours, redone
     (old / MARKER).unlink()
     assert refusal(old) is None
+    # interrupted by an earlier version (no marker at all): only its names, so ours ...
+    (old / OWNER).unlink()
+    assert refusal(old) is None
+    # ... unless anything else is there, e.g. an image of another name (a real dataset)
+    (old / "train" / "train_00000.png").rename(old / "train" / "0001TP_006690.png")
+    assert "did not write (test, test.txt" in refusal(old)
 
 
 def test_demo_reruns_over_its_own_files(tmp_path, monkeypatch, capsys):
