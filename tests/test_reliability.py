@@ -114,9 +114,7 @@ def test_checkpoint_that_would_run_code_is_refused(small_data, tmp_path, writer)
     out = main_py(*TINY, *paths(small_data, obsnet=f"evil_{writer}"), "--segnet_file", str(bad),
                   "--epoch", "1")
     assert out.returncode == 1, out.stderr
-    expected = {"torch.save": "cannot be loaded as a checkpoint (refused: it holds Python objects",
-                "pickle.dump": "not a checkpoint (not a PyTorch file"}[writer]
-    one_line_error(out, str(bad), expected)
+    one_line_error(out, str(bad), "cannot be loaded as a checkpoint (refused: it holds Python objects")
     assert not marker.exists()
 
 
