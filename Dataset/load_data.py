@@ -3,6 +3,8 @@ import atexit
 import multiprocessing
 import random
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +71,16 @@ def init_worker(worker_id: int) -> None:
     seed_worker(worker_id)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    sys.excepthook = _quiet_dropped_connection
+
+
+def _quiet_dropped_connection(exc_type, value, traceback) -> None:
+    """A worker's uncaught exception, printed unless it is a connection the main process
+    dropped: a second signal stops it at once, possibly while it was receiving a batch from
+    this worker's fd-sharing thread (multiprocessing.resource_sharer, which reports through
+    sys.excepthook), whose traceback would then bury the one line."""
+    if not issubclass(exc_type, ConnectionError):
+        sys.__excepthook__(exc_type, value, traceback)
 
 
 @atexit.register  # runs before multiprocessing's own exit hook (atexit: last in, first out)
@@ -101,13 +113,18 @@ def dead_worker(batches, wait: float = 1.0) -> WorkerDied | None:
 class WatchedLoader(DataLoader):
     """A DataLoader whose worker deaths are one WorkerDied naming the signal.
 
-    A worker killed while handing over a batch (SIGKILL from the out-of-memory killer) makes
-    torch raise whatever the broken pipe gave: a reset connection, an end of file, "exited
-    unexpectedly"; the dead worker is then looked for and named instead.
+    A worker killed (SIGKILL from the out-of-memory killer) makes torch raise whatever the
+    broken pipe gave: a reset connection, an end of file, "exited unexpectedly"; the dead
+    worker is then looked for and named instead.
     """
 
     def __iter__(self):
         batches = super().__iter__()
+        if self.num_workers > 0 and threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler raises its error wherever the main thread happens to
+            # be, a __del__ included ("Exception ignored in ..." and a traceback); without
+            # it a death is found when a batch is awaited (within 5 s) and named below.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         while True:
             try:
                 batch = next(batches)
