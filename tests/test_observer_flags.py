@@ -133,7 +133,7 @@ def test_inference_runs_the_observer_as_its_checkpoint_records(run, tmp_path):
                        "--obsnet_file", str(run / "nores"), "--img_folder", str(images),
                        "--out", str(out), "--width_mult", str(WIDTH), "--size", *map(str, SIZE))
     assert result.returncode == 0, result.stderr
-    written = np.load(out / "a.npy").astype(np.float32)
+    written = np.load(out / "a.png.npy").astype(np.float32)
     assert written.shape == (h, w)
 
     from inference import predict, prepare
