@@ -19,6 +19,7 @@ from PIL import Image
 
 import inference
 import main
+from cli import python
 from conftest import ROOT
 from Dataset.specs import SPECS
 from Dataset.synthetic import generate
@@ -34,8 +35,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 def cli(*args, timeout=300):
     """Run ``python ARGS`` from the repository root (args[0]: main.py, inference.py, -m ...)."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return python(*args, env=ENV, timeout=timeout)
 
 
 def last_line(out, program, rc):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import main
 from conftest import ROOT
 from Dataset.errors import DatasetError
@@ -24,10 +25,13 @@ from Utils import outputs
 
 
 def main_py(*args, umask=None):
-    """``python main.py ARGS`` in a subprocess (with ``umask`` when given)."""
-    preexec = None if umask is None else (lambda: os.umask(umask))
+    """``python main.py ARGS`` as a new process (a new interpreter with ``umask`` when given,
+    else one forked from the test runner's preloaded server: see ``cli``)."""
+    if umask is None:
+        return cli.main_py(*args, env=ENV)
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(umask))
 
 
 def main_in_process(capsys, *args) -> tuple[int, str]:

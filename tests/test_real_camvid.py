@@ -6,13 +6,15 @@ import pytest
 
 from benchmarks import real_camvid
 from benchmarks import real_camvid_ablations as ablations
+from cli import SubprocessModule
 from Dataset.synthetic import generate
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
         "--T", "2", "--workers", "0"]
 
 
-def test_recipe_runs_links_and_resumes(tmp_path, capsys):
+def test_recipe_runs_links_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(real_camvid, "subprocess", SubprocessModule)  # each stage: a fresh process
     camvid = generate(tmp_path / "camvid", seed=0, n_train=8, n_val=4, n_test=2)
     listing = sorted(p.name for p in camvid.iterdir())
     out = tmp_path / "run"
