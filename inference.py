@@ -20,7 +20,7 @@ from Dataset.specs import SPECS
 from Models.load_net import load_networks, merge_observer_flags
 from Models.obsnet import HEADS
 from Utils.affichage import colorize_labels, viridis
-from Utils.cli import UsageError, run_friendly
+from Utils.cli import UsageError, check_nclass_and_size, parse_checked, run_friendly
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
@@ -48,13 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files of ``folder``, sorted; a UsageError when there are none."""
+    """Image files of ``folder``, sorted (the other files are counted in one line); a
+    UsageError when there are none."""
     if not folder.is_dir():
         raise UsageError(f"--img_folder {folder}: folder not found")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise UsageError(f"--img_folder {folder}: no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        print(f"{len(others)} file(s) of {folder} left out, not {'/'.join(sorted(IMAGE_SUFFIXES))}: "
+              + ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     return images
+
+
+def output_name(image: Path) -> str:
+    """The outputs' name: the image's full file name, so that a.png and a.jpg of one folder
+    give a.png.png / a.png.npy and a.jpg.png / a.jpg.npy, never the same file."""
+    return image.name
 
 
 def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
@@ -74,7 +86,8 @@ def predict(segnet, obsnet, batch, no_residual: bool = False, no_img: bool = Fal
 
 
 def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) -> None:
-    """Write ``stem.png`` (input | overlay | viridis map) and ``stem.npy`` at the input's size."""
+    """Write ``stem.png`` (input | overlay | viridis map) and ``stem.npy`` at the input's size
+    (``stem``: see ``output_name``)."""
     h, w = image.shape[-2:]
     prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear")[0, 0]
     pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
@@ -86,14 +99,18 @@ def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) 
 
 def run(argv) -> int:
     """Parse the flags, load the networks and process the folder in batches."""
-    args = build_parser().parse_args(argv)
+    args = parse_checked(build_parser(), argv)
     spec = SPECS[args.data]
+    check_nclass_and_size(args, spec)
     if args.bsize < 1:
         raise UsageError("--bsize must be at least 1")
+    if args.width_mult <= 0:
+        raise UsageError(f"--width_mult must be positive (got {args.width_mult})")
     files = list_images(Path(args.img_folder))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = merge_observer_flags({"obs_mlp": args.obs_mlp, "head": args.obs_head}, args.obsnet_file)
-    segnet, obsnet = load_networks(args.model, args.nclass or spec.nclass, args.width_mult,
+    nclass = spec.nclass if args.nclass is None else args.nclass
+    segnet, obsnet = load_networks(args.model, nclass, args.width_mult,
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
                                    device, head=flags["head"])
     obsnet.eval()
@@ -105,8 +122,11 @@ def run(argv) -> int:
         images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]
         preds, probs = predict(segnet, obsnet, prepare(images, size, spec).to(device),
                                flags.get("no_residual", False), flags.get("no_img", False))
+        if not torch.isfinite(probs).all():
+            raise FloatingPointError(f"NaN or infinite ObsNet map for {chunk[0].parent}: "
+                                     f"{', '.join(p.name for p in chunk)}")
         for path, image, pred, prob in zip(chunk, images, preds.cpu(), probs.cpu()):
-            save_outputs(image, pred, prob, spec.colors, out, path.stem)
+            save_outputs(image, pred, prob, spec.colors, out, output_name(path))
     print(f"{len(files)} images -> {out} (PNG triptychs and float16 .npy maps)")
     return 0
 

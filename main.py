@@ -10,18 +10,21 @@ from Models.load_net import SEGMENTERS
 from Models.obsnet import HEADS
 from stages import run_stage
 from Utils.adv_attack import ATTACK_CHOICES
-from Utils.cli import UsageError, run_friendly
+from Utils.cli import UsageError, check_nclass_and_size, parse_checked, run_friendly
 from Utils.uncertainty import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
-from Utils.utils import seed_everything
+from Utils.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
 
 
 # `python main.py` with no argument: the three stages of the demo, each a plain command line.
+# The training stages pass --overwrite: a rerun of the demo replaces the demo's own
+# checkpoints in ckpt/demo/ (the SegNet stage runs only when ckpt/demo/segnet.pth is missing).
 DEMO_COMMON = ["--data", "Synthetic", "--dset_folder", "data/Synthetic", "--segnet_file",
                "ckpt/demo/segnet.pth", "--obsnet_file", "ckpt/demo/", "--tboard", "logs/demo",
                "--width_mult", "0.125", "--seed", "0", "--bsize", "8"]
 DEMO_STAGES = [
-    ["--train_segnet", "--epoch", "24", "--optim", "AdamW", "--lr", "0.003"],
-    ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5"],
+    ["--train_segnet", "--epoch", "24", "--optim", "AdamW", "--lr", "0.003", "--overwrite"],
+    ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5",
+     "--overwrite"],
     ["--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "20"],
 ]
 
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
     a("--tboard", default=None, help="TensorBoard / results folder (default logs/<data>)")
     a("--T", type=int, default=50, help="forward passes of MC dropout")
-    a("--seed", type=int, default=-1, help="random seed; -1: not seeded")
+    a("--seed", type=int, default=-1, help=f"random seed in 0..{MAX_SEED}; -1: not seeded")
     a("--bsize", type=int, default=8, help="batch size")
     a("--lr", type=float, default=2e-2, help="learning rate")
     a("--Temp", type=float, default=1.2, help="temperature of temperature scaling")
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true",
       help="continue training from <obsnet_file>/last.pth (with --train_segnet: from "
            "<segnet_file stem>.last.pth)")
+    a("--overwrite", action="store_true",
+      help="training: replace the checkpoints of an earlier run in --obsnet_file (with "
+           "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start")
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")
     a("--obs_mlp", action="store_true", help="small observer reading one SegNet map")
@@ -115,10 +121,9 @@ def check_args(args, spec) -> None:
     for flag in ("odin_eps", "gauss_lambda", "noise", "scale_jitter"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
-    if args.nclass is not None and args.nclass < spec.nclass:
-        raise UsageError(f"--nclass {args.nclass} is smaller than the {spec.nclass} classes of {spec.name}")
-    if args.size is not None and min(args.size) < 32:
-        raise UsageError(f"--size {args.size[0]} {args.size[1]}: both sides must be at least 32")
+    check_nclass_and_size(args, spec)
+    if not -1 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be -1 (not seeded) or in 0..{MAX_SEED} (got {args.seed})")
     if args.num_workers < 0:
         raise UsageError("--num_workers must be >= 0")
 
@@ -134,7 +139,7 @@ def resolve_args(args):
     args.segnet_file = args.segnet_file or f"ckpt/{tag}/segnet.pth"
     args.obsnet_file = args.obsnet_file or f"ckpt/{tag}/"
     args.tboard = args.tboard or f"logs/{tag}"
-    args.nclass = args.nclass or spec.nclass
+    args.nclass = spec.nclass if args.nclass is None else args.nclass
     args.size = tuple(args.size or spec.size)
     args.test_split = args.test_split or spec.test_split
     try:
@@ -150,9 +155,12 @@ def resolve_args(args):
 
 def run(argv) -> int:
     """Parse, resolve and run one stage; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse_checked(build_parser(), argv)
     spec = resolve_args(args)
-    seed_everything(args.seed + int(os.environ.get("RANK", "0")) if args.seed >= 0 else -1)
+    rank = int(os.environ.get("RANK", "0"))
+    seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1)
+    if args.seed >= 0 and args.model == "segnet" and rank == 0:
+        print(UNPOOL_NOTE, flush=True)  # stdout: stderr is kept for errors (one line)
     run_stage(args, spec)
     return 0
 

@@ -11,17 +11,20 @@ from tqdm import tqdm
 
 from Dataset.class_weights import class_frequencies, median_frequency_weights
 from Dataset.load_data import build_dataset, build_loader
-from Dataset.synthetic import ensure_synthetic, is_complete
+from Dataset.synthetic import UNTOUCHED, ensure_synthetic, is_complete
+from Dataset.synthetic import refusal as synthetic_refusal
 from evaluation import evaluate
 from Models.blocks import fold_batchnorm
-from Models.load_net import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet, load_networks,
-                             load_weights, merge_observer_flags, observer_record, save_checkpoint)
+from Models.load_net import (DEFAULT_HEAD, OBSERVER_FLAGS, CheckpointError, build_models,
+                             first_nonfinite, init_from_segnet, load_networks, load_weights,
+                             merge_observer_flags, observer_record, save_checkpoint)
 from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                    train_segnet_epoch)
 from Utils.adv_attack import AttackConfig, parse_attack
 from Utils.cli import Interrupted, StopSignal, UsageError, signal_name
 from Utils.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
 from Utils.loss import CRITERIA
+from Utils.outputs import Output, OutputLock
 from Utils.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
                           write_json)
 from Utils.uncertainty import MethodConfig, parse_methods
@@ -77,11 +80,47 @@ def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> di
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
 
 
+TRAINING_STATE = ("optimizer", "epoch", "best")  # what --resume needs beyond the weights
+
+
+def check_training_state(state, path: Path, optimizer) -> None:
+    """CheckpointError (one line) unless ``state`` is a training state this run can resume:
+    written by this program (not plain weights), with this run's --optim."""
+    missing = [k for k in TRAINING_STATE if k not in state]
+    if missing:
+        raise CheckpointError(f"--resume {path}: holds weights but no training state "
+                              f"({', '.join(missing)} missing); --resume continues from the "
+                              f"last.pth a training run wrote: start over with --overwrite")
+    saved = saved_optimizer(state)
+    if saved not in (None, type(optimizer).__name__):
+        raise CheckpointError(f"--resume {path}: this run was trained with --optim {saved}, not "
+                              f"--optim {type(optimizer).__name__}; resume with --optim {saved}, "
+                              f"or start over with --overwrite")
+
+
+OPTIMIZER_KEYS = {"SGD": "momentum", "AdamW": "betas"}  # a hyper-parameter only each one has
+
+
+def saved_optimizer(state: dict) -> str | None:
+    """The --optim a training state was written with (None when it cannot be told)."""
+    args = state.get("args")
+    if isinstance(args, dict) and args.get("optim") in OPTIMIZER_KEYS:
+        return args["optim"]
+    groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+    group = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
+    return next((name for name, key in OPTIMIZER_KEYS.items() if key in group), None)
+
+
 def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
     """Load the training state file ``path`` (a ``last.pth``) into the training objects;
     returns (next epoch, best metric)."""
-    state = load_weights(unwrap(model), path)
-    optimizer.load_state_dict(state["optimizer"])
+    state = load_weights(unwrap(model), path, "--resume")
+    check_training_state(state, path, optimizer)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"--resume {path}: its optimizer state does not fit this run "
+                              f"({exc}); start over with --overwrite") from None
     # The learning-rate schedule follows this command's --epoch (which may extend the run):
     # the scheduler is placed after the epochs done and the rates recomputed in closed form.
     scheduler.last_epoch = state["epoch"] + 1
@@ -165,6 +204,12 @@ def skipped_summary(rt, seen: dict) -> None:
                 f"all): " + "; ".join(seen))
 
 
+def unlabelled_note(stats: dict) -> str:
+    """The end of an epoch line when batches with every pixel ignored were skipped."""
+    n = stats.get("unlabelled_batches", 0)
+    return f" ({n} batch(es) skipped: every pixel is the ignore label)" if n else ""
+
+
 def train_or_stop(train_epoch, flag: StopSignal, rt, seen: dict, where: tuple) -> dict:
     """``train_epoch()``, with a stop signal in its middle turned into Interrupted and the
     samples it skipped reported; ``where`` = (stage name, epoch, resume file)."""
@@ -175,6 +220,16 @@ def train_or_stop(train_epoch, flag: StopSignal, rt, seen: dict, where: tuple) -
         raise stopped_during(flag, *where) from None
     log_skipped(rt, stats["skipped"], seen)
     return stats
+
+
+def check_weights(net, what: str, epoch: int) -> None:
+    """FloatingPointError when ``net`` holds a NaN or infinite tensor after training ``epoch``:
+    checked (one synchronisation) before validation and before anything is saved."""
+    bad = first_nonfinite(unwrap(net).state_dict())
+    if bad is not None:
+        raise FloatingPointError(f"{what} training diverged: its weights hold NaN or infinite "
+                                 f"values after epoch {epoch} (first: {bad}); nothing of epoch "
+                                 f"{epoch} was saved (lower --lr)")
 
 
 def stop_if_asked(stop, flag: StopSignal, rt, seen: dict, where: tuple) -> None:
@@ -225,19 +280,20 @@ def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, sta
             train_segnet_epoch, epoch, model, train_loader, optimizer, args.nclass, rt.device,
             writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop, class_weights=class_weights),
             flag, rt, seen, ("SegNet", epoch, last))
+        check_weights(segnet, "SegNet", epoch)
         results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
         warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
-                f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}")
+                f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}{unlabelled_note(stats)}")
         scheduler.step()
         state = training_state(segnet, optimizer, scheduler, scaler, epoch, max(best, miou), args)
         if rt.is_main:
             if improves(miou, best):
-                save_checkpoint(args.segnet_file, state)
-            save_checkpoint(last, state)
+                save_checkpoint(args.segnet_file, state, "--segnet_file")
+            save_checkpoint(last, state, "--segnet_file")
         best = max(best, miou)
         stop_if_asked(stop, flag, rt, seen, ("SegNet", epoch, last))
     log(rt, f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
@@ -256,10 +312,10 @@ def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> 
     if not rt.is_main:
         return
     if improved:
-        save_checkpoint(folder / "best.pth", state)
+        save_checkpoint(folder / "best.pth", state, "--obsnet_file")
     if (epoch + 1) % 5 == 0:
-        save_checkpoint(folder / f"epoch{epoch + 1:03d}.pth", state)
-    save_checkpoint(folder / "last.pth", state)
+        save_checkpoint(folder / f"epoch{epoch + 1:03d}.pth", state, "--obsnet_file")
+    save_checkpoint(folder / "last.pth", state, "--obsnet_file")
 
 
 def observer_given(args) -> dict:
@@ -337,6 +393,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
             train_observer_epoch, epoch, model, segnet, train_loader, optimizer, criterion,
             rt.device, cfg, writer, rt.is_main, scaler, args.amp, stop=stop),
             flag, rt, seen, ("ObsNet", epoch, last))
+        check_weights(obsnet, "ObsNet", epoch)
         results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, rt.device,
                                        MethodConfig(no_residual=cfg.no_residual, no_img=cfg.no_img),
                                        args.nclass, spec.val_split,
@@ -347,7 +404,7 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
         warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
                 f"{stats['obsnet_acc']:.3f}{attack_summary(writer, stats, epoch)}, "
-                f"val error AUROC {auroc:.4f}")
+                f"val error AUROC {auroc:.4f}{unlabelled_note(stats)}")
         scheduler.step()
         state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
         save_observer(folder, state, epoch, improves(auroc, best), rt)
@@ -372,7 +429,7 @@ def load_ensemble(args, device) -> list:
     """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
     files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
     return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
-                          device=device)[0] for f in files]
+                          device=device, segnet_label="--ensemble member")[0] for f in files]
 
 
 def stage_test(args, spec, rt, writer) -> None:
@@ -391,13 +448,13 @@ def stage_test(args, spec, rt, writer) -> None:
                                         method_config(args, spec, observer), args.nclass, args.test_split,
                                         amp=args.amp, progress=rt.is_main,
                                         ensemble=load_ensemble(args, rt.device))
+    log(rt, format_table(results))  # first: a file that cannot be written must not hide it
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     if rt.is_main:
-        write_json(Path(args.tboard) / "results.json", results)
-        write_csv(Path(args.tboard) / "results.csv", results)
-    log(rt, format_table(results))
+        write_json(Path(args.tboard) / "results.json", results, "--tboard")
+        write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
     log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
 
 
@@ -424,6 +481,81 @@ def log(rt: Runtime, message: str) -> None:
         tqdm.write(message)
 
 
+def stage_outputs(args) -> list[Output]:
+    """The locations the stage of ``args`` writes: probed and locked before it starts."""
+    outputs = [Output("--tboard", Path(args.tboard), folder=True)]
+    if args.test_only:
+        return outputs
+    if args.train_segnet:
+        return [Output("--segnet_file", Path(args.segnet_file), folder=False), *outputs]
+    return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]
+
+
+def earlier_checkpoints(args) -> tuple[str, Path, Path, list[Path]]:
+    """(flag, location, resume file, checkpoint files already there) of a training stage."""
+    if args.train_segnet:
+        last = segnet_last(args.segnet_file)
+        files = [Path(args.segnet_file), last]
+        return "--segnet_file", Path(args.segnet_file), last, [f for f in files if f.is_file()]
+    folder = Path(args.obsnet_file)
+    names = ["best.pth", "last.pth"] + sorted(p.name for p in folder.glob("epoch[0-9]*.pth")) \
+        if folder.is_dir() else []
+    return "--obsnet_file", folder, folder / "last.pth", [folder / n for n in names
+                                                          if (folder / n).is_file()]
+
+
+def check_earlier_run(args) -> None:
+    """UsageError, before any work, when a training run would replace the checkpoints of an
+    earlier run without --resume or --overwrite, or --resume has nothing to continue."""
+    if args.test_only:
+        return
+    flag, where, last, existing = earlier_checkpoints(args)
+    if args.resume and args.overwrite:
+        raise UsageError(f"--resume continues the run in {where}, --overwrite starts it over: "
+                         f"give one of them")
+    if args.resume and not last.is_file():
+        raise UsageError(f"--resume: {last} not found (no earlier run to continue); run "
+                         f"without --resume to start")
+    if existing and not (args.resume or args.overwrite):
+        names = ", ".join(p.name for p in existing)
+        raise UsageError(f"{flag} {where}: checkpoints of an earlier run are there ({names}); "
+                         f"add --resume to continue that run or --overwrite to replace them")
+
+
+def check_dataset_folder(args) -> None:
+    """--data Synthetic writes its data only where that loses nothing (UsageError)."""
+    if args.data != "Synthetic":
+        return
+    reason = synthetic_refusal(args.dset_folder)
+    if reason is not None:
+        raise UsageError(f"--dset_folder {args.dset_folder}: {reason}; {UNTOUCHED}")
+
+
+def start_run(args, rt) -> OutputLock:
+    """Rank 0 checks the flags against what is on disk, probes and locks the outputs and
+    generates synthetic data, all before any training; then every rank learns whether that
+    went well, so no rank waits for one that stopped. Returns the held lock."""
+    lock, failure = OutputLock(stage_outputs(args) if rt.is_main else []), None
+    try:
+        if rt.is_main:
+            check_earlier_run(args)
+            check_dataset_folder(args)
+            lock.acquire()
+            if args.data == "Synthetic" and not is_complete(args.dset_folder):
+                ensure_synthetic(args.dset_folder, seed=0)
+    except BaseException as exc:
+        lock.release()
+        failure = exc
+    if rt.distributed:  # also the barrier the other ranks wait at for the generated data
+        ok = torch.tensor([0 if failure else 1], device=rt.device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if not ok.item() and failure is None:
+            failure = UsageError("rank 0 could not start the run (see its message)")
+    if failure is not None:
+        raise failure
+    return lock
+
+
 def run_stage(args, spec) -> None:
     """Run the stage the flags ask for; only rank 0 writes the TensorBoard log and files."""
     info = init_distributed_mode()
@@ -432,18 +564,18 @@ def run_stage(args, spec) -> None:
     if info.world_size < args.num_nodes:
         raise UsageError(f"--num_nodes {args.num_nodes}: launch with torchrun --nnodes "
                          f"{args.num_nodes} (this run has {info.world_size} process(es))")
-    if args.data == "Synthetic" and rt.is_main and not is_complete(args.dset_folder):
-        ensure_synthetic(args.dset_folder, seed=0)
-    if info.distributed:
-        torch.distributed.barrier()  # the other ranks wait for the generated data
     stage = stage_test if args.test_only else stage_train_segnet if args.train_segnet else stage_train_obsnet
     try:
-        if not rt.is_main:
-            stage(args, spec, rt, NullWriter())
-            return
-        write_json(Path(args.tboard) / "config.json", vars(args))
-        with SummaryWriter(args.tboard) as writer:
-            writer.add_text("config", " ".join(sys.argv), 0)
-            stage(args, spec, rt, writer)
+        lock = start_run(args, rt)
+        try:
+            if not rt.is_main:
+                stage(args, spec, rt, NullWriter())
+                return
+            write_json(Path(args.tboard) / "config.json", vars(args), "--tboard")
+            with SummaryWriter(args.tboard) as writer:
+                writer.add_text("config", " ".join(sys.argv), 0)
+                stage(args, spec, rt, writer)
+        finally:
+            lock.release()
     finally:
         cleanup()

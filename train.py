@@ -1,11 +1,13 @@
 """One training epoch: of the observer against the frozen SegNet, or of the SegNet itself."""
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from Dataset.errors import DatasetError
 from Utils.adv_attack import AttackConfig, select_attack
 from Utils.utils import amp_dtype, autocast
 
@@ -56,9 +58,42 @@ def _unpack(batch, skipped: list):
     return batch[0], batch[1]
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+class NonFinite:
+    """Where the first non-finite loss of an epoch happened, kept on the device: ``update``
+    runs every step without a host synchronisation, ``check`` synchronises once (at log points
+    and at the end of the epoch, before anything is saved) and raises FloatingPointError.
+
+    Under DDP the end-of-epoch check takes the earliest step over the ranks, so that every
+    rank stops together.
+    """
+
+    NONE = 2 ** 62  # no non-finite loss yet
+
+    def __init__(self, tag: str, epoch: int, device):
+        self.tag, self.epoch = tag, epoch
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Record ``step`` if ``loss`` is the first non-finite loss (device-side only)."""
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first == self.NONE)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, all_ranks: bool = False) -> None:
+        """FloatingPointError naming the epoch and step of the first non-finite loss."""
+        first = self.first
+        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            first = first.clone()
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        step = int(first.item())
+        if step == self.NONE:
+            return
+        value = self.value.item() if step == int(self.first.item()) else "not finite"
+        raise FloatingPointError(
+            f"{self.tag} training diverged: the loss is {value} at epoch {self.epoch}, step "
+            f"{step}; nothing of epoch {self.epoch} was saved (lower --lr)")
 
 
 def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig):
@@ -103,34 +138,58 @@ def attack_counts(attack, pred, error, valid) -> torch.Tensor:
 
 
 def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scaler, amp: bool,
-               writer, progress: bool, log_every: int, stop) -> dict:
+               writer, progress: bool, log_every: int, stop, has_target) -> dict:
     """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and a
     tensor of counts (observer correct, SegNet correct, pixels, then the attack's counts of
     ``observer_step`` for the observer); backward through the GradScaler, sums
     kept on the device, ``.item()`` only every ``log_every`` steps. The summary also gives the
-    epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``)."""
+    epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``).
+
+    A batch where ``has_target(labels)`` (on the CPU labels: no device sync) is false, every
+    pixel ignored, is skipped (its loss would be NaN) and counted (``unlabelled_batches``);
+    an epoch without any optimizer step is a DatasetError, raised before anything is saved."""
     # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
+    nonfinite = NonFinite(tag, epoch, device)
     skipped: list[str] = []
     bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
     clock = {"data_wait": 0.0, "start": time.perf_counter()}
+    steps = unlabelled = 0
     for step, batch in enumerate(_timed_batches(bar, clock)):
         images, labels = _unpack(batch, skipped)
         if len(images) == 0:
             continue
+        if not has_target(labels):
+            unlabelled += 1
+            continue
+        steps += 1
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             loss, counts = batch_loss(images, labels)
         _step(loss, optimizer, scaler)
         totals[: 1 + len(counts)] += torch.cat([loss.detach().double().view(1), counts.double()])
+        nonfinite.update(loss, step)
         if step % log_every == 0:
-            _check_finite(loss, epoch, step)
+            nonfinite.check()
             _log_step(writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
         if stop is not None and stop():
             raise TrainingStopped(epoch, step)
+    nonfinite.check(all_ranks=True)
+    if steps == 0:
+        raise _no_step_error(tag, epoch, loader, skipped, unlabelled)
     seconds = time.perf_counter() - clock["start"]
-    return {**_epoch_summary(totals, len(loader)), "skipped": skipped, "seconds": seconds,
+    return {**_epoch_summary(totals, steps), "skipped": skipped, "unlabelled_batches": unlabelled,
+            "seconds": seconds,
             "data_wait": clock["data_wait"], "data_wait_share": clock["data_wait"] / max(seconds, 1e-9)}
+
+
+def _no_step_error(tag: str, epoch: int, loader, skipped: list, unlabelled: int) -> DatasetError:
+    """The error of an epoch that made no optimizer step: every batch was left out."""
+    source = getattr(getattr(loader, "dataset", None), "list_file", "the training split")
+    example = f"; first: {skipped[0]}" if skipped else ""
+    return DatasetError(f"{source}: {tag} epoch {epoch} made no training step, every batch was "
+                        f"left out ({len(skipped)} unreadable sample(s) skipped, {unlabelled} "
+                        f"batch(es) with every pixel ignored); nothing saved{example}")
 
 
 def _timed_batches(batches, clock: dict):
@@ -168,7 +227,7 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
 
     return _run_epoch("ObsNet", epoch, loader, device, batch_loss, optimizer,
                       scaler or make_scaler(device, False), amp, writer, progress, cfg.log_every,
-                      stop)
+                      stop, partial(_has_pixel_besides, cfg.ignore_id))
 
 
 def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
@@ -193,7 +252,13 @@ def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=
         return loss, counts
 
     return _run_epoch("SegNet", epoch, loader, device, batch_loss, optimizer,
-                      scaler or make_scaler(device, False), amp, writer, progress, log_every, stop)
+                      scaler or make_scaler(device, False), amp, writer, progress, log_every, stop,
+                      lambda labels: bool(((labels >= 0) & (labels < nclass)).any()))
+
+
+def _has_pixel_besides(ignore_id: int | None, labels: torch.Tensor) -> bool:
+    """Whether the observer has a pixel to learn from: one whose label is not ``ignore_id``."""
+    return ignore_id is None or bool((labels != ignore_id).any())
 
 
 def _log_step(writer, bar, tag, loss, global_step):

@@ -69,9 +69,9 @@ def resolve_path(root: Path, field: str) -> Path:
 
 
 def numbered_lines(path: Path) -> list[tuple[int, str]]:
-    """The non-blank lines of a text file with their 1-based numbers."""
+    """The non-blank lines of a UTF-8 text file with their 1-based numbers."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: cannot be read as text: {exc}") from None
     return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
@@ -111,15 +111,32 @@ def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
 
 
+# What PIL raises for a file it cannot decode: OSError (unreadable, truncated, not an image),
+# SyntaxError (some malformed headers) and DecompressionBombError (over twice
+# Image.MAX_IMAGE_PIXELS, a guard against files that would fill the memory).
+IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG: "I;16" or "I")
+
+
+def image_array(img: Image.Image) -> np.ndarray:
+    """An opened image as uint8 H×W×3: grey, palette or alpha images become RGB; 16-bit grey
+    is scaled to 8 bits (``convert`` would clip it, turning it white)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.float32) / 257  # 0..65535 -> 0..255
+        return np.repeat(grey.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
 def read_image(path: Path, where: str = "") -> tv_tensors.Image:
-    """An image file as a uint8 3×H×W tensor (grey, palette or alpha images become RGB).
+    """An image file as a uint8 3×H×W tensor (see ``image_array``); the one image reader of
+    training, evaluation, ``Dataset.check`` and inference.py.
 
     ``where`` (the "list_file:line" listing it) starts the error message when given.
     """
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
-    except OSError as exc:  # unreadable, truncated or not an image
+            array = image_array(img)
+    except IMAGE_ERRORS as exc:
         raise DatasetError(f"{_prefix(where)}image {path}: cannot be read: {exc}") from None
     return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
@@ -132,7 +149,7 @@ def read_label(path: Path, where: str = "") -> tv_tensors.Mask:
                 raise DatasetError(f"{_prefix(where)}annotation {path}: expected a "
                                    f"single-channel PNG (mode L or P), got mode {img.mode}")
             array = np.array(img, dtype=np.uint8)
-    except OSError as exc:
+    except IMAGE_ERRORS as exc:
         raise DatasetError(f"{_prefix(where)}annotation {path}: cannot be read: {exc}") from None
     return tv_tensors.Mask(torch.from_numpy(array))
 

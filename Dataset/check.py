@@ -3,9 +3,10 @@
     python -m Dataset.check --data NAME --dset_folder PATH [--splits S ...] [--workers N]
 
 Reports, per split: the split file and its image count; missing or unreadable files;
-image / label size mismatches; label values the dataset cannot have; anomaly and ignore
-pixel counts; per-class pixel shares (%). The listing, path resolution and label decoding
-are the loaders' own (``Dataset.load_data.DATASETS``); no transform or resize is applied.
+image / label size mismatches; label values the dataset cannot have; labels with every
+pixel ignored; anomaly and ignore pixel counts; per-class pixel shares (%). The listing, path
+resolution and label decoding are the loaders' own (``Dataset.load_data.DATASETS``); no
+transform or resize is applied.
 Exit status: 0 when nothing is wrong, 1 when a problem was found, 2 for a usage error.
 """
 import argparse
@@ -72,7 +73,16 @@ def inspect_pair(builder: type[PairDataset], spec: DatasetSpec,
     if image is not None:
         _attempt(problems, check_size, image, label, pair)
     _attempt(problems, check_ids, counts, spec, pair, builder.raw_offset)
+    _attempt(problems, check_labelled, counts, spec, pair)
     return counts, problems
+
+
+def check_labelled(counts: np.ndarray, spec: DatasetSpec, pair: Pair) -> None:
+    """DatasetError when every pixel of the label is the ignore id: nothing to learn or score
+    (training skips a batch made only of such labels, and counts it)."""
+    if spec.ignore_id is not None and counts[spec.ignore_id] == counts.sum():
+        raise DatasetError(f"{pair.source}: annotation {pair.label}: every pixel is the ignore "
+                           f"id {spec.ignore_id} (nothing to learn or score)")
 
 
 def inspect_all(builder, spec, reports: list[SplitReport], workers: int) -> None:

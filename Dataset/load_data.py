@@ -1,5 +1,11 @@
 """Dataset registry and DataLoader construction."""
+import atexit
+import multiprocessing
 import random
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +14,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from Dataset.BDD_anomaly import BddAnomaly
 from Dataset.camvid import CamVid, PairDataset
-from Dataset.errors import DatasetError
+from Dataset.errors import DatasetError, WorkerDied
 from Dataset.seg_transfo import eval_transform, train_transform
 from Dataset.street_hazard import StreetHazard
 from Dataset.specs import LOADABLE, SPECS, DatasetSpec
 
-__all__ = ["DATASETS", "DatasetError", "SkipBadSamples", "build_dataset", "build_loader",
-           "data_loader", "seed_worker"]
+__all__ = ["DATASETS", "DatasetError", "SkipBadSamples", "WatchedLoader", "build_dataset",
+           "build_loader", "data_loader", "init_worker", "seed_worker"]
 
 # name -> builder(root, split, transform, spec) -> Dataset; each builder also exposes
 # read_pairs / load / splits, which Dataset.check uses. Synthetic shares CamVid's layout.
@@ -53,6 +59,83 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def init_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: seeded (``seed_worker``), and deaf to SIGINT and SIGTERM.
+
+    Ctrl-C, SLURM's scancel and systemd signal the whole process group: the main process
+    stops training gracefully and then shuts its workers down; a worker dying of the signal
+    first would turn that stop into a crash.
+    """
+    seed_worker(worker_id)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.excepthook = _quiet_dropped_connection
+
+
+def _quiet_dropped_connection(exc_type, value, traceback) -> None:
+    """A worker's uncaught exception, printed unless it is a connection the main process
+    dropped: a second signal stops it at once, possibly while it was receiving a batch from
+    this worker's fd-sharing thread (multiprocessing.resource_sharer, which reports through
+    sys.excepthook), whose traceback would then bury the one line."""
+    if not issubclass(exc_type, ConnectionError):
+        sys.__excepthook__(exc_type, value, traceback)
+
+
+@atexit.register  # runs before multiprocessing's own exit hook (atexit: last in, first out)
+def stop_leftover_workers() -> None:
+    """At exit, kill the DataLoader workers still alive.
+
+    Workers ignore SIGTERM (``init_worker``), the signal multiprocessing's exit hook stops
+    them with; a loader not shut down yet (an error's traceback can keep it alive to the
+    end) would otherwise make the exit wait for them forever. torch's SIGCHLD check is
+    switched off first: these deaths are no error.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(1)
+
+
+def dead_worker(batches, wait: float = 1.0) -> WorkerDied | None:
+    """A WorkerDied for the first worker of the loader iterator ``batches`` that exited with
+    an error (waiting up to ``wait`` seconds for a dying one to be gone); None if all live."""
+    deadline = time.monotonic() + wait
+    for worker in getattr(batches, "_workers", ()):
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.exitcode not in (None, 0):
+            return WorkerDied(worker.pid, worker.exitcode)
+    return None
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader whose worker deaths are one WorkerDied naming the signal.
+
+    A worker killed (SIGKILL from the out-of-memory killer) makes torch raise whatever the
+    broken pipe gave: a reset connection, an end of file, "exited unexpectedly"; the dead
+    worker is then looked for and named instead.
+    """
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if self.num_workers > 0 and threading.current_thread() is threading.main_thread():
+            # torch's SIGCHLD handler raises its error wherever the main thread happens to
+            # be, a __del__ included ("Exception ignored in ..." and a traceback); without
+            # it a death is found when a batch is awaited (within 5 s) and named below.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (OSError, EOFError, RuntimeError) as exc:
+                died = dead_worker(batches) if self.num_workers > 0 else None
+                if died is None:
+                    raise
+                raise died from exc
+            yield batch
 
 
 class ShardSampler(Sampler):
@@ -130,7 +213,8 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
     Under ``distributed`` each rank reads its share: a DistributedSampler in training, a
     ShardSampler (every image exactly once over all ranks) in evaluation.
     Worker processes get seeds derived from ``seed`` (and the rank), so augmentations are
-    reproducible; numpy and python are seeded per worker by ``seed_worker``.
+    reproducible; numpy and python are seeded per worker by ``seed_worker``, and workers
+    ignore SIGINT / SIGTERM (``init_worker``); a worker's death is a WorkerDied.
     With ``skip_bad`` a sample raising DatasetError is left out of its batch (which is then
     smaller) and each batch is ``(images, labels, skipped messages)`` (see SkipBadSamples).
     """
@@ -144,11 +228,11 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
     collate = None
     if skip_bad:
         dataset, collate = SkipBadSamples(dataset), collate_skipping
-    return DataLoader(dataset, batch_size=bsize, collate_fn=collate, shuffle=train and sampler is None,
-                      sampler=sampler, drop_last=train, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
-                      generator=generator)
+    return WatchedLoader(dataset, batch_size=bsize, collate_fn=collate,
+                         shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                         persistent_workers=num_workers > 0, worker_init_fn=init_worker,
+                         generator=generator)
 
 
 def data_loader(spec: DatasetSpec, root: str | Path, size: tuple[int, int] | None, bsize: int,

@@ -28,6 +28,9 @@ def _line_entries(path: Path, numbered: tuple[int, str]) -> list[Entry]:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}:{lineno}: invalid JSON: {exc.msg} "
                            f"(column {exc.colno})") from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep
+        raise DatasetError(f"{path}:{lineno}: invalid JSON: nested too deeply (an entry is a "
+                           f"JSON object inside at most one array)") from None
     if isinstance(value, dict):
         return [(f"{path}:{lineno}", value)]
     if not isinstance(value, list):

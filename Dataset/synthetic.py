@@ -3,7 +3,12 @@ the CamVid (SegNet tutorial) layout, deterministic for a seed::
 
     train/ trainannot/ val/ valannot/ test/ testannot/ test_ood/ testannot_ood/
     train.txt val.txt test.txt test_ood.txt      # "train/x.png trainannot/x.png"
+    .synthetic                                   # written first: this folder is ours
     .complete                                    # JSON parameters, written last
+
+Only an empty or missing folder, or one marked as ours (``.synthetic``, or ``.complete`` as
+written by earlier versions, or nothing but this module's folders, image names and lists, as
+an interrupted earlier version leaves), is written to: anything else is refused untouched.
 
 CLI: ``python -m Dataset.synthetic --out DIR --seed S [--n_train N ...]``.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,12 +25,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from Dataset.errors import DatasetError
 from Dataset.synthetic_scenes import MIN_OOD_SHARE, SPEC, VERSION, render_scene  # noqa: F401
 
 DEFAULT_COUNTS = {"train": 300, "val": 50, "test": 50}
 DIRS = {"train": ("train", "trainannot"), "val": ("val", "valannot"),
         "test": ("test", "testannot"), "test_ood": ("test_ood", "testannot_ood")}
 MARKER = ".complete"
+OWNER = ".synthetic"  # written before anything else: the folder may be cleared and rewritten
+UNTOUCHED = ("nothing was changed (synthetic data is written only into a new or empty folder, "
+             "or one it generated before)")
 
 # ----------------------------------------------------------------------------- files
 
@@ -46,6 +56,53 @@ def is_complete(root) -> bool:
     """True when ``root`` holds a fully generated dataset of this generator version."""
     marker = _read_marker(Path(root))
     return isinstance(marker, dict) and marker.get("version") == VERSION
+
+
+def refusal(root) -> str | None:
+    """Why ``root`` must not be (re)generated, or None when it may: a missing or empty
+    folder, or one this generator wrote (marked by ``.synthetic`` or ``.complete``)."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        return "it is a file, not a folder"
+    if (root / OWNER).is_file() or (root / MARKER).is_file():
+        return None
+    try:
+        entries = sorted(p.name for p in root.iterdir())
+        if not entries or _left_by_earlier_version(root, entries):
+            return None
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    return f"it holds files the synthetic generator did not write ({shown})"
+
+
+GENERATED_NAME = re.compile(r"^(train|val|test)_\d{5}\.png$")  # what _save names its images
+
+
+def _left_by_earlier_version(root: Path, entries: list[str]) -> bool:
+    """Whether ``root`` holds only what an interrupted run of an earlier version (which wrote
+    no owner marker) leaves: this module's folders holding only its image names, its list
+    files, its marker's temporary file. A real dataset's images have other names."""
+    folders = {d for pair in DIRS.values() for d in pair}
+    known = folders | {f"{split}.txt" for split in DIRS} | {MARKER + ".tmp"}
+    if not set(entries) <= known:
+        return False
+    for name in set(entries) & folders:
+        folder = root / name
+        if not folder.is_dir() or not all(GENERATED_NAME.match(p.name) for p in folder.iterdir()):
+            return False
+    return True
+
+
+def _claim(root: Path) -> None:
+    """Refuse a folder that is not ours (DatasetError), else mark it as ours."""
+    reason = refusal(root)
+    if reason is not None:
+        raise DatasetError(f"{root}: {reason}; {UNTOUCHED}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / OWNER).write_text("written by Dataset.synthetic: this folder may be regenerated\n")
 
 
 def _clear(root: Path) -> None:
@@ -72,12 +129,14 @@ def generate(root, seed: int = 0, n_train: int = DEFAULT_COUNTS["train"],
     """Write the dataset under ``root`` and return ``root``.
 
     Skipped when ``root/.complete`` holds the same parameters (unless ``overwrite``). The
-    marker is written last, so an interrupted run is redone from scratch next time.
+    marker is written last, so an interrupted run is redone from scratch next time. A
+    folder that is not ours (see ``refusal``) is a DatasetError, and nothing is written.
     """
     root = Path(root)
     params = _params(seed, n_train, n_val, n_test, size)
     if not overwrite and _read_marker(root) == params:
         return root
+    _claim(root)
     _clear(root)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     jobs = [(split, i) for split, n in counts.items() for i in range(n)]
@@ -121,11 +180,15 @@ def main(argv=None) -> None:
         parser.add_argument(f"--n_{split}", type=int, default=n, help=f"{split} images")
     parser.add_argument("--size", type=int, nargs=2, default=list(SPEC.size),
                         metavar=("H", "W"))
-    parser.add_argument("--overwrite", action="store_true", help="regenerate even if complete")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="regenerate even if complete (only a folder it generated)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    generate(args.out, args.seed, args.n_train, args.n_val, args.n_test, tuple(args.size),
-             overwrite=args.overwrite, progress=True)
+    try:
+        generate(args.out, args.seed, args.n_train, args.n_val, args.n_test, tuple(args.size),
+                 overwrite=args.overwrite, progress=True)
+    except DatasetError as exc:
+        raise SystemExit(f"Dataset.synthetic: error: {exc}") from None
     print(f"{args.out}: done in {time.perf_counter() - start:.1f} s")
 
 

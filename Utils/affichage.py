@@ -13,8 +13,10 @@ def colorize_labels(labels: torch.Tensor, colors) -> torch.Tensor:
 
 
 def viridis(maps: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
-    """B×H×W scores -> B×3×H×W viridis images; each map scaled to its own range by default."""
-    maps = maps.detach().float().cpu()
+    """B×H×W scores -> B×3×H×W viridis images; each map scaled to its own range by default.
+    NaN (shown as the low end) and infinite scores never make an invalid colour index."""
+    maps = torch.nan_to_num(maps.detach().float().cpu(), nan=0.0)
+    maps = maps.clamp(torch.finfo(torch.float32).min / 4, torch.finfo(torch.float32).max / 4)
     flat = maps.flatten(1)
     lo_t = flat.min(1).values if lo is None else torch.full((len(maps),), lo)
     hi_t = flat.max(1).values if hi is None else torch.full((len(maps),), hi)

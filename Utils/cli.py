@@ -1,11 +1,12 @@
 """Command-line plumbing shared by main.py and inference.py: one-line errors, exit codes,
 and graceful stops on SIGINT / SIGTERM."""
+import math
 import re
 import signal
 import sys
 import threading
 
-from Dataset.errors import DatasetError
+from Dataset.errors import DatasetError, WorkerDied
 from Models.load_net import CheckpointError
 
 
@@ -25,14 +26,51 @@ class Interrupted(Exception):
         self.code = 128 + int(signum)
 
 
-RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, OSError, ValueError)
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM while a graceful stop was pending: stop at once, exit code
+    128 + that signal's number (a KeyboardInterrupt, so that no ``except Exception`` holds it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted again ({signal_name(signum)}) while stopping: stopped at "
+                         f"once, nothing saved from the current epoch")
+        self.code = 128 + int(signum)
+
+
+RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, OSError, ValueError,
+                  WorkerDied)
+MIN_SIDE = 32  # smallest --size side: SegNet's five 2x poolings need at least one pixel left
+
+
+def parse_checked(parser, argv):
+    """``parser.parse_args(argv)``, then a UsageError for a NaN or infinite value of any float
+    flag (``nan <= 0`` is false, so range checks alone let them through)."""
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is not float or value is None:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not math.isfinite(item):
+                raise UsageError(f"{action.option_strings[0]} must be a finite number (got {item})")
+    return args
+
+
+def check_nclass_and_size(args, spec) -> None:
+    """--nclass (None: the dataset's) and --size (None: the preset's) as main.py and
+    inference.py both take them."""
+    if args.nclass is not None and args.nclass < spec.nclass:
+        raise UsageError(f"--nclass {args.nclass} is smaller than the {spec.nclass} classes of {spec.name}")
+    if args.size is not None and min(args.size) < MIN_SIDE:
+        raise UsageError(f"--size {args.size[0]} {args.size[1]}: both sides must be at least "
+                         f"{MIN_SIDE}")
 
 
 class StopSignal:
     """Context manager: SIGINT and SIGTERM only set a flag (``signum``), which the training
     loops check after each optimizer step; nothing is saved from the handler itself.
 
-    A second signal while the flag is set stops at once (KeyboardInterrupt, exit code 130).
+    A second signal while the flag is set stops at once (SecondSignal, exit code 128 + the
+    second signal's number: 130 for SIGINT, 143 for SIGTERM).
     Outside the main thread (where handlers cannot be installed) it does nothing.
     """
 
@@ -47,7 +85,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise SecondSignal(signum)
         self.signum = signum
 
     def __enter__(self):
@@ -68,6 +106,21 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+# torch's own messages when a worker dies: from its SIGCHLD handler, or when a batch is missing
+TORCH_WORKER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\) "
+                                r"(?:is killed by signal: ([^.]+)|exited unexpectedly)")
+SIGNAL_BY_TEXT = {signal.strsignal(s): s for s in signal.Signals if signal.strsignal(s)}
+
+
+def worker_death(exc: BaseException) -> WorkerDied | None:
+    """torch's RuntimeError of a DataLoader worker that died, as a WorkerDied; else None."""
+    match = TORCH_WORKER_DEATH.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if match is None:
+        return None
+    signum = SIGNAL_BY_TEXT.get((match.group(2) or "").strip())
+    return WorkerDied(match.group(1).strip(), -signum if signum else None)
 
 
 def one_line(exc: BaseException) -> str:
@@ -98,11 +151,12 @@ def run_friendly(program: str, fn, argv) -> int:
     except Interrupted as exc:
         print(f"{program}: {exc}", file=sys.stderr)
         return exc.code
-    except (UsageError, *RUNTIME_ERRORS) as exc:
-        if "--debug" in argv:
+    except (UsageError, RuntimeError, *RUNTIME_ERRORS) as exc:
+        known = exc if isinstance(exc, (UsageError, *RUNTIME_ERRORS)) else worker_death(exc)
+        if known is None or "--debug" in argv:
             raise
-        print(f"{program}: error: {ANSI_ESCAPES.sub('', one_line(exc))}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{program}: error: {ANSI_ESCAPES.sub('', one_line(known))}", file=sys.stderr)
+        return 2 if isinstance(known, UsageError) else 1
+    except KeyboardInterrupt as exc:
+        print(f"{program}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "code", 130)

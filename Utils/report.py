@@ -1,15 +1,14 @@
 """Results of an evaluation: printed table, results.json, TensorBoard scalars and images."""
 import csv
+import io
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid
 
 from Utils.affichage import colorize_labels, viridis
+from Utils.outputs import atomic_write
 
 COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "fpr95", "OOD FPR95"),
            ("ood_per_image", "auroc", "img AUROC"), ("ood_per_image", "aupr", "img AUPR"),
@@ -59,17 +58,14 @@ def _json_safe(value):
     return value
 
 
-def write_json(path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
-    os.replace(tmp, path)
+def write_json(path, data: dict, label: str | None = None) -> None:
+    """Write ``data`` as JSON atomically (``Utils.outputs.atomic_write``; ``label``: the flag
+    that names the folder, for error messages)."""
+    text = json.dumps(_json_safe(data), indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()), label)
 
 
-def write_csv(path, results: dict) -> None:
+def write_csv(path, results: dict, label: str | None = None) -> None:
     """One row per method: ms per image and every metric of both protocols (fractions)."""
     fields = ["method", "ms_per_image"] + [f"{block}_{key}" for block, key, _ in COLUMNS]
     rows = []
@@ -79,12 +75,11 @@ def write_csv(path, results: dict) -> None:
             value = entry.get(block, {}).get(key)
             row[f"{block}_{key}"] = "" if value is None or math.isnan(value) else value
         rows.append(row)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()), label)
 
 
 def log_pr_curves(writer, meters: dict, prefix: str, step: int, points: int = 127) -> None:

@@ -6,11 +6,20 @@ import numpy as np
 import torch
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit
+# Said once by main.py with --seed (SegNet), instead of torch's warning at every unpooling:
+# torch documents max_unpool as non-deterministic only when its indices repeat.
+UNPOOL_NOTE = ("note: --seed: PyTorch warns that max_unpool2d may not be deterministic (true only "
+               "when its indices repeat); SegNet's come from non-overlapping 2x2 max-pooling and "
+               "never repeat, so its unpooling repeats exactly on CPU and GPU")
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (every device) and ask for deterministic algorithms.
 
     ``seed < 0`` leaves everything unseeded and lets cuDNN pick the fastest kernels. Ops
-    without a deterministic implementation warn instead of failing.
+    without a deterministic implementation warn (once) instead of failing, except
+    max_unpool2d, which main.py explains itself (``UNPOOL_NOTE``).
     """
     if seed < 0:
         torch.backends.cudnn.benchmark = True
@@ -22,6 +31,7 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
     warnings.filterwarnings("once", message=".*does not have a deterministic implementation.*")
+    warnings.filterwarnings("ignore", message="max_unpool.*does not have a deterministic")
 
 
 def rng_state() -> dict:

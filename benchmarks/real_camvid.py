@@ -8,8 +8,10 @@ val.txt, train/, trainannot/, val/, valannot/); it is only read. Under ``--out``
 writes a work folder whose train and val entries link to it, the pasted split ``val_ood``
 (``python -m Dataset.paste``, seeded), the checkpoints and the logs of every stage. Each stage
 is a plain ``main.py`` command line, printed before it runs; a stage whose output exists is
-skipped, so an interrupted recipe continues where it stopped. At the end, the results table of
-val_ood and the wall time of each stage.
+skipped, so an interrupted recipe continues where it stopped: a training stage is done when its
+``last.pth`` holds its last epoch, and an interrupted one is continued with ``--resume`` (or
+started over with ``--overwrite`` when it left checkpoints but no ``last.pth``). At the end, the
+results table of val_ood and the wall time of each stage.
 """
 import argparse
 import json
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from Utils.report import format_table
 
@@ -46,10 +50,33 @@ def test_args(args, folder: Path, methods: str, split: str, logs: Path) -> list[
             str(args.T), "--test_split", split, "--tboard", str(logs)]
 
 
+def continue_flag(last: Path) -> list[str]:
+    """How a training stage whose training state is ``last`` starts: ``--resume`` when an
+    earlier (interrupted) run left it, else ``--overwrite`` (the recipe's own folder: an
+    earlier run may have left checkpoints without it)."""
+    return ["--resume"] if last.is_file() else ["--overwrite"]
+
+
+def finished(output: Path) -> bool:
+    """Whether a stage's output is complete: a file that exists; for a training stage (its
+    ``last.pth``), one whose run reached its last epoch."""
+    if not output.is_file():
+        return False
+    if not output.name.endswith("last.pth"):
+        return True
+    try:
+        state = torch.load(output, map_location="cpu", weights_only=True)
+        return state["epoch"] + 1 >= state["args"]["epoch"]
+    except Exception:  # unreadable: main.py --resume says why, in one line
+        return False
+
+
 def recipe(args) -> list[tuple[str, list[str], Path]]:
-    """(name, command line, file it writes) of every stage, in order."""
+    """(name, command line, file it writes) of every stage, in order; a training stage's file
+    is its ``last.pth`` (see ``finished``)."""
     work, ckpt, logs = args.out / "data", args.out / "ckpt", args.out / "logs"
     common, observer = common_args(args), observer_args(args, ckpt / "obsnet")
+    seg_last, obs_last = ckpt / "segnet.last.pth", ckpt / "obsnet" / "last.pth"
     return [
         ("paste val_ood", [sys.executable, "-m", "Dataset.paste", "--root", str(work), "--split",
                            "val", "--seed", str(args.seed), "--count", "1", "3", "--size", "0.1",
@@ -57,9 +84,9 @@ def recipe(args) -> list[tuple[str, list[str], Path]]:
         ("train SegNet", [sys.executable, "main.py", *common, "--train_segnet", "--epoch",
                           str(args.seg_epochs), "--optim", "AdamW", "--lr", str(args.seg_lr),
                           "--class_weights", "median_freq", "--scale_jitter", "0.5",
-                          "--tboard", str(logs / "segnet")], ckpt / "segnet.pth"),
+                          "--tboard", str(logs / "segnet"), *continue_flag(seg_last)], seg_last),
         ("train ObsNet", [sys.executable, "main.py", *common, *observer, "--tboard",
-                          str(logs / "obsnet")], ckpt / "obsnet" / "best.pth"),
+                          str(logs / "obsnet"), *continue_flag(obs_last)], obs_last),
         *((f"test {split}", [sys.executable, "main.py", *common,
                              *test_args(args, ckpt / "obsnet", METHODS, split, logs / split)],
            logs / split / "results.json") for split in ("val_ood", "val")),
@@ -82,7 +109,7 @@ def run_stages(stages, log_file: Path) -> dict:
     """Run the stages whose output is missing; seconds per stage (None when skipped)."""
     seconds = {}
     for name, command, output in stages:
-        if output.exists():
+        if finished(output):
             print(f"[real_camvid] {name}: {output} exists, skipped", flush=True)
             seconds[name] = None
             continue

@@ -9,9 +9,10 @@ Variants (``--only`` picks groups): the attack (``none``, ``min_random_patch``,
 ``max_random_patch``, ``min_all_image``, ``fractal``), ε in {0.01, 0.025, 0.05, 0.1}, the
 original head against the linear one, no initialisation from the SegNet, and twice the epochs.
 Every other flag is the recipe's. ``--only`` takes groups or single variants (``adv-none
-epsilon-0.1``), run in the order given. A variant whose results exist is not run again, and one
-that equals the recipe's observer (``adv-min_random_patch``, ``epsilon-0.025``) is not trained:
-the recipe's results stand for it. The table (markdown, for BENCHMARKS.md) shows every variant
+epsilon-0.1``), run in the order given. A variant whose results exist is not run again, one
+whose training was interrupted continues with ``--resume``, and one that equals the recipe's
+observer (``adv-min_random_patch``, ``epsilon-0.025``) is not trained: the recipe's results
+stand for it. The table (markdown, for BENCHMARKS.md) shows every variant
 with results so far, in the groups' order; it goes to stdout and ``<out>/ablations.md``. A
 variant "wins" when it beats MCP, MC dropout and ``--adv none`` on both error and OOD AUROC
 with both FPR95 < 100%.
@@ -23,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.real_camvid import (ROOT, build_parser, common_args, link_camvid, observer_args,
-                                    test_args)
+from benchmarks.real_camvid import (ROOT, build_parser, common_args, continue_flag, link_camvid,
+                                    observer_args, test_args)
 
 GROUPS = {
     "adv": [{"adv": a} for a in ("none", "min_random_patch", "max_random_patch", "min_all_image",
@@ -48,7 +49,8 @@ def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
     varied = replace_args(args, change)
     train = [sys.executable, "main.py", *common_args(varied),
              *observer_args(varied, folder / "ckpt"), "--tboard", str(folder / "train_logs"),
-             *(["--no_pretrained"] if change.get("no_pretrained") else [])]
+             *(["--no_pretrained"] if change.get("no_pretrained") else []),
+             *continue_flag(folder / "ckpt" / "last.pth")]
     test = [sys.executable, "main.py", *common_args(varied),
             *test_args(varied, folder / "ckpt", "obsnet", "val_ood", folder / "val_ood")]
     return train, test, folder / "val_ood" / "results.json"

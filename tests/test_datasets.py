@@ -4,10 +4,7 @@ Every folder is generated here in the real layout and file naming (small images)
 through ``build_dataset`` / ``build_loader`` / ``data_loader`` as main.py reads it.
 """
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED
+from cli import python
+from conftest import SHARED
 from Dataset import check
 from Dataset.camvid import max_label_id
 from Dataset.errors import DatasetError
@@ -291,11 +289,9 @@ def test_camvid_layout_rejects_bad_ids(tmp_path, name):
         next(iter(loader))
 
 
-def run_check(*args: str) -> subprocess.CompletedProcess:
+def run_check(*args: str):
     """``python -m Dataset.check ARGS`` from the repository root."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "Dataset.check", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return python("-m", "Dataset.check", *args, timeout=120)
 
 
 def test_check_good_folder(tmp_path):

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import ROOT
+from cli import ROOT, main_py, spawn
 from Dataset.load_data import build_dataset, build_loader
 from Dataset.specs import SPECS
 from Dataset.synthetic import generate
@@ -62,7 +61,7 @@ def data(tmp_path_factory):
 
 def test_two_gloo_processes_give_the_metrics_of_one(data, tmp_path):
     out = tmp_path / "ddp.json"
-    mp.spawn(_worker, args=(2, data / "data", tmp_path / "init", out), nprocs=2, join=True)
+    spawn(_worker, args=(2, data / "data", tmp_path / "init", out), nprocs=2)
     two = strip_times(json.loads(out.read_text()))
     one = strip_times(json.loads(json.dumps(run_evaluation(data / "data", distributed=False))))
     assert two["n_images"] == one["n_images"] == 5  # every image once, no padding
@@ -95,9 +94,7 @@ def test_torchrun_trains_and_tests_like_one_process(data):
     assert obs.stdout.count("ObsNet epoch 0:") == 1  # only rank 0 prints
     test = torchrun(*common, "--test_only", "--test_multi", "obsnet,mcp", "--tboard", str(data / "l3"))
     assert test.returncode == 0, test.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(ROOT / "main.py"), *common, "--test_only",
-                             "--test_multi", "obsnet,mcp", "--tboard", str(data / "l4")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    single = main_py(*common, "--test_only", "--test_multi", "obsnet,mcp", "--tboard", str(data / "l4"))
     assert single.returncode == 0, single.stderr
     two = strip_times(json.loads((data / "l3" / "results.json").read_text()))
     one = strip_times(json.loads((data / "l4" / "results.json").read_text()))

@@ -1,14 +1,10 @@
 """inference.py on a folder of mixed-size PNG and JPEG files."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from cli import inference_py
 from Models.load_net import save_checkpoint
 from Models.obsnet import Obsnet_Seg
 from Models.segnet import SegNet
@@ -30,34 +26,30 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-def inference(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "inference.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_triptych_and_raw_maps_at_input_resolution(checkpoints):
     out = checkpoints / "out"
-    run = inference("--data", "CamVid", "--segnet_file", str(checkpoints / "segnet.pth"),
-                    "--obsnet_file", str(checkpoints / "obsnet"), "--img_folder",
-                    str(checkpoints / "images"), "--out", str(out), "--width_mult", "0.0625",
-                    "--size", "32", "48", "--bsize", "2")
+    run = inference_py("--data", "CamVid", "--segnet_file", str(checkpoints / "segnet.pth"),
+                       "--obsnet_file", str(checkpoints / "obsnet"), "--img_folder",
+                       str(checkpoints / "images"), "--out", str(out), "--width_mult", "0.0625",
+                       "--size", "32", "48", "--bsize", "2")
     assert run.returncode == 0, run.stderr
-    for stem, (h, w) in {"a": (40, 60), "b": (77, 33), "c": (64, 64)}.items():
+    # outputs keep the whole file name: a.png and a.jpg of one folder never collide
+    for stem, (h, w) in {"a.png": (40, 60), "b.jpg": (77, 33), "c.JPEG": (64, 64)}.items():
         raw = np.load(out / f"{stem}.npy")
         assert raw.dtype == np.float16 and raw.shape == (h, w)
         assert 0 <= raw.min() and raw.max() <= 1  # one sigmoid: probabilities
         with Image.open(out / f"{stem}.png") as picture:
             assert picture.size == (3 * w, h)
-    assert not (out / "notes.npy").exists()
+    assert not list(out.glob("notes*"))
+    assert "1 file(s) of" in run.stdout and "notes.txt" in run.stdout
 
 
 def test_bad_folder_and_checkpoint_are_one_line(checkpoints, tmp_path):
     common = ["--segnet_file", str(checkpoints / "segnet.pth"), "--out", str(tmp_path / "o"),
               "--width_mult", "0.0625"]
-    run = inference(*common, "--obsnet_file", str(checkpoints / "obsnet"),
-                    "--img_folder", str(tmp_path / "none"))
+    run = inference_py(*common, "--obsnet_file", str(checkpoints / "obsnet"),
+                       "--img_folder", str(tmp_path / "none"))
     assert run.returncode == 2 and "folder not found" in run.stderr and "Traceback" not in run.stderr
-    run = inference(*common, "--obsnet_file", str(tmp_path / "missing.pth"),
-                    "--img_folder", str(checkpoints / "images"))
+    run = inference_py(*common, "--obsnet_file", str(tmp_path / "missing.pth"),
+                       "--img_folder", str(checkpoints / "images"))
     assert run.returncode == 1 and "missing.pth" in run.stderr and "Traceback" not in run.stderr

@@ -1,37 +1,11 @@
-"""main.py end to end as a user runs it: train the SegNet, train ObsNet, test; bad input."""
+"""main.py end to end as a user runs it: train the SegNet, train ObsNet, test; bad input.
+``run_dir`` (conftest) holds the data and a SegNet trained by ``main.py --train_segnet``."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from cli import TINY, main_py, paths
 from Dataset.synthetic import generate
-
-TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
-        "--seed", "0"]
-
-
-def main_py(*args, cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    generate(root / "data", seed=0, n_train=8, n_val=4, n_test=4)
-    seg = main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
-                  "--lr", "0.01")
-    assert seg.returncode == 0, seg.stderr
-    return root
-
-
-def paths(root):
-    return ["--dset_folder", str(root / "data"), "--segnet_file", str(root / "segnet.pth"),
-            "--obsnet_file", str(root / "obsnet"), "--tboard", str(root / "logs")]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +86,8 @@ def test_real_dataset_needs_a_folder():
 
 
 def test_missing_segnet_file_is_explained(run_dir, tmp_path):
-    out = main_py(*TINY, *paths(run_dir), "--segnet_file", str(tmp_path / "none.pth"), "--epoch", "1")
+    out = main_py(*TINY, *paths(run_dir), "--segnet_file", str(tmp_path / "none.pth"), "--epoch", "1",
+                  "--obsnet_file", str(tmp_path / "obsnet"))  # run_dir/obsnet holds a run
     assert out.returncode == 1
     assert "none.pth: file not found (train one with --train_segnet)" in out.stderr
 

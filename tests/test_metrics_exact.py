@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from test_metrics import _assert_matches, _feed, _reference
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from cli import spawn
 from Utils.metrics import OODMeter, score_bins
 
 TOL = 1e-4  # AUROC, AP, AP_neg
@@ -162,7 +162,7 @@ def _worker(rank, world, init_file, out):
 
 def test_all_reduce_two_gloo_processes(tmp_path):
     out = tmp_path / "res.json"
-    mp.spawn(_worker, args=(2, tmp_path / "init", out), nprocs=2, join=True)
+    spawn(_worker, args=(2, tmp_path / "init", out), nprocs=2)
     (y1, s1), (y2, s2) = _shard(0), _shard(1)
     _check(json.loads(out.read_text()), np.concatenate([y1, y2]), np.concatenate([s1, s2]))
 

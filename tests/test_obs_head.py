@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from Dataset.synthetic import generate
+from cli import TINY, main_py, paths
 from Models.load_net import CheckpointError, build_models, merge_observer_flags
 from Models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
 from Models.segnet import SegNet
-from test_main import TINY, main_py, paths
 from Utils.metrics import OODMeter
 
 WIDTH, NCLASS = 0.0625, 12
@@ -82,12 +81,9 @@ def test_merge_head(tmp_path):
 # --------------------------------------------------------------------------- command line
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("head")
-    generate(root / "data", seed=0, n_train=8, n_val=4, n_test=4)
-    seg = main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
-                  "--lr", "0.01")
-    assert seg.returncode == 0, seg.stderr
+def run(run_dir):
+    """Observers with either head, trained on ``run_dir``'s SegNet (conftest)."""
+    root = run_dir
     for head in HEADS:  # the linear one by default, without --obs_head
         flag = ["--obs_head", head] if head == "original" else []
         obs = main_py(*TINY, *paths(root), "--epoch", "1", "--lr", "0.01", *flag,

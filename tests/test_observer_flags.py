@@ -8,16 +8,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cli import TINY, inference_py, main_py, paths
 from Dataset.load_data import build_dataset, build_loader
 from Dataset.specs import SPECS
-from Dataset.synthetic import generate
 from evaluation import evaluate
 from Models.blocks import fold_batchnorm
 from Models.load_net import (OBSERVER_FLAGS, CheckpointError, load_networks,
                              merge_observer_flags, observer_flags, observer_path)
 from Models.obsnet import Obsnet_Seg
-from test_inference import inference
-from test_main import TINY, main_py, paths
 from Utils.uncertainty import MethodConfig
 
 SPEC = SPECS["Synthetic"]
@@ -26,13 +24,10 @@ PROTOCOLS = ("error", "ood", "ood_per_image")  # the metrics of a method (not it
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One tiny SegNet; an observer trained with --no_residual and one with --obs_mlp."""
-    root = tmp_path_factory.mktemp("flags")
-    generate(root / "data", seed=0, n_train=8, n_val=4, n_test=4)
-    seg = main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
-                  "--lr", "0.01")
-    assert seg.returncode == 0, seg.stderr
+def run(run_dir):
+    """``run_dir``'s tiny SegNet (conftest); an observer trained with --no_residual and one
+    with --obs_mlp."""
+    root = run_dir
     for name, flag in (("nores", "--no_residual"), ("mlp", "--obs_mlp")):
         obs = main_py(*TINY, *paths(root), "--epoch", "1", "--lr", "0.01", flag,
                       "--obsnet_file", str(root / name), "--tboard", str(root / f"{name}_logs"))
@@ -129,11 +124,11 @@ def test_inference_runs_the_observer_as_its_checkpoint_records(run, tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(images / "a.png")
     out = tmp_path / "out"
-    result = inference("--data", "Synthetic", "--segnet_file", str(run / "segnet.pth"),
-                       "--obsnet_file", str(run / "nores"), "--img_folder", str(images),
-                       "--out", str(out), "--width_mult", str(WIDTH), "--size", *map(str, SIZE))
+    result = inference_py("--data", "Synthetic", "--segnet_file", str(run / "segnet.pth"),
+                          "--obsnet_file", str(run / "nores"), "--img_folder", str(images),
+                          "--out", str(out), "--width_mult", str(WIDTH), "--size", *map(str, SIZE))
     assert result.returncode == 0, result.stderr
-    written = np.load(out / "a.npy").astype(np.float32)
+    written = np.load(out / "a.png.npy").astype(np.float32)
     assert written.shape == (h, w)
 
     from inference import predict, prepare

@@ -6,13 +6,15 @@ import pytest
 
 from benchmarks import real_camvid
 from benchmarks import real_camvid_ablations as ablations
+from cli import SubprocessModule
 from Dataset.synthetic import generate
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
         "--T", "2", "--workers", "0"]
 
 
-def test_recipe_runs_links_and_resumes(tmp_path, capsys):
+def test_recipe_runs_links_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(real_camvid, "subprocess", SubprocessModule)  # each stage: a fresh process
     camvid = generate(tmp_path / "camvid", seed=0, n_train=8, n_val=4, n_test=2)
     listing = sorted(p.name for p in camvid.iterdir())
     out = tmp_path / "run"
@@ -96,3 +98,23 @@ def test_table_collects_every_variant_with_results_and_its_time(tmp_path):
     # the recipe's observer beats MCP, MC dropout and adv none: it wins though it is "obsnet"
     assert "| adv-min_random_patch (= recipe) | 60.0 | 70.0 | 85.0 | 60.0 | yes |  |" in text
     assert "| adv-none | 55.0 | 70.0 | 84.0 | 60.0 | (no attack) | 10 |" in text
+
+
+def test_an_interrupted_training_stage_is_resumed(tmp_path):
+    """A training stage is done when its last.pth holds its last epoch; an interrupted one
+    runs again with --resume, one that left no last.pth with --overwrite (main.py refuses to
+    replace checkpoints without one of them)."""
+    import torch
+    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
+    stages = {name: (cmd, out) for name, cmd, out in real_camvid.recipe(args)}
+    command, last = stages["train ObsNet"]
+    assert last.name == "last.pth" and "--overwrite" in command and "--resume" not in command
+    last.parent.mkdir(parents=True)
+    torch.save({"epoch": 3, "args": {"epoch": args.obs_epochs}}, last)  # stopped after epoch 3
+    assert not real_camvid.finished(last)
+    command = {name: cmd for name, cmd, _ in real_camvid.recipe(args)}["train ObsNet"]
+    assert "--resume" in command and "--overwrite" not in command
+    torch.save({"epoch": args.obs_epochs - 1, "args": {"epoch": args.obs_epochs}}, last)
+    assert real_camvid.finished(last)
+    train, _, _ = ablations.variant_commands(args, {"adv": "none"})
+    assert "--overwrite" in train  # its own folder holds no last.pth

@@ -10,19 +10,14 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from cli import ROOT, main_py
 from Dataset.specs import SPECS
 from Dataset.synthetic import generate
 from Models.load_net import build_models, save_checkpoint
 
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0", "--num_workers", "0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def main_py(*args):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # for the real process
 
 
 def segnet_file(path, width_mult=0.0625):

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from cli import TINY, main_py, paths
 from Dataset.class_weights import class_frequencies, median_frequency_weights
 from Dataset.load_data import build_dataset
 from Dataset.seg_transfo import train_transform
 from Dataset.specs import SPECS
 from Dataset.synthetic import generate
-from test_main import TINY, main_py, paths
 
 CAMVID = SPECS["CamVid"]
 

@@ -1,12 +1,8 @@
 """Training behaviour: flags do what their help says, AMP on CPU, reproducibility, resume."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT
+from cli import main_py
 from Dataset.synthetic import generate
 from Models.obsnet import Obsnet_Seg
 from Models.segnet import SegNet, freeze
@@ -67,12 +63,6 @@ def test_amp_on_cpu_trains(nets):
                                  torch.device("cpu"), ObserverConfig(None), progress=False,
                                  amp=True)
     assert torch.isfinite(torch.tensor(stats["loss"]))
-
-
-def main_py(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_seeded_runs_are_identical_and_resume_matches(tmp_path):
