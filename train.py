@@ -84,7 +84,7 @@ class NonFinite:
     def check(self, all_ranks: bool = False) -> None:
         """FloatingPointError naming the epoch and step of the first non-finite loss."""
         first = self.first
-        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if all_ranks and _in_process_group():
             first = first.clone()
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
         step = int(first.item())
@@ -147,7 +147,7 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
 
     A batch where ``has_target(labels)`` (on the CPU labels: no device sync) is false, every
     pixel ignored, is skipped (its loss would be NaN) and counted (``unlabelled_batches``);
-    an epoch without any optimizer step is a DatasetError, raised before anything is saved."""
+    under DDP it still takes part in the step, with zero gradients from this rank. An epoch without any optimizer step is a DatasetError, raised before anything is saved."""
     # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
     nonfinite = NonFinite(tag, epoch, device)
@@ -159,13 +159,20 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
         images, labels = _unpack(batch, skipped)
         if len(images) == 0:
             continue
-        if not has_target(labels):
+        labelled = has_target(labels)
+        if not labelled:
             unlabelled += 1
-            continue
-        steps += 1
+            if not _in_process_group():
+                continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             loss, counts = batch_loss(images, labels)
+        if not labelled:
+            # Under DDP every rank must take part in each step's gradient all-reduce: this
+            # rank adds zero gradients (the NaN loss of an empty selection made 0) and steps.
+            _step(loss.nan_to_num(0.0) * 0.0, optimizer, scaler)
+            continue
+        steps += 1
         _step(loss, optimizer, scaler)
         totals[: 1 + len(counts)] += torch.cat([loss.detach().double().view(1), counts.double()])
         nonfinite.update(loss, step)
@@ -256,6 +263,11 @@ def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=
                       lambda labels: bool(((labels >= 0) & (labels < nclass)).any()))
 
 
+def _in_process_group() -> bool:
+    """Whether this process is one rank of a DDP run."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _has_pixel_besides(ignore_id: int | None, labels: torch.Tensor) -> bool:
     """Whether the observer has a pixel to learn from: one whose label is not ``ignore_id``."""
     return ignore_id is None or bool((labels != ignore_id).any())
@@ -278,9 +290,11 @@ def _epoch_summary(totals: torch.Tensor, n_steps: int) -> dict:
     With the attack's counts: ``attack_flip_rate`` (share of attacked pixels whose SegNet class
     the attack changed), ``segnet_error_in_mask`` and ``segnet_error_outside_mask``.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _in_process_group():
+        steps = torch.tensor([float(n_steps)], dtype=torch.float64, device=totals.device)
         torch.distributed.all_reduce(totals)
-        n_steps *= torch.distributed.get_world_size()
+        torch.distributed.all_reduce(steps)  # ranks may have skipped different batches
+        n_steps = int(steps.item())
     loss, obs_ok, seg_ok, pixels, *attack = totals.tolist()
     out = {"loss": loss / max(n_steps, 1), "obsnet_acc": obs_ok / max(pixels, 1),
            "segnet_acc": seg_ok / max(pixels, 1)}

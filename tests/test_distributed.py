@@ -101,3 +101,45 @@ def test_torchrun_trains_and_tests_like_one_process(data):
     assert two["n_images"] == one["n_images"] == 5
     assert two["methods"]["obsnet"]["ood"]["auroc"] == pytest.approx(
         one["methods"]["obsnet"]["ood"]["auroc"], abs=1e-9)
+
+
+def _unlabelled_batch_worker(rank, world, init_file, out):
+    """Train a tiny SegNet one epoch of two batches under DDP; rank 1's first batch has every
+    pixel ignored. Writes this rank's weights and epoch summary to ``out/rank{rank}.pt``."""
+    from datetime import timedelta
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from train import train_segnet_epoch
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        segnet = DistributedDataParallel(SegNet(3, 12, width_mult=0.0625))
+        generator = torch.Generator().manual_seed(rank)
+        batches = [(torch.rand(2, 3, *SIZE, generator=generator),
+                    torch.randint(0, 12, (2, *SIZE), generator=generator)) for _ in range(2)]
+        if rank == 1:
+            batches[0][1].fill_(255)
+        optimizer = torch.optim.SGD(segnet.parameters(), lr=0.1, momentum=0.9)
+        summary = train_segnet_epoch(0, segnet, batches, optimizer, 12, torch.device("cpu"),
+                                     progress=False)
+        weights = {n: p.detach() for n, p in segnet.module.named_parameters()}  # BN stats: per rank
+        torch.save({"weights": weights, "summary": summary},
+                   out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_batch_with_every_pixel_ignored_on_one_rank_keeps_the_ranks_in_step(tmp_path):
+    """Skipping the batch on rank 1 alone would leave rank 0 waiting in the gradient
+    all-reduce (a hang, here a gloo timeout); instead both ranks step twice, identically."""
+    spawn(_unlabelled_batch_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["summary"]["unlabelled_batches"] for r in ranks] == [0, 1]
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    assert all(torch.isfinite(w).all() for w in ranks[0]["weights"].values())
+    # the mean loss is over the 3 labelled batches of both ranks, not 4
+    assert ranks[0]["summary"]["loss"] == ranks[1]["summary"]["loss"] > 0
