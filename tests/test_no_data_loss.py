@@ -20,7 +20,7 @@ from conftest import ROOT
 from Dataset.errors import DatasetError
 from Dataset.synthetic import MARKER, OWNER, generate, refusal
 from Models.load_net import build_models
-from test_reliability import ENV, TINY, one_line_error, paths, segnet_file
+from test_reliability import ENV, TINY, one_line_error, paths, segnet_file, small_data  # noqa: F401
 from Utils import outputs
 
 
@@ -51,11 +51,9 @@ def listing(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
-    generate(root / "data", seed=0, n_train=8, n_val=2, n_test=2, size=(32, 48))
-    segnet_file(root / "segnet.pth")
-    return root
+def base(small_data):
+    """Tiny synthetic data and a SegNet checkpoint (test_reliability's ``small_data``)."""
+    return small_data
 
 
 # --------------------------------------------------------------------------- 1. data loss
