@@ -5,10 +5,12 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -139,11 +141,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_version() -> str:
+    """The checkout's commit (``git describe --always --dirty``: ``-dirty`` when files were
+    changed), or a note when this is not a git checkout."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1], timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not found)"
+    return done.stdout.strip() if done.returncode == 0 else "unknown (not a git checkout)"
+
+
 def machine() -> dict:
     """Where the numbers come from: CPU, cores, torch threads, GPU, library versions."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            "code": code_version(),
             "os": f"{platform.system()} {platform.release()}",
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 

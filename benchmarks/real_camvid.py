@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import code_version
 from Utils.report import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.out = args.out.resolve()
     link_camvid(args.camvid.expanduser().resolve(), args.out / "data")
+    with open(args.out / "recipe.log", "a") as log:  # which code made the files that follow
+        log.write(f"[real_camvid] {time.strftime('%Y-%m-%d %H:%M:%S')} code {code_version()}: "
+                  f"{' '.join(sys.argv)}\n")
     seconds = run_stages(recipe(args), args.out / "recipe.log")
     for split in ("val_ood", "val"):
         print(format_table(json.loads((args.out / "logs" / split / "results.json").read_text())))

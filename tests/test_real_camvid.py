@@ -1,12 +1,13 @@
 """The real-data recipe's plumbing, end to end on a tiny CamVid-layout folder (the real run is
 benchmarks/real_camvid.py on ../shared/data/camvid, far too long for CI)."""
 import json
+import subprocess
 
 import pytest
 
 from benchmarks import real_camvid
 from benchmarks import real_camvid_ablations as ablations
-from cli import SubprocessModule
+from cli import ROOT, SubprocessModule
 from Dataset.synthetic import generate
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
@@ -26,6 +27,11 @@ def test_recipe_runs_links_and_resumes(tmp_path, capsys, monkeypatch):
     assert "ood" in results["methods"]["obsnet"]  # val_ood has pasted anomalies
     assert "ood" not in json.loads((out / "logs" / "val" / "results.json").read_text())["methods"]["mcp"]
     assert (out / "data" / "train").is_symlink()
+    header = (out / "recipe.log").read_text().splitlines()[0]  # which code wrote these files
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                         text=True)
+    expected = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+    assert f" code {expected}: " in header, header
     assert sorted(p.name for p in camvid.iterdir()) == listing  # the source is only read
     # a second call finds every output and runs nothing
     assert real_camvid.main(["--camvid", str(camvid), "--out", str(out), *TINY]) == 0
