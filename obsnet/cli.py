@@ -1,19 +1,24 @@
 """ObsNet command line: train the SegNet, train the observer with local adversarial attacks,
-or evaluate uncertainty methods. ``python main.py`` alone runs the CPU demo."""
+or evaluate uncertainty methods. ``python main.py`` alone runs the CPU demo.
+
+The same command line runs as ``python main.py``, ``python -m obsnet`` and the ``obsnet``
+console script; only the program name in usage and error lines differs."""
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from Dataset.specs import SPECS
-from Models.load_net import SEGMENTERS
-from Models.obsnet import HEADS
-from stages import run_stage
-from Utils.adv_attack import ATTACK_CHOICES
-from Utils.cli import UsageError, check_nclass_and_size, parse_checked, run_friendly
-from Utils.uncertainty import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
-from Utils.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
+from obsnet.attacks import ATTACK_CHOICES
+from obsnet.cli_common import UsageError, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.data.specs import SPECS
+from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
+from obsnet.models.obsnet import HEADS
+from obsnet.models.registry import SEGMENTERS
+from obsnet.stages import run_stage
+from obsnet.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
 
+# --help shows what main.py's docstring said (the first two lines of this module's)
+DESCRIPTION = "\n".join(__doc__.splitlines()[:2])
 
 # `python main.py` with no argument: the three stages of the demo, each a plain command line.
 # The training stages pass --overwrite: a rerun of the demo replaces the demo's own
@@ -29,9 +34,10 @@ DEMO_STAGES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The original project's flags plus --nclass, --width_mult, --size, --train_segnet."""
-    p = argparse.ArgumentParser(description=__doc__)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The original project's flags plus --nclass, --width_mult, --size, --train_segnet;
+    ``prog``: the program name of usage lines (None: argparse's, from ``sys.argv[0]``)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     a = p.add_argument
     a("--dset_folder", default=None, help="dataset root (Synthetic: generated there if absent)")
     a("--segnet_file", default=None, help="SegNet checkpoint (default ckpt/<data>/segnet.pth)")
@@ -82,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
     a("--test_split", default=None,
       help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
-           "CamVid); e.g. val_ood, written by python -m Dataset.paste")
+           "CamVid); e.g. val_ood, written by python -m obsnet.paste")
     a("--class_weights", default="none", choices=("none", "median_freq"),
       help="--train_segnet: cross-entropy class weights; median_freq = SegNet's median-frequency "
            "balancing over the training labels")
@@ -153,9 +159,9 @@ def resolve_args(args):
     return spec
 
 
-def run(argv) -> int:
+def run(argv, prog: str = "main.py") -> int:
     """Parse, resolve and run one stage; returns the process exit code."""
-    args = parse_checked(build_parser(), argv)
+    args = parse_checked(build_parser(prog), argv)
     spec = resolve_args(args)
     rank = int(os.environ.get("RANK", "0"))
     seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1)
@@ -165,7 +171,7 @@ def run(argv) -> int:
     return 0
 
 
-def run_demo() -> int:
+def run_demo(prog: str = "main.py") -> int:
     """The demo: each stage printed as the command it equals, then run."""
     for stage in DEMO_STAGES:
         argv = DEMO_COMMON + stage
@@ -173,15 +179,17 @@ def run_demo() -> int:
             print(f"[demo] {DEMO_COMMON[5]} exists: SegNet training skipped")
             continue
         print("[demo] python main.py " + " ".join(argv), flush=True)
-        run(argv)
+        run(argv, prog)
     return 0
 
 
-def main(argv=None) -> int:
-    """Entry point: friendly one-line errors unless --debug."""
+def main(argv=None, prog: str = "main.py") -> int:
+    """Entry point: friendly one-line errors (``prog: error: ...``) unless --debug; no
+    argument runs the demo."""
     argv = sys.argv[1:] if argv is None else argv
-    return run_friendly("main.py", lambda a: run(a) if a else run_demo(), argv)
+    return run_friendly(prog, lambda a: run(a, prog) if a else run_demo(prog), argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def console_main() -> int:
+    """The ``obsnet`` console script."""
+    return main(prog="obsnet")

@@ -6,15 +6,12 @@ import signal
 import sys
 import threading
 
-from Dataset.errors import DatasetError, WorkerDied
-from Models.load_net import CheckpointError
+from obsnet.data.errors import DatasetError, WorkerDied
+from obsnet.errors import UsageError
+from obsnet.models.checkpoint import CheckpointError
 
 
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class UsageError(Exception):
-    """A command-line value that cannot work (exit code 2)."""
 
 
 class Interrupted(Exception):

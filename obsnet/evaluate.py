@@ -4,10 +4,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from Dataset.specs import DatasetSpec
-from Utils.metrics import ConfusionMeter, OODMeter, PerImageMeter
-from Utils.uncertainty import METHODS, EvalBatch, MethodConfig
-from Utils.utils import autocast
+from obsnet.data.specs import DatasetSpec
+from obsnet.methods import METHODS, EvalBatch, MethodConfig
+from obsnet.metrics import ConfusionMeter, OODMeter, PerImageMeter
+from obsnet.utils import autocast
 
 
 class _Meters:

@@ -15,19 +15,20 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from Dataset.camvid import read_image
-from Dataset.specs import SPECS
-from Models.load_net import load_networks, merge_observer_flags
-from Models.obsnet import HEADS
-from Utils.affichage import colorize_labels, viridis
-from Utils.cli import UsageError, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.cli_common import UsageError, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.data.camvid import read_image
+from obsnet.data.specs import SPECS
+from obsnet.models.obsnet import HEADS
+from obsnet.models.registry import load_networks, merge_observer_flags
+from obsnet.visual import colorize_labels, viridis
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Flags named as in main.py."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """Flags named as in main.py; ``prog``: the program name of usage lines (None: argparse's,
+    from ``sys.argv[0]``)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
     p.add_argument("--segnet_file", required=True, help="SegNet checkpoint")
     p.add_argument("--obsnet_file", required=True, help="ObsNet checkpoint, or a folder (its best.pth)")
@@ -97,9 +98,10 @@ def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) 
     np.save(out / f"{stem}.npy", prob.cpu().numpy().astype(np.float16))
 
 
-def run(argv) -> int:
-    """Parse the flags, load the networks and process the folder in batches."""
-    args = parse_checked(build_parser(), argv)
+def run(argv, prog: str | None = None) -> int:
+    """Parse the flags, load the networks and process the folder in batches (``prog``: see
+    ``build_parser``)."""
+    args = parse_checked(build_parser(prog), argv)
     spec = SPECS[args.data]
     check_nclass_and_size(args, spec)
     if args.bsize < 1:
@@ -131,5 +133,10 @@ def run(argv) -> int:
     return 0
 
 
+def main(argv=None, prog: str = "inference.py") -> int:
+    """Entry point: friendly one-line errors (``prog: error: ...``) unless --debug."""
+    return run_friendly(prog, lambda a: run(a, prog), sys.argv[1:] if argv is None else argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_friendly("inference.py", run, sys.argv[1:]))
+    sys.exit(main(prog="python -m obsnet.inference"))

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from obsnet.errors import UsageError
+
 
 class OutputError(OSError):
     """An output location that cannot be written, as one line naming the flag and the path
@@ -286,7 +288,6 @@ class OutputLock:
 
     @staticmethod
     def _busy(output: Output, pid: int | None = None):
-        from Utils.cli import UsageError  # Utils.cli imports Models, which import this module
         who = f"another run (PID {pid})" if pid else "another run"
         return UsageError(f"{output.flag} {output.path}: in use by {who}, which holds "
                           f"{output.lock_file}; wait for it to end or choose another {output.flag}")

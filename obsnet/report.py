@@ -7,8 +7,8 @@ import math
 import torch
 from torchvision.utils import make_grid
 
-from Utils.affichage import colorize_labels, viridis
-from Utils.outputs import atomic_write
+from obsnet.outputs import atomic_write
+from obsnet.visual import colorize_labels, viridis
 
 COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "fpr95", "OOD FPR95"),
            ("ood_per_image", "auroc", "img AUROC"), ("ood_per_image", "aupr", "img AUPR"),
@@ -59,7 +59,7 @@ def _json_safe(value):
 
 
 def write_json(path, data: dict, label: str | None = None) -> None:
-    """Write ``data`` as JSON atomically (``Utils.outputs.atomic_write``; ``label``: the flag
+    """Write ``data`` as JSON atomically (``obsnet.outputs.atomic_write``; ``label``: the flag
     that names the folder, for error messages)."""
     text = json.dumps(_json_safe(data), indent=2)
     atomic_write(path, lambda f: f.write(text.encode()), label)

@@ -9,26 +9,26 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from Dataset.class_weights import class_frequencies, median_frequency_weights
-from Dataset.load_data import build_dataset, build_loader
-from Dataset.synthetic import UNTOUCHED, ensure_synthetic, is_complete
-from Dataset.synthetic import refusal as synthetic_refusal
-from evaluation import evaluate
-from Models.blocks import fold_batchnorm
-from Models.load_net import (DEFAULT_HEAD, OBSERVER_FLAGS, CheckpointError, build_models,
-                             first_nonfinite, init_from_segnet, load_networks, load_weights,
-                             merge_observer_flags, observer_record, save_checkpoint)
-from train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
-                   train_segnet_epoch)
-from Utils.adv_attack import AttackConfig, parse_attack
-from Utils.cli import Interrupted, StopSignal, UsageError, signal_name
-from Utils.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
-from Utils.loss import CRITERIA
-from Utils.outputs import Output, OutputLock
-from Utils.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
+from obsnet.attacks import AttackConfig, parse_attack
+from obsnet.cli_common import Interrupted, StopSignal, UsageError, signal_name
+from obsnet.data.class_weights import class_frequencies, median_frequency_weights
+from obsnet.data.loaders import build_dataset, build_loader
+from obsnet.data.synthetic import UNTOUCHED, ensure_synthetic, is_complete
+from obsnet.data.synthetic import refusal as synthetic_refusal
+from obsnet.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
+from obsnet.evaluate import evaluate
+from obsnet.losses import CRITERIA
+from obsnet.methods import MethodConfig, parse_methods
+from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.checkpoint import CheckpointError, first_nonfinite, load_weights, save_checkpoint
+from obsnet.models.registry import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet,
+                                    load_networks, merge_observer_flags, observer_record)
+from obsnet.outputs import Output, OutputLock
+from obsnet.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
                           write_json)
-from Utils.uncertainty import MethodConfig, parse_methods
-from Utils.utils import rng_state, set_rng_state
+from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
+                   train_segnet_epoch)
+from obsnet.utils import rng_state, set_rng_state
 
 
 def loader_for(args, spec, split: str, train: bool, rt=None):

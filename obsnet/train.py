@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from Dataset.errors import DatasetError
-from Utils.adv_attack import AttackConfig, select_attack
-from Utils.utils import amp_dtype, autocast
+from obsnet.attacks import AttackConfig, select_attack
+from obsnet.data.errors import DatasetError
+from obsnet.utils import amp_dtype, autocast
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Run the project's command lines (``python main.py ...``, ``python -m Dataset.check ...``) as
+"""Run the project's command lines (``python main.py ...``, ``python -m obsnet.check ...``) as
 a user would, in a fresh process, without paying the interpreter's start each time.
 
 Each call is a new process forked from a multiprocessing *forkserver* that has already
@@ -39,8 +39,8 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ["numpy", "PIL.Image", "torch", "torchvision", "torch.utils.tensorboard",
-           "Dataset.load_data", "Models.load_net", "evaluation", "train", "stages", "main",
-           "inference"]
+           "obsnet.data.loaders", "obsnet.models.registry", "obsnet.evaluate", "obsnet.train",
+           "obsnet.stages", "obsnet.cli", "obsnet.inference", "obsnet.data.check", "obsnet.data.paste"]
 SUBPROCESS = os.environ.get("OBSNET_TEST_SUBPROCESS") == "1"
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0"]
@@ -222,7 +222,8 @@ def _run_main(argv) -> None:
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         sys.path.insert(0, os.getcwd())
-        sys.modules.pop(argv[1], None)  # run afresh as __main__, as `python -m` does
+        if not hasattr(sys.modules.get(argv[1]), "__path__"):  # a package runs its __main__
+            sys.modules.pop(argv[1], None)  # run afresh as __main__, as `python -m` does
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 from cli import TINY, main_py, paths  # noqa: E402  (imports from ROOT)
-from Dataset.synthetic import generate  # noqa: E402
+from obsnet.data.synthetic import generate  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

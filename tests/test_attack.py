@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from Models.segnet import SegNet, freeze
-from Utils.adv_attack import (ATTACK_CHOICES, MASKS, AttackConfig, fgsm, parse_attack,
+from obsnet.attacks import (ATTACK_CHOICES, MASKS, AttackConfig, fgsm, parse_attack,
                                select_attack)
+from obsnet.models.segnet import SegNet, freeze
 
 
 def config(mask="random_patch", mode="min", eps=0.05, patch=(32, 40, 10, 16)):

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from Models.segnet import SegNet, freeze
-from stages import attack_config, make_optimizer
-from train import ObserverConfig, _epoch_summary, attack_counts, train_observer_epoch
-from Utils.adv_attack import AttackConfig, AttackOutput, fgsm, max_mode_target, select_attack
-from Utils.loss import CRITERIA
-from Utils.utils import amp_dtype, autocast
-from Dataset.specs import SPECS
-from Models.obsnet import Obsnet_Seg
+from obsnet.attacks import AttackConfig, AttackOutput, fgsm, max_mode_target, select_attack
+from obsnet.data.specs import SPECS
+from obsnet.losses import CRITERIA
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
+from obsnet.stages import attack_config, make_optimizer
+from obsnet.train import ObserverConfig, _epoch_summary, attack_counts, train_observer_epoch
+from obsnet.utils import amp_dtype, autocast
 
 CPU = torch.device("cpu")
 
@@ -170,7 +170,7 @@ def test_milestones_as_the_original(epochs, after):
 
 def test_cli_amp_float16_logs_the_attack(tmp_path):
     from cli import TINY, main_py, paths
-    from Dataset.synthetic import generate
+    from obsnet.data.synthetic import generate
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     generate(tmp_path / "data", seed=0, n_train=8, n_val=2, n_test=2)
     seg = main_py(*TINY, *paths(tmp_path), "--train_segnet", "--epoch", "1", "--amp", "float16")

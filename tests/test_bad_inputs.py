@@ -1,4 +1,4 @@
-"""Bad inputs a user can give main.py, inference.py and ``python -m Dataset.check``: NaN or
+"""Bad inputs a user can give main.py, inference.py and ``python -m obsnet.check``: NaN or
 infinite flag values, signals to a process group with data workers, a worker killed by the
 out-of-memory killer, over-large images (PIL's DecompressionBombError), deeply nested
 ``.odgt`` JSON, list files with a byte-order mark, labels with every pixel ignored, 16-bit
@@ -17,16 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-import inference
-import main
 from cli import python
 from conftest import ROOT
-from Dataset.specs import SPECS
-from Dataset.synthetic import generate
-from Models.load_net import build_models, save_checkpoint
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet
-from Utils.cli import run_friendly
+from obsnet import cli as obsnet_cli
+from obsnet import inference
+from obsnet.cli_common import run_friendly
+from obsnet.data.specs import SPECS
+from obsnet.data.synthetic import generate
+from obsnet.models.checkpoint import save_checkpoint
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.registry import build_models
+from obsnet.models.segnet import SegNet
 
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0", "--epoch", "1"]
@@ -118,13 +119,13 @@ def bad_data(base):
 
 # ------------------------------------------------------------------------ 1. flag values
 
-FLOAT_FLAGS = [a.option_strings[0] for a in main.build_parser()._actions if a.type is float]
+FLOAT_FLAGS = [a.option_strings[0] for a in obsnet_cli.build_parser()._actions if a.type is float]
 
 
 @pytest.mark.parametrize("flag", FLOAT_FLAGS)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_every_float_flag_refuses_nan_and_inf(flag, value, capsys):
-    assert main.main([*TINY, f"{flag}={value}"]) == 2
+    assert obsnet_cli.main([*TINY, f"{flag}={value}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"main.py: error: {flag} must be a finite number (got {float(value)})"]
 
@@ -220,7 +221,7 @@ def test_worker_killed_by_the_oom_killer_is_one_line(base):
 # ---------------------------------------------------------------------------------- 3. data
 
 def test_dataset_check_reports_bombs_and_unlabelled_labels_and_reads_bom(bad_data):
-    out = cli("-m", "Dataset.check", "--data", "Synthetic", "--dset_folder", str(bad_data),
+    out = cli("-m", "obsnet.check", "--data", "Synthetic", "--dset_folder", str(bad_data),
               "--workers", "1")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
     problems = [line.strip() for line in out.stdout.splitlines() if line.startswith("  ")]
@@ -239,7 +240,7 @@ def test_deeply_nested_odgt_is_one_problem(tmp_path):
     root = tmp_path / "street"
     root.mkdir()
     (root / "train.odgt").write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    out = cli("-m", "Dataset.check", "--data", "StreetHazard", "--dset_folder", str(root),
+    out = cli("-m", "obsnet.check", "--data", "StreetHazard", "--dset_folder", str(root),
               "--splits", "train")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert (f"  {root / 'train.odgt'}:1: invalid JSON: nested too deeply (an entry is a JSON "
@@ -338,7 +339,7 @@ def test_inference_with_nan_weights_names_the_checkpoint(nets, tmp_path):
 
 
 def test_viridis_survives_nan_and_inf():
-    from Utils.affichage import viridis
+    from obsnet.visual import viridis
     maps = torch.tensor([[[float("nan"), 0.5], [float("inf"), -float("inf")]]])
     for lo, hi in ((None, None), (0.0, 1.0)):
         assert viridis(maps, lo, hi).shape == (1, 3, 2, 2)
@@ -347,7 +348,7 @@ def test_viridis_survives_nan_and_inf():
 # ------------------------------------------------------------------------ 6. one-liners
 
 def test_table_printed_before_results_files_and_unpool_warning_in_our_words(base):
-    from Utils.utils import UNPOOL_NOTE
+    from obsnet.utils import UNPOOL_NOTE
     logs = base / "logs_csv"
     (logs / "results.csv").mkdir(parents=True)  # cannot be written as a file
     out = cli("main.py", *TINY, *paths(base, obsnet="csv"), "--test_only", "--test_multi", "mcp")
@@ -358,9 +359,9 @@ def test_table_printed_before_results_files_and_unpool_warning_in_our_words(base
 
 
 def test_batches_with_every_pixel_ignored_are_skipped_in_both_stages():
-    from Dataset.errors import DatasetError
-    from train import ObserverConfig, train_observer_epoch, train_segnet_epoch
-    from Utils.loss import CRITERIA
+    from obsnet.data.errors import DatasetError
+    from obsnet.train import ObserverConfig, train_observer_epoch, train_segnet_epoch
+    from obsnet.losses import CRITERIA
     torch.manual_seed(0)
     segnet, obsnet = SegNet(3, 12, width_mult=0.0625), Obsnet_Seg(3, 1, width_mult=0.0625)
     images = torch.randn(2, 3, 32, 48)

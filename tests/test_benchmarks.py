@@ -14,10 +14,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from benchmarks import attack_precision, eval_memory, inference, metrics, report, train_step
 from benchmarks import run as bench_run
 from benchmarks.common import MB, PeakRSS, Spread, machine
-from Models.blocks import fold_batchnorm
-from Models.segnet import SegNet, freeze
-from Utils.adv_attack import MASKS, AttackConfig, fgsm
-from Utils.metrics import OODMeter
+from obsnet.attacks import MASKS, AttackConfig, fgsm
+from obsnet.metrics import OODMeter
+from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.segnet import SegNet, freeze
 
 WIDTH = 0.0625
 NCLASS = 12

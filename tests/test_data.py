@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from Dataset.camvid import CamVid
-from Dataset.errors import DatasetError
-from Dataset.load_data import build_dataset, build_loader, data_loader
-from Dataset.seg_transfo import denormalize, eval_transform, train_transform
-from Dataset.specs import SPECS
+from obsnet.data.camvid import CamVid
+from obsnet.data.errors import DatasetError
+from obsnet.data.loaders import build_dataset, build_loader, data_loader
+from obsnet.data.specs import SPECS
+from obsnet.data.transforms import denormalize, eval_transform, train_transform
 
 H, W = 48, 64
 SPEC = replace(SPECS["Synthetic"], size=(H, W), crop=(8, 12))

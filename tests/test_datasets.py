@@ -1,4 +1,4 @@
-"""StreetHazards and BDD-Anomaly loaders, label-id validation and ``python -m Dataset.check``.
+"""StreetHazards and BDD-Anomaly loaders, label-id validation and ``python -m obsnet.check``.
 
 Every folder is generated here in the real layout and file naming (small images), and read
 through ``build_dataset`` / ``build_loader`` / ``data_loader`` as main.py reads it.
@@ -14,12 +14,12 @@ from PIL import Image
 
 from cli import python
 from conftest import SHARED
-from Dataset import check
-from Dataset.camvid import max_label_id
-from Dataset.errors import DatasetError
-from Dataset.load_data import build_dataset, build_loader, data_loader
-from Dataset.odgt import read_odgt
-from Dataset.specs import SPECS
+from obsnet.data import check
+from obsnet.data.camvid import max_label_id
+from obsnet.data.errors import DatasetError
+from obsnet.data.loaders import build_dataset, build_loader, data_loader
+from obsnet.data.odgt import read_odgt
+from obsnet.data.specs import SPECS
 from test_data import make_camvid
 
 H, W = 24, 40
@@ -290,8 +290,8 @@ def test_camvid_layout_rejects_bad_ids(tmp_path, name):
 
 
 def run_check(*args: str):
-    """``python -m Dataset.check ARGS`` from the repository root."""
-    return python("-m", "Dataset.check", *args, timeout=120)
+    """``python -m obsnet.check ARGS`` from the repository root."""
+    return python("-m", "obsnet.check", *args, timeout=120)
 
 
 def test_check_good_folder(tmp_path):

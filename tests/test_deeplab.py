@@ -6,10 +6,11 @@ import torch
 from torchvision.models import resnet18, resnet101, vgg16
 from torchvision.models._api import WeightsEnum
 
-from Models.deeplab_v3plus import DeepLabV3Plus, Obsnet_DeepLab, load_resnet101_backbone
-from Models.load_net import CheckpointError, build_models
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import VGG16_CONVS, SegNet, init_encoder_from_vgg16
+from obsnet.models.checkpoint import CheckpointError
+from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab, load_resnet101_backbone
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.registry import build_models
+from obsnet.models.segnet import VGG16_CONVS, SegNet, init_encoder_from_vgg16
 
 NCLASS = 5
 

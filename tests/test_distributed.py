@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 
 from cli import ROOT, main_py, spawn
-from Dataset.load_data import build_dataset, build_loader
-from Dataset.specs import SPECS
-from Dataset.synthetic import generate
-from evaluation import evaluate
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from Utils.uncertainty import MethodConfig
+from obsnet.data.loaders import build_dataset, build_loader
+from obsnet.data.specs import SPECS
+from obsnet.data.synthetic import generate
+from obsnet.evaluate import evaluate
+from obsnet.methods import MethodConfig
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
 
 SIZE = (32, 48)
 
@@ -110,7 +110,7 @@ def _unlabelled_batch_worker(rank, world, init_file, out):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from train import train_segnet_epoch
+    from obsnet.train import train_segnet_epoch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))

@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from cli import inference_py
-from Models.load_net import save_checkpoint
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet
+from obsnet.models.checkpoint import save_checkpoint
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cli import TINY, main_py, paths
-from Dataset.synthetic import generate
+from obsnet.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import Utils.uncertainty as U
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from Utils.uncertainty import ALIASES, METHODS, EvalBatch, MethodConfig, parse_methods
+import obsnet.methods as U
+from obsnet.methods import ALIASES, METHODS, EvalBatch, MethodConfig, parse_methods
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
 
 SHAPE = (3, 32, 48)
 CFG = MethodConfig(mc_passes=3, void_class=11)
@@ -167,8 +167,8 @@ def test_void_picks_the_void_channel():
 
 
 def test_void_class_per_dataset_is_the_originals():
-    from Dataset.specs import SPECS
-    from stages import method_config
+    from obsnet.data.specs import SPECS
+    from obsnet.stages import method_config
     from types import SimpleNamespace
     args = SimpleNamespace(T=2, Temp=1.0, odin_eps=0.0, odin_temp=1.0, gauss_lambda=0.0,
                            sampling_score="entropy", nclass=19)

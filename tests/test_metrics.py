@@ -1,4 +1,4 @@
-"""Tests of Utils/metrics.py against scikit-learn and hand-computed cases."""
+"""Tests of obsnet/metrics.py against scikit-learn and hand-computed cases."""
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from Utils.metrics import ConfusionMeter, OODMeter, score_bins
+from obsnet.metrics import ConfusionMeter, OODMeter, score_bins
 
 TOL = 1e-4
 TOL_FPR = 1e-3

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from conftest import SHARED
-from Models.load_net import (CheckpointError, init_from_segnet, load_weights, model_state,
-                             save_checkpoint)
-from Models.obsnet import Obsnet_Seg, Obsnet_Small
-from Models.segnet import SegNet
+from obsnet.models.checkpoint import CheckpointError, load_weights, model_state, save_checkpoint
+from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small
+from obsnet.models.registry import init_from_segnet
+from obsnet.models.segnet import SegNet
 
 REFERENCE = SHARED / "reference"
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import cli
-import main
 from conftest import ROOT
-from Dataset.errors import DatasetError
-from Dataset.synthetic import MARKER, OWNER, generate, refusal
-from Models.load_net import build_models
+from obsnet import cli as obsnet_cli
+from obsnet import outputs
+from obsnet.data.errors import DatasetError
+from obsnet.data.synthetic import MARKER, OWNER, generate, refusal
+from obsnet.models.registry import build_models
 from test_reliability import ENV, TINY, one_line_error, paths, segnet_file, small_data  # noqa: F401
-from Utils import outputs
 
 
 def main_py(*args, umask=None):
@@ -35,10 +35,10 @@ def main_py(*args, umask=None):
 
 
 def main_in_process(capsys, *args) -> tuple[int, str]:
-    """``main.main(ARGS)`` in this process (cheaper than a subprocess); (exit code, the last
+    """``obsnet_cli.main(ARGS)`` in this process (cheaper than a subprocess); (exit code, the last
     line of stderr)."""
     capsys.readouterr()
-    code = main.main([str(a) for a in args])
+    code = obsnet_cli.main([str(a) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     torch.use_deterministic_algorithms(False)  # main seeded and set it for this process
     return code, (err[-1] if err else "")
@@ -70,7 +70,7 @@ def test_synthetic_data_is_never_written_over_a_real_dataset(base, tmp_path):
     one_line_error(out, f"--dset_folder {real}: it holds files the synthetic generator did not "
                         f"write (test, test.txt, test_ood, test_ood.txt, ...); nothing was changed")
     assert listing(real) == before and not (base / "dataloss").exists()
-    with pytest.raises(DatasetError, match="did not write"):  # python -m Dataset.synthetic, tests
+    with pytest.raises(DatasetError, match="did not write"):  # python -m obsnet.data.synthetic, tests
         generate(real, seed=0, n_train=1, n_val=1, n_test=1, size=(32, 48))
     assert listing(real) == before
 
@@ -105,11 +105,11 @@ def test_demo_reruns_over_its_own_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     generate(tmp_path / "data" / "Synthetic", seed=0, n_train=8, n_val=2, n_test=2, size=(32, 48))
     (tmp_path / "data" / "Synthetic" / OWNER).unlink()  # as earlier versions left it
-    monkeypatch.setattr(main, "DEMO_COMMON", main.DEMO_COMMON + [
+    monkeypatch.setattr(obsnet_cli, "DEMO_COMMON", obsnet_cli.DEMO_COMMON + [
         "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4", "--num_workers", "0"])
-    monkeypatch.setattr(main, "DEMO_STAGES", [
+    monkeypatch.setattr(obsnet_cli, "DEMO_STAGES", [
         ["1" if previous in ("--epoch", "--T") else a for previous, a in zip([None, *s], s)]
-        for s in main.DEMO_STAGES])
+        for s in obsnet_cli.DEMO_STAGES])
     for _ in range(2):
         code, last = main_in_process(capsys, *[])
         assert code == 0, last

@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from cli import TINY, main_py, paths
-from Models.load_net import CheckpointError, build_models, merge_observer_flags
-from Models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
-from Models.segnet import SegNet
-from Utils.metrics import OODMeter
+from obsnet.metrics import OODMeter
+from obsnet.models.checkpoint import CheckpointError
+from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
+from obsnet.models.registry import build_models, merge_observer_flags
+from obsnet.models.segnet import SegNet
 
 WIDTH, NCLASS = 0.0625, 12
 

@@ -9,14 +9,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cli import TINY, inference_py, main_py, paths
-from Dataset.load_data import build_dataset, build_loader
-from Dataset.specs import SPECS
-from evaluation import evaluate
-from Models.blocks import fold_batchnorm
-from Models.load_net import (OBSERVER_FLAGS, CheckpointError, load_networks,
-                             merge_observer_flags, observer_flags, observer_path)
-from Models.obsnet import Obsnet_Seg
-from Utils.uncertainty import MethodConfig
+from obsnet.data.loaders import build_dataset, build_loader
+from obsnet.data.specs import SPECS
+from obsnet.evaluate import evaluate
+from obsnet.methods import MethodConfig
+from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.checkpoint import CheckpointError
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.registry import (OBSERVER_FLAGS, load_networks, merge_observer_flags, observer_flags,
+                                    observer_path)
 
 SPEC = SPECS["Synthetic"]
 NCLASS, WIDTH, SIZE = 12, 0.0625, (32, 48)  # as TINY
@@ -131,7 +132,7 @@ def test_inference_runs_the_observer_as_its_checkpoint_records(run, tmp_path):
     written = np.load(out / "a.png.npy").astype(np.float32)
     assert written.shape == (h, w)
 
-    from inference import predict, prepare
+    from obsnet.inference import predict, prepare
     segnet, obsnet = load_networks("segnet", NCLASS, WIDTH, False, run / "segnet.pth", run / "nores")
     obsnet.eval()
     batch = prepare([torch.from_numpy(pixels).permute(2, 0, 1)], SIZE, SPEC)

@@ -1,4 +1,4 @@
-"""``python -m Dataset.paste``: pasted OOD splits in the CamVid-OOD layout (tiny generated data)."""
+"""``python -m obsnet.paste``: pasted OOD splits in the CamVid-OOD layout (tiny generated data)."""
 import shutil
 from pathlib import Path
 
@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED
-from Dataset import paste
-from Dataset.camvid import read_list
-from Dataset.load_data import build_dataset
-from Dataset.paste import PasteConfig, frame_rng, load_cutouts, main, paste_objects
-from Dataset.specs import SPECS
+from obsnet.data import paste
+from obsnet.data.camvid import read_list
+from obsnet.data.loaders import build_dataset
+from obsnet.data.paste import PasteConfig, frame_rng, load_cutouts, main, paste_objects
+from obsnet.data.specs import SPECS
 
 H, W = 40, 56
 NAMES = ("f000.png", "f001.png", "f002.png")

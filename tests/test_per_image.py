@@ -11,13 +11,13 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from Dataset.specs import SPECS
-from evaluation import evaluate
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from Utils.metrics import OODMeter, PerImageMeter, anomaly_seg_fpr95, image_measures
-from Utils.report import format_table, write_csv
-from Utils.uncertainty import MethodConfig
+from obsnet.data.specs import SPECS
+from obsnet.evaluate import evaluate
+from obsnet.methods import MethodConfig
+from obsnet.metrics import OODMeter, PerImageMeter, anomaly_seg_fpr95, image_measures
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
+from obsnet.report import format_table, write_csv
 
 F32_MAX = float(np.finfo(np.float32).max)
 

@@ -8,7 +8,7 @@ import pytest
 from benchmarks import real_camvid
 from benchmarks import real_camvid_ablations as ablations
 from cli import ROOT, SubprocessModule
-from Dataset.synthetic import generate
+from obsnet.data.synthetic import generate
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
         "--T", "2", "--workers", "0"]

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from cli import ROOT, main_py
-from Dataset.specs import SPECS
-from Dataset.synthetic import generate
-from Models.load_net import build_models, save_checkpoint
+from obsnet.data.specs import SPECS
+from obsnet.data.synthetic import generate
+from obsnet.models.checkpoint import save_checkpoint
+from obsnet.models.registry import build_models
 
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0", "--num_workers", "0"]
@@ -163,7 +164,7 @@ def test_skip_bad_samples_counts_and_continues(bad_image_data):
 
 
 def test_first_best_checkpoint_is_kept_even_when_the_metric_is_undefined():
-    from stages import improves
+    from obsnet.stages import improves
     nan = float("nan")
     assert improves(nan, -1.0) and improves(0.0, -1.0)  # nothing kept yet: keep this one
     assert not improves(nan, 0.5) and not improves(0.4, 0.5)

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from Dataset.specs import SPECS
-from Utils.affichage import colorize_labels, viridis
-from Utils.report import format_table, log_preview, write_json
+from obsnet.data.specs import SPECS
+from obsnet.report import format_table, log_preview, write_json
+from obsnet.visual import colorize_labels, viridis
 
 RESULTS = {
     "split": "test_ood", "n_images": 2,
@@ -77,7 +77,7 @@ def test_preview_grid_has_one_row_per_picture():
 def test_results_csv_one_row_per_method(tmp_path):
     import csv
 
-    from Utils.report import write_csv
+    from obsnet.report import write_csv
     write_csv(tmp_path / "results.csv", RESULTS)
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["method"] for r in rows] == ["obsnet", "mcp"]
@@ -94,8 +94,8 @@ class _CurveWriter:
 
 
 def test_pr_curves_are_the_meter_counts():
-    from Utils.metrics import OODMeter
-    from Utils.report import log_pr_curves
+    from obsnet.metrics import OODMeter
+    from obsnet.report import log_pr_curves
     torch.manual_seed(0)
     meter = OODMeter()
     positive = torch.rand(5000) < 0.3

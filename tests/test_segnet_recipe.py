@@ -9,11 +9,11 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from cli import TINY, main_py, paths
-from Dataset.class_weights import class_frequencies, median_frequency_weights
-from Dataset.load_data import build_dataset
-from Dataset.seg_transfo import train_transform
-from Dataset.specs import SPECS
-from Dataset.synthetic import generate
+from obsnet.data.class_weights import class_frequencies, median_frequency_weights
+from obsnet.data.loaders import build_dataset
+from obsnet.data.specs import SPECS
+from obsnet.data.synthetic import generate
+from obsnet.data.transforms import train_transform
 
 CAMVID = SPECS["CamVid"]
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic CamVid-layout dataset generator (Dataset/synthetic.py)."""
+"""Tests of the synthetic CamVid-layout dataset generator (obsnet/data/synthetic.py)."""
 import hashlib
 import json
 import os
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from Dataset import synthetic
-from Dataset.specs import SPECS
+from obsnet.data import synthetic
+from obsnet.data.specs import SPECS
 
 SPEC = SPECS["Synthetic"]
 COUNTS = {"n_train": 8, "n_val": 2, "n_test": 4}

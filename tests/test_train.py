@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from cli import main_py
-from Dataset.synthetic import generate
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from train import ObserverConfig, observer_step, train_observer_epoch
-from Utils.loss import CRITERIA
+from obsnet.data.synthetic import generate
+from obsnet.losses import CRITERIA
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
+from obsnet.train import ObserverConfig, observer_step, train_observer_epoch
 
 
 @pytest.fixture()
@@ -107,14 +107,14 @@ def test_nan_loss_stops_with_epoch_and_step(nets):
 
 
 def test_nan_score_in_evaluation_names_the_method(nets, monkeypatch):
-    from Dataset.specs import SPECS
-    from evaluation import evaluate
-    from Utils import uncertainty
-    from Utils.uncertainty import METHODS, Method, MethodConfig
+    from obsnet.data.specs import SPECS
+    from obsnet.evaluate import evaluate
+    from obsnet import methods
+    from obsnet.methods import METHODS, Method, MethodConfig
     broken = Method(lambda batch, cfg: torch.full(batch.images.shape[:1] + batch.images.shape[2:],
                                                   float("nan")), None)
     monkeypatch.setitem(METHODS, "broken", broken)
-    assert uncertainty.METHODS["broken"] is broken
+    assert methods.METHODS["broken"] is broken
     loader = [(torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48)))]
     with pytest.raises(FloatingPointError, match="method 'broken' produced NaN scores"):
         evaluate(nets[0], None, loader, ["broken"], SPECS["Synthetic"], torch.device("cpu"),
@@ -151,8 +151,8 @@ def test_epoch_reports_time_waiting_for_data(nets):
 def test_slow_data_is_reported_once_per_stage(capsys):
     from types import SimpleNamespace
 
-    from stages import log_data_wait
-    from Utils.report import NullWriter
+    from obsnet.stages import log_data_wait
+    from obsnet.report import NullWriter
     rt, writer = SimpleNamespace(is_main=True), NullWriter()
     stats = {"data_wait_share": 0.05, "seconds": 10.0}
     assert not log_data_wait(rt, writer, stats, 0, False)

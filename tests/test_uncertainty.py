@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from Dataset.specs import SPECS
-from evaluation import evaluate
-from Models.obsnet import Obsnet_Seg
-from Models.segnet import SegNet, freeze
-from Utils.uncertainty import MethodConfig, max_softmax_uncertainty, mean_softmax_uncertainty
+from obsnet.data.specs import SPECS
+from obsnet.evaluate import evaluate
+from obsnet.methods import MethodConfig, max_softmax_uncertainty, mean_softmax_uncertainty
+from obsnet.models.obsnet import Obsnet_Seg
+from obsnet.models.segnet import SegNet, freeze
 
 
 @pytest.fixture(scope="module")

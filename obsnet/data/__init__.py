@@ -1,0 +1,1 @@
+"""Datasets (CamVid, StreetHazards, BDD-Anomaly, generated scenes), transforms and loaders."""

@@ -12,7 +12,7 @@ the odgt files in ``BDD/``: an odgt path is therefore resolved against the root 
 against ``root/bdd100k/``. Raw values minus 1 give 0 other, 1 road .. 16 bus and the
 anomalies 17 train, 18 motorcycle, 19 bicycle; a raw 0 becomes the ignore id.
 """
-from Dataset.odgt import OdgtDataset
+from obsnet.data.odgt import OdgtDataset
 
 
 class BddAnomaly(OdgtDataset):

@@ -5,7 +5,7 @@
 (``/SegNet/CamVid/train/x.png ...``); an absolute path that does not exist is re-rooted by
 keeping its last two components (``train/x.png``) under ``root``.
 
-Shared blocks (used by ``street_hazard``, ``BDD_anomaly`` and ``check``): ``Pair`` (an
+Shared blocks (used by ``street_hazard``, ``bdd_anomaly`` and ``check``): ``Pair`` (an
 image / label path pair and the list-file line naming it), ``parse_all`` (parse entries,
 raising or collecting errors), ``read_image`` / ``read_label``, ``label_counts`` /
 ``invalid_ids`` / ``check_ids`` / ``check_size`` (label and size validation) and
@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from Dataset.errors import DatasetError
-from Dataset.specs import SPECS, DatasetSpec
+from obsnet.data.errors import DatasetError
+from obsnet.data.specs import SPECS, DatasetSpec
 
 Sample = tuple[torch.Tensor, torch.Tensor]
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], Sample]
@@ -129,7 +129,7 @@ def image_array(img: Image.Image) -> np.ndarray:
 
 def read_image(path: Path, where: str = "") -> tv_tensors.Image:
     """An image file as a uint8 3×H×W tensor (see ``image_array``); the one image reader of
-    training, evaluation, ``Dataset.check`` and inference.py.
+    training, evaluation, ``obsnet.data.check`` and inference.py.
 
     ``where`` (the "list_file:line" listing it) starts the error message when given.
     """
@@ -208,7 +208,7 @@ class PairDataset(Dataset):
         root: dataset folder.
         split: split name (see ``splits``).
         transform: joint transform taking ``(tv_tensors.Image, tv_tensors.Mask)``
-            (see ``Dataset.seg_transfo``); None returns the uint8 image and int64 label.
+            (see ``obsnet.data.transforms``); None returns the uint8 image and int64 label.
         spec: dataset spec the label ids are checked against; ``default_spec`` when None.
     """
 

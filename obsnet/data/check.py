@@ -1,11 +1,11 @@
 """Check a dataset folder before a long run: every listed file read once, problems collected.
 
-    python -m Dataset.check --data NAME --dset_folder PATH [--splits S ...] [--workers N]
+    python -m obsnet.check --data NAME --dset_folder PATH [--splits S ...] [--workers N]
 
 Reports, per split: the split file and its image count; missing or unreadable files;
 image / label size mismatches; label values the dataset cannot have; labels with every
 pixel ignored; anomaly and ignore pixel counts; per-class pixel shares (%). The listing, path
-resolution and label decoding are the loaders' own (``Dataset.load_data.DATASETS``); no
+resolution and label decoding are the loaders' own (``obsnet.data.loaders.DATASETS``); no
 transform or resize is applied.
 Exit status: 0 when nothing is wrong, 1 when a problem was found, 2 for a usage error.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from Dataset.camvid import (Pair, PairDataset, check_ids, check_size, label_counts,
+from obsnet.data.camvid import (Pair, PairDataset, check_ids, check_size, label_counts,
                             max_label_id, read_image, read_label)
-from Dataset.errors import DatasetError
-from Dataset.load_data import DATASETS
-from Dataset.specs import SPECS, DatasetSpec
+from obsnet.data.errors import DatasetError
+from obsnet.data.loaders import DATASETS
+from obsnet.data.specs import SPECS, DatasetSpec
 
 MAX_SHOWN = 50  # problems printed; the count is always complete
 
@@ -149,7 +149,7 @@ def check(name: str, root: Path, splits: Sequence[str] | None = None,
     """Check a dataset folder: (report lines, True when no problem was found)."""
     builder, spec = DATASETS[name], SPECS[name]
     root = root.expanduser().absolute()
-    header = f"Dataset.check: {name} in {root}"
+    header = f"obsnet.check: {name} in {root}"
     if not root.is_dir():
         return [header, f"FAILED: dataset folder not found: {root}"], False
     reports = [list_split(builder, root, split) for split in splits or builder.splits]
@@ -161,7 +161,7 @@ def check(name: str, root: Path, splits: Sequence[str] | None = None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (argparse exits with 2 on usage errors)."""
-    parser = argparse.ArgumentParser(prog="python -m Dataset.check",
+    parser = argparse.ArgumentParser(prog="python -m obsnet.check",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, choices=sorted(DATASETS), help="dataset name")
     parser.add_argument("--dset_folder", required=True, type=Path, help="dataset root folder")

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from Dataset.camvid import PairDataset, label_counts, read_label
+from obsnet.data.camvid import PairDataset, label_counts, read_label
 
 
 def class_frequencies(dataset: PairDataset, nclass: int, progress: bool = True) -> np.ndarray:

@@ -12,18 +12,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from Dataset.BDD_anomaly import BddAnomaly
-from Dataset.camvid import CamVid, PairDataset
-from Dataset.errors import DatasetError, WorkerDied
-from Dataset.seg_transfo import eval_transform, train_transform
-from Dataset.street_hazard import StreetHazard
-from Dataset.specs import LOADABLE, SPECS, DatasetSpec
+from obsnet.data.bdd_anomaly import BddAnomaly
+from obsnet.data.camvid import CamVid, PairDataset
+from obsnet.data.errors import DatasetError, WorkerDied
+from obsnet.data.specs import LOADABLE, SPECS, DatasetSpec
+from obsnet.data.street_hazard import StreetHazard
+from obsnet.data.transforms import eval_transform, train_transform
 
 __all__ = ["DATASETS", "DatasetError", "SkipBadSamples", "WatchedLoader", "build_dataset",
            "build_loader", "data_loader", "init_worker", "seed_worker"]
 
 # name -> builder(root, split, transform, spec) -> Dataset; each builder also exposes
-# read_pairs / load / splits, which Dataset.check uses. Synthetic shares CamVid's layout.
+# read_pairs / load / splits, which obsnet.data.check uses. Synthetic shares CamVid's layout.
 DATASETS: dict[str, type[PairDataset]] = {"CamVid": CamVid, "Synthetic": CamVid,
                                           "StreetHazard": StreetHazard,
                                           "BddAnomaly": BddAnomaly}

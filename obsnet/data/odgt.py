@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torchvision import tv_tensors
 
-from Dataset.camvid import Pair, PairDataset, numbered_lines, parse_all, require_dir
-from Dataset.errors import DatasetError
-from Dataset.specs import DatasetSpec
+from obsnet.data.camvid import Pair, PairDataset, numbered_lines, parse_all, require_dir
+from obsnet.data.errors import DatasetError
+from obsnet.data.specs import DatasetSpec
 
 KEYS = ("fpath_img", "fpath_segm")
 Entry = tuple[str, dict]  # ("file:line" or "file:line: entry k", JSON object)

@@ -1,10 +1,10 @@
 """Paste unseen objects into a CamVid-layout split: a CamVid-OOD-style split next to it.
 
-    python -m Dataset.paste --root DIR --split val [--out DIR] [--objects DIR] [--seed S]
+    python -m obsnet.paste --root DIR --split val [--out DIR] [--objects DIR] [--seed S]
         [--count MIN MAX] [--size MIN MAX] [--anomaly_id ID] [--feather PX] [--overwrite]
 
 From ``root/{split}.txt`` (``{split}/x.png {split}annot/x.png`` lines, parsed and re-rooted
-as ``Dataset.camvid`` does) it writes, under ``--out`` (default: ``root``)::
+as ``obsnet.data.camvid`` does) it writes, under ``--out`` (default: ``root``)::
 
     {split}_ood/x.png        the image with the objects pasted in (RGB PNG)
     {split}annot_ood/x.png   its label map (uint8 PNG); pasted pixels hold the anomaly id
@@ -48,11 +48,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from Dataset.camvid import Pair, check_size, read_image, read_label, read_list
-from Dataset.errors import DatasetError
-from Utils.cli import UsageError, run_friendly
+from obsnet.cli_common import UsageError, run_friendly
+from obsnet.data.camvid import Pair, check_size, read_image, read_label, read_list
+from obsnet.data.errors import DatasetError
 
-PROG = "python -m Dataset.paste"
+PROG = "python -m obsnet.paste"
 MARKER = ".written_by_obsnet_paste"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIX = "_mask"

@@ -51,7 +51,7 @@ SPECS: dict[str, DatasetSpec] = {
         mean=(0.4108, 0.4240, 0.4316), std=(0.3066, 0.3111, 0.3068), pos_weight=2.0,
         patch_size=(128, 128, 60, 80), class_names=CAMVID_CLASSES, colors=CAMVID_COLORS,
         anomaly_ids=(12,), void_id=11, void_logit=11),
-    # Generated road scenes in the CamVid layout and label set (Dataset/synthetic.py).
+    # Generated road scenes in the CamVid layout and label set (obsnet/data/synthetic.py).
     "Synthetic": DatasetSpec(
         name="Synthetic", size=(96, 128), crop=(12, 16),
         mean=(0.45, 0.45, 0.45), std=(0.25, 0.25, 0.25), pos_weight=2.0,
@@ -84,5 +84,5 @@ SPECS: dict[str, DatasetSpec] = {
         test_split="test"),
 }
 
-# Datasets whose loader exists in this version (Dataset.load_data.DATASETS).
+# Datasets whose loader exists in this version (obsnet.data.loaders.DATASETS).
 LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly")

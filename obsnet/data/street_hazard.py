@@ -8,9 +8,9 @@ Layout (the original ObsNet README's, ``.odgt`` paths relative to the root)::
         train.odgt (or training.odgt)  validation.odgt  test.odgt
 
 Raw label values 1..14 become ids 0..13 (0 unlabeled .. 12 traffic sign, 13 anomaly);
-a raw 0 becomes the ignore id. See ``Dataset.odgt`` for the split files.
+a raw 0 becomes the ignore id. See ``obsnet.data.odgt`` for the split files.
 """
-from Dataset.odgt import OdgtDataset
+from obsnet.data.odgt import OdgtDataset
 
 
 class StreetHazard(OdgtDataset):

@@ -1,4 +1,4 @@
-"""Writes the synthetic road-scene dataset (``Dataset.synthetic_scenes`` draws the scenes) in
+"""Writes the synthetic road-scene dataset (``obsnet.data.synthetic_scenes`` draws the scenes) in
 the CamVid (SegNet tutorial) layout, deterministic for a seed::
 
     train/ trainannot/ val/ valannot/ test/ testannot/ test_ood/ testannot_ood/
@@ -10,7 +10,7 @@ Only an empty or missing folder, or one marked as ours (``.synthetic``, or ``.co
 written by earlier versions, or nothing but this module's folders, image names and lists, as
 an interrupted earlier version leaves), is written to: anything else is refused untouched.
 
-CLI: ``python -m Dataset.synthetic --out DIR --seed S [--n_train N ...]``.
+CLI: ``python -m obsnet.data.synthetic --out DIR --seed S [--n_train N ...]``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from Dataset.errors import DatasetError
-from Dataset.synthetic_scenes import MIN_OOD_SHARE, SPEC, VERSION, render_scene  # noqa: F401
+from obsnet.data.errors import DatasetError
+from obsnet.data.synthetic_scenes import MIN_OOD_SHARE, SPEC, VERSION, render_scene  # noqa: F401
 
 DEFAULT_COUNTS = {"train": 300, "val": 50, "test": 50}
 DIRS = {"train": ("train", "trainannot"), "val": ("val", "valannot"),
@@ -102,7 +102,7 @@ def _claim(root: Path) -> None:
     if reason is not None:
         raise DatasetError(f"{root}: {reason}; {UNTOUCHED}")
     root.mkdir(parents=True, exist_ok=True)
-    (root / OWNER).write_text("written by Dataset.synthetic: this folder may be regenerated\n")
+    (root / OWNER).write_text("written by obsnet.data.synthetic: this folder may be regenerated\n")
 
 
 def _clear(root: Path) -> None:
@@ -172,7 +172,7 @@ def ensure_synthetic(root, seed: int = 0, n_train: int = DEFAULT_COUNTS["train"]
 
 
 def main(argv=None) -> None:
-    """CLI: ``python -m Dataset.synthetic --out DIR --seed S``."""
+    """CLI: ``python -m obsnet.data.synthetic --out DIR --seed S``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="dataset root to write")
     parser.add_argument("--seed", type=int, default=0)
@@ -188,7 +188,7 @@ def main(argv=None) -> None:
         generate(args.out, args.seed, args.n_train, args.n_val, args.n_test, tuple(args.size),
                  overwrite=args.overwrite, progress=True)
     except DatasetError as exc:
-        raise SystemExit(f"Dataset.synthetic: error: {exc}") from None
+        raise SystemExit(f"obsnet.data.synthetic: error: {exc}") from None
     print(f"{args.out}: done in {time.perf_counter() - start:.1f} s")
 
 

@@ -1,5 +1,5 @@
 """Synthetic road scenes with CamVid labels, and their OOD versions: the drawing half of
-``Dataset.synthetic`` (which writes them to disk in the CamVid layout).
+``obsnet.data.synthetic`` (which writes them to disk in the CamVid layout).
 
 The generator draws small perspective street scenes (sky, skyline, building facades with
 windows, a road with lane markings, sidewalks, trees, poles with signs, fences, cars,
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from Dataset.specs import SPECS
+from obsnet.data.specs import SPECS
 
 SPEC = SPECS["Synthetic"]
 VERSION = 1  # bump when the drawing changes: cached datasets are then regenerated

@@ -9,7 +9,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from Dataset.specs import DatasetSpec
+from obsnet.data.specs import DatasetSpec
 
 # Image -> float in [0, 1]; Mask -> int64 ids (never scaled); anything else untouched.
 _TO_DTYPE = {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}

@@ -1,0 +1,1 @@
+"""Segmentation networks, observers, their shared blocks, the registry and checkpoint files."""

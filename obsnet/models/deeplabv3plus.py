@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import ResNet101_Weights, resnet101
 
-from Models.blocks import ConvBNReLU, scaled
+from obsnet.models.blocks import ConvBNReLU, scaled
+from obsnet.models.checkpoint import CheckpointError, torchvision_state
 
 
 def shared_dropout(x: torch.Tensor, p: float, training: bool, mc_drop: bool) -> torch.Tensor:
@@ -142,7 +143,6 @@ def load_resnet101_backbone(backbone: nn.Module, weights) -> str:
     Strict on every backbone key, ``fc.*`` ignored; nothing is loaded unless every key and
     shape fits (a ``CheckpointError`` names the file otherwise).
     """
-    from Models.load_net import CheckpointError, torchvision_state  # load_net imports this module
 
     state, source = torchvision_state(weights, ResNet101_Weights.IMAGENET1K_V2, "ResNet-101")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from Models.blocks import DecoderBlock, EncoderDecoder, scaled
+from obsnet.models.blocks import DecoderBlock, EncoderDecoder, scaled
 
 OBSNET_DROPOUT = (0.1,) * 6
 # The observer's last block: "original" ends in a ReLU'd single channel before the 1x1 output

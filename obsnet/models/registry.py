@@ -1,20 +1,12 @@
-"""Model registry and checkpoint files (atomic writes, safe loads)."""
-import pickle
-import pickletools
-import re
+"""Model registry (name -> builder) and loading whole networks from their checkpoints."""
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
-from Models.deeplab_v3plus import DeepLabV3Plus, Obsnet_DeepLab
-from Models.obsnet import Obsnet_Seg, Obsnet_Small
-from Models.segnet import SegNet, freeze
-from Utils.outputs import atomic_write
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read or does not fit the model."""
+from obsnet.models.checkpoint import CheckpointError, load_checkpoint, load_weights
+from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab
+from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small
+from obsnet.models.segnet import SegNet, freeze
 
 
 # Segmentation networks: builder(nclass, width_mult, backbone_weights). ``backbone_weights``
@@ -27,7 +19,7 @@ SEGMENTERS = {
         3, nclass, backbone_weights=backbone_weights, width_mult=width_mult),
 }
 # Observers: builder(width_mult, head); "<model>_small" is the --obs_mlp variant of "<model>".
-# ``head`` (Models.obsnet.HEADS) is the SegNet observers' last block; DeepLab's has no tie.
+# ``head`` (obsnet.models.obsnet.HEADS) is the SegNet observers' last block; DeepLab's has no tie.
 OBSERVERS = {
     "segnet": lambda width_mult, head: Obsnet_Seg(3, 1, width_mult=width_mult, head=head),
     "segnet_small": lambda width_mult, head: Obsnet_Small(512, 1, width_mult=width_mult, head=head),
@@ -41,7 +33,7 @@ def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
 
     ``backbone_weights``: None (random init), "imagenet" (torchvision download) or a
     torchvision state_dict file for the segmentation network's encoder (see SEGMENTERS).
-    ``head``: the observer's last block (``Models.obsnet.HEADS``).
+    ``head``: the observer's last block (``obsnet.models.obsnet.HEADS``).
     """
     if model not in SEGMENTERS:
         raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))})")
@@ -52,139 +44,6 @@ def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
     segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
     obsnet = OBSERVERS[observer](width_mult, head)
     return segnet, obsnet
-
-
-def save_checkpoint(path, state: dict, label: str | None = None) -> None:
-    """Write ``state`` with torch.save atomically (``Utils.outputs.atomic_write``); a failed
-    write is one line naming ``label`` (the flag) and the file, the previous file intact."""
-    atomic_write(path, lambda f: torch.save(state, f), label)
-
-
-def _where(path, label) -> str:
-    """How messages name a checkpoint: the flag that gave it (when known), then the path."""
-    return f"{label} {path}" if label else str(path)
-
-
-# weights_only's words for a pickle that names a callable or class: loading it could run code
-RUNS_CODE = re.compile(r"GLOBAL|allowlist|add_safe_globals")
-
-
-def load_checkpoint(path, label: str | None = None) -> dict:
-    """Load a checkpoint without executing code (``weights_only=True``); one-line
-    CheckpointError (naming ``label``, the flag, and the file) when it cannot be."""
-    path, where = Path(path), _where(path, label)
-    if not path.is_file():
-        raise CheckpointError(f"{where}: checkpoint file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise CheckpointError(f"{where}: cannot be read ({exc.strerror or exc})") from None
-    except pickle.UnpicklingError as exc:
-        if RUNS_CODE.search(str(exc)) or _names_code(path):  # objects that could run code
-            raise CheckpointError(f"{where}: cannot be loaded as a checkpoint (refused: it "
-                                  f"holds Python objects other than tensors, which could run "
-                                  f"code)") from None
-        raise CheckpointError(f"{where}: not a checkpoint (not a PyTorch file: "
-                              f"{_first_line(exc)})") from None
-    except Exception as exc:  # truncated, corrupted or not a PyTorch file
-        raise CheckpointError(f"{where}: cannot be loaded as a checkpoint (not a readable "
-                              f"PyTorch file: {_first_line(exc)})") from None
-
-
-CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
-
-
-def _names_code(path: Path) -> bool:
-    """Whether ``path`` is a pickle that names callables or classes: read with pickletools,
-    which only parses opcodes and runs nothing (weights_only stops earlier at opcodes it does
-    not know, e.g. those of pickle protocol 4)."""
-    try:
-        with open(path, "rb") as f:
-            return any(op.name in CODE_OPCODES for op, _, _ in pickletools.genops(f))
-    except Exception:  # not a pickle: random bytes, another format
-        return False
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none); for
-    weights_only's long messages, the line that says what was found."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = [line for line in lines if line.startswith("Unsupported operand")]
-    return (detail or lines or [type(exc).__name__])[0]
-
-
-def _kind(value) -> str:
-    """"a list", "a tensor", "the number 5" ... for messages about a checkpoint's content."""
-    if isinstance(value, torch.Tensor):
-        return "a tensor"
-    if isinstance(value, (int, float)):
-        return f"the number {value}"
-    return f"a {type(value).__name__}"
-
-
-def model_state(checkpoint) -> dict:
-    """The model weights of a full checkpoint or of a plain state_dict (original format);
-    CheckpointError when it is no dict (a bare tensor, a list, ``{"model": 5}`` ...)."""
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    if not isinstance(state, dict):
-        what = _kind(state) if state is checkpoint else f"{_kind(state)} as its 'model'"
-        raise CheckpointError(f"not a model checkpoint (it holds {what}, not a state_dict "
-                              f"of weights)")
-    # DataParallel / DDP checkpoints prefix every key with "module."
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
-
-
-def first_nonfinite(state: dict) -> str | None:
-    """The key of the first floating-point tensor of ``state`` holding a NaN or an infinity,
-    or None. One host synchronisation."""
-    keys = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
-    if not keys:
-        return None
-    finite = torch.stack([torch.isfinite(state[k]).all() for k in keys]).cpu()
-    return None if bool(finite.all()) else keys[int((~finite).nonzero()[0])]
-
-
-def describe_mismatch(state: dict, model: nn.Module) -> str:
-    """The first difference between a state_dict and a model: a missing, unexpected or
-    differently shaped tensor (both shapes given)."""
-    target = model.state_dict()
-    shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
-    for key, value in state.items():
-        if key in target and not torch.is_tensor(value):
-            return f"{key} is {_kind(value)} in the file, a tensor in the model"
-        if key in target and value.shape != target[key].shape:
-            return f"{key} is {shape(value)} in the file, {shape(target[key])} in the model"
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    if missing:
-        return f"{len(missing)} tensors missing from the file, e.g. {missing[0]}"
-    if unexpected:
-        return f"{len(unexpected)} unexpected tensors in the file, e.g. {unexpected[0]}"
-    return "tensors of another type"
-
-
-def load_weights(model: nn.Module, path, label: str | None = None) -> dict:
-    """Load weights from ``path`` into ``model`` strictly; return the whole checkpoint.
-
-    One-line CheckpointError (naming ``label``, the flag, and the file) for a file without
-    model weights, weights of another model, or weights holding NaN or infinite values."""
-    where = _where(path, label)
-    checkpoint = load_checkpoint(path, label)
-    try:
-        state = model_state(checkpoint)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise CheckpointError(f"{where}: does not fit the {type(model).__name__} built from the "
-                              f"command line ({describe_mismatch(state, model)}); check --model, "
-                              f"--nclass, --width_mult and --obs_mlp") from None
-    bad = first_nonfinite(state)
-    if bad is not None:
-        raise CheckpointError(f"{where}: holds NaN or infinite weights (first: {bad}); it was "
-                              f"saved from a diverged run and cannot be used")
-    return checkpoint
 
 
 OBSERVER_FLAGS = ("obs_mlp", "no_residual", "no_img")  # what changes how an observer is run
@@ -253,34 +112,6 @@ def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, seg
     if obsnet_file is not None:
         load_weights(obsnet, observer_path(obsnet_file), "--obsnet_file")
     return freeze(segnet.to(device)), obsnet.to(device)
-
-
-def torchvision_state(source, imagenet_weights, what: str) -> tuple[dict, str]:
-    """A torchvision model's state_dict, and a label saying where it came from.
-
-    ``source``: "imagenet" downloads ``imagenet_weights`` (a torchvision ``Weights`` enum
-    member) through torchvision's weights API; anything else is a file path holding a plain
-    state_dict or a dict with a "model" / "state_dict" entry ("module." prefixes dropped).
-    ``what`` names the expected network in error messages (e.g. "ResNet-101").
-    """
-    if source == "imagenet":
-        try:
-            state = imagenet_weights.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # no network, proxy, interrupted download ...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"--backbone_weights imagenet: cannot download torchvision's {what} weights "
-                f"({imagenet_weights}: {reason}); download {imagenet_weights.url} on a machine "
-                f"with network access and pass --backbone_weights PATH") from None
-        return state, f"torchvision {imagenet_weights}"
-    checkpoint = load_checkpoint(source)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    try:
-        state = model_state(checkpoint)
-    except CheckpointError:
-        raise CheckpointError(f"{source}: not a torchvision {what} state_dict") from None
-    return state, str(source)
 
 
 def init_from_segnet(obsnet: nn.Module, segnet: nn.Module) -> int:

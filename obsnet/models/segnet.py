@@ -4,7 +4,8 @@ import re
 import torch
 import torch.nn as nn
 
-from Models.blocks import EncoderDecoder
+from obsnet.models.blocks import EncoderDecoder
+from obsnet.models.checkpoint import CheckpointError, torchvision_state
 
 SEGNET_DROPOUT = (0.5, 0.5, 0.5, 0.5, 0.4, 0.3)
 
@@ -50,7 +51,6 @@ def init_encoder_from_vgg16(segnet: SegNet, path) -> int:
     IMAGENET1K_V1 download. Strict on shapes, so only a width_mult=1.0, 3-channel SegNet
     fits; nothing is copied unless every layer fits (a ``CheckpointError`` names the file).
     """
-    from Models.load_net import CheckpointError, torchvision_state  # load_net imports this module
     from torchvision.models import VGG16_Weights
 
     state, source = torchvision_state(path, VGG16_Weights.IMAGENET1K_V1, "VGG16")
