@@ -6,6 +6,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -25,9 +27,9 @@ from obsnet.models.registry import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, 
                                     load_networks, merge_observer_flags, observer_record)
 from obsnet.outputs import Output, OutputLock
 from obsnet.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
-                          write_json)
+                           write_json)
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
-                   train_segnet_epoch)
+                          train_segnet_epoch)
 from obsnet.utils import rng_state, set_rng_state
 
 
@@ -239,6 +241,40 @@ def stop_if_asked(stop, flag: StopSignal, rt, seen: dict, where: tuple) -> None:
         raise stopped_after(flag, *where)
 
 
+@dataclass(kw_only=True)
+class TrainingRun:
+    """What a training stage builds once and its epoch loop works with."""
+
+    net: nn.Module  # the network trained: checked for NaN or infinite weights, saved
+    model: nn.Module  # ``net``, wrapped for DDP when distributed: what takes the steps
+    train_loader: DataLoader
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    stop_flag: StopSignal
+    last: Path  # the resume file, written after every epoch
+    start: int = 0  # the first epoch to run (with --resume: the one after the saved one)
+    best: float = -1.0  # the best validation metric so far (< 0: none yet)
+
+
+@dataclass(kw_only=True)
+class SegNetRun(TrainingRun):
+    """A SegNet training run: cross-entropy with ``class_weights`` (None: unweighted)."""
+
+    class_weights: torch.Tensor | None = None
+
+
+@dataclass(kw_only=True)
+class ObserverRun(TrainingRun):
+    """An observer training run against the frozen ``segnet``, checkpoints in ``folder``."""
+
+    segnet: nn.Module
+    criterion: nn.Module
+    config: ObserverConfig
+    folder: Path
+
+
 def stage_train_segnet(args, spec, rt, writer) -> None:
     """Train the SegNet with cross-entropy; keep the best validation mIoU in --segnet_file and
     the state of the last epoch in ``segnet_last(--segnet_file)`` (for --resume)."""
@@ -248,14 +284,15 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
     segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
                           backbone_weights=weights)[0].to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
-    scaler = make_scaler(rt.device, args.amp)
-    class_weights = segnet_class_weights(args, spec, rt)
-    last = segnet_last(args.segnet_file)
-    start, best = resume(last, segnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
-    model = wrap_ddp(segnet, rt)
-    with StopSignal() as flag:
-        _segnet_epochs(args, spec, rt, writer, segnet, model, (train_loader, val_loader),
-                       (optimizer, scheduler, scaler, class_weights), start, best, flag, last)
+    run = SegNetRun(net=segnet, model=segnet, train_loader=train_loader, val_loader=val_loader,
+                    optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, args.amp),
+                    class_weights=segnet_class_weights(args, spec, rt), stop_flag=StopSignal(),
+                    last=segnet_last(args.segnet_file))
+    if args.resume:
+        run.start, run.best = resume(run.last, segnet, optimizer, scheduler, run.scaler)
+    run.model = wrap_ddp(segnet, rt)
+    with run.stop_flag:
+        _segnet_epochs(args, spec, rt, writer, run)
 
 
 def segnet_class_weights(args, spec, rt):
@@ -269,27 +306,27 @@ def segnet_class_weights(args, spec, rt):
     return weights
 
 
-def _segnet_epochs(args, spec, rt, writer, segnet, model, loaders, training, start, best, flag,
-                   last) -> None:
-    train_loader, val_loader = loaders
-    optimizer, scheduler, scaler, class_weights = training
+def _segnet_epochs(args, spec, rt, writer, run: SegNetRun) -> None:
+    """The SegNet stage's epochs from ``run.start``: train, validate, save, stop if asked."""
+    segnet, flag, last, best = run.net, run.stop_flag, run.last, run.best
     stop, seen, warned = stop_check(flag, rt), {}, False
-    for epoch in tqdm(range(start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
-        set_epoch(train_loader, epoch, args.seed)
+    for epoch in tqdm(range(run.start, args.epoch), desc="SegNet epochs", disable=not rt.is_main):
+        set_epoch(run.train_loader, epoch, args.seed)
         stats = train_or_stop(partial(
-            train_segnet_epoch, epoch, model, train_loader, optimizer, args.nclass, rt.device,
-            writer, rt.is_main, scaler=scaler, amp=args.amp, stop=stop, class_weights=class_weights),
-            flag, rt, seen, ("SegNet", epoch, last))
+            train_segnet_epoch, epoch, run.model, run.train_loader, run.optimizer, args.nclass,
+            rt.device, writer, rt.is_main, scaler=run.scaler, amp=args.amp, stop=stop,
+            class_weights=run.class_weights), flag, rt, seen, ("SegNet", epoch, last))
         check_weights(segnet, "SegNet", epoch)
-        results, _, _ = evaluate(segnet, None, val_loader, [], spec, rt.device, MethodConfig(),
+        results, _, _ = evaluate(segnet, None, run.val_loader, [], spec, rt.device, MethodConfig(),
                                  args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
         warned = log_data_wait(rt, writer, stats, epoch, warned)
         log(rt, f"SegNet epoch {epoch}: loss {stats['loss']:.4f}, train acc "
                 f"{stats['segnet_acc']:.3f}, val mIoU {miou:.3f}{unlabelled_note(stats)}")
-        scheduler.step()
-        state = training_state(segnet, optimizer, scheduler, scaler, epoch, max(best, miou), args)
+        run.scheduler.step()
+        state = training_state(segnet, run.optimizer, run.scheduler, run.scaler, epoch,
+                               max(best, miou), args)
         if rt.is_main:
             if improves(miou, best):
                 save_checkpoint(args.segnet_file, state, "--segnet_file")
@@ -340,17 +377,18 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     # The frozen SegNet is never saved here: fold its batch norms (attack 18% faster, BENCHMARKS.md).
     segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
-    scaler = make_scaler(rt.device, args.amp)
-    criterion = CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device)
-    cfg = ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
-                         args.no_img, spec.ignore_id)
-    last = folder / "last.pth"
-    start, best = resume(last, obsnet, optimizer, scheduler, scaler) if args.resume else (0, -1.0)
-    model = wrap_ddp(obsnet, rt)
-    with StopSignal() as flag:
-        _observer_epochs(args, spec, rt, writer, (segnet, obsnet, model),
-                         (train_loader, val_loader), (optimizer, scheduler, scaler, criterion),
-                         cfg, start, best, flag, folder)
+    run = ObserverRun(
+        net=obsnet, model=obsnet, segnet=segnet, train_loader=train_loader, val_loader=val_loader,
+        optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, args.amp),
+        criterion=CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device),
+        config=ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
+                              args.no_img, spec.ignore_id),
+        stop_flag=StopSignal(), folder=folder, last=folder / "last.pth")
+    if args.resume:
+        run.start, run.best = resume(run.last, obsnet, optimizer, scheduler, run.scaler)
+    run.model = wrap_ddp(obsnet, rt)
+    with run.stop_flag:
+        _observer_epochs(args, spec, rt, writer, run)
 
 
 def log_data_wait(rt, writer, stats: dict, epoch: int, warned: bool) -> bool:
@@ -381,20 +419,19 @@ def attack_summary(writer, stats: dict, epoch: int) -> str:
     return "".join(f", {label} {stats[key]:.1%}" for key, label in ATTACK_STATS)
 
 
-def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start, best, flag,
-                     folder) -> None:
-    segnet, obsnet, model = nets
-    train_loader, val_loader = loaders
-    optimizer, scheduler, scaler, criterion = training
-    stop, seen, last, warned = stop_check(flag, rt), {}, folder / "last.pth", False
-    for epoch in tqdm(range(start, args.epoch), desc="ObsNet epochs", disable=not rt.is_main):
-        set_epoch(train_loader, epoch, args.seed)
+def _observer_epochs(args, spec, rt, writer, run: ObserverRun) -> None:
+    """The observer stage's epochs from ``run.start``: train, validate, save, stop if asked."""
+    segnet, obsnet, cfg, flag, last, best = (run.segnet, run.net, run.config, run.stop_flag,
+                                             run.last, run.best)
+    stop, seen, warned = stop_check(flag, rt), {}, False
+    for epoch in tqdm(range(run.start, args.epoch), desc="ObsNet epochs", disable=not rt.is_main):
+        set_epoch(run.train_loader, epoch, args.seed)
         stats = train_or_stop(partial(
-            train_observer_epoch, epoch, model, segnet, train_loader, optimizer, criterion,
-            rt.device, cfg, writer, rt.is_main, scaler, args.amp, stop=stop),
+            train_observer_epoch, epoch, run.model, segnet, run.train_loader, run.optimizer,
+            run.criterion, rt.device, cfg, writer, rt.is_main, run.scaler, args.amp, stop=stop),
             flag, rt, seen, ("ObsNet", epoch, last))
         check_weights(obsnet, "ObsNet", epoch)
-        results, preview, _ = evaluate(segnet, obsnet, val_loader, ["obsnet"], spec, rt.device,
+        results, preview, _ = evaluate(segnet, obsnet, run.val_loader, ["obsnet"], spec, rt.device,
                                        MethodConfig(no_residual=cfg.no_residual, no_img=cfg.no_img),
                                        args.nclass, spec.val_split,
                                        amp=args.amp, progress=rt.is_main)
@@ -405,12 +442,13 @@ def _observer_epochs(args, spec, rt, writer, nets, loaders, training, cfg, start
         log(rt, f"ObsNet epoch {epoch}: loss {stats['loss']:.4f}, obsnet acc "
                 f"{stats['obsnet_acc']:.3f}{attack_summary(writer, stats, epoch)}, "
                 f"val error AUROC {auroc:.4f}{unlabelled_note(stats)}")
-        scheduler.step()
-        state = training_state(obsnet, optimizer, scheduler, scaler, epoch, max(best, auroc), args)
-        save_observer(folder, state, epoch, improves(auroc, best), rt)
+        run.scheduler.step()
+        state = training_state(obsnet, run.optimizer, run.scheduler, run.scaler, epoch,
+                               max(best, auroc), args)
+        save_observer(run.folder, state, epoch, improves(auroc, best), rt)
         best = max(best, auroc)
         stop_if_asked(stop, flag, rt, seen, ("ObsNet", epoch, last))
-    log(rt, f"ObsNet checkpoints in {folder} (best val error AUROC {best:.4f})")
+    log(rt, f"ObsNet checkpoints in {run.folder} (best val error AUROC {best:.4f})")
     skipped_summary(rt, seen)
 
 
