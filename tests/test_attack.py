@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from obsnet.attacks import (ATTACK_CHOICES, MASKS, AttackConfig, fgsm, parse_attack,
-                               select_attack)
+                            select_attack)
 from obsnet.models.segnet import SegNet, freeze
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from obsnet.data.camvid import (Pair, PairDataset, check_ids, check_size, label_counts,
-                            max_label_id, read_image, read_label)
+                                max_label_id, read_image, read_label)
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import DATASETS
 from obsnet.data.specs import SPECS, DatasetSpec
