@@ -64,6 +64,7 @@ class ExportGraph(nn.Module):
     return_feat=True)`` and returns its feature maps, logits last (SegNet, DeepLabV3Plus),
     without one as ``segmenter(x)`` (see ``logits_of``). ``observer``: called as
     ``observer(x, feats, **observer_kwargs)``, returns one logit per pixel (B×1×H×W).
+    Both are put in eval mode (dropout off, batch norms on their running statistics).
     """
 
     def __init__(self, segmenter: nn.Module, observer: nn.Module | None, mean, std,

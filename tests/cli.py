@@ -40,7 +40,7 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ["numpy", "PIL.Image", "torch", "torchvision", "torch.utils.tensorboard",
            "Dataset.load_data", "Models.load_net", "evaluation", "train", "stages", "main",
-           "inference"]
+           "inference", "export"]
 SUBPROCESS = os.environ.get("OBSNET_TEST_SUBPROCESS") == "1"
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0"]
