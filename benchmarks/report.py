@@ -1,6 +1,7 @@
 """The markdown report of a benchmark run: machine, tables, targets."""
 from benchmarks.inference import total_seconds
 from benchmarks.train_step import PARTS
+from obsnet.export import parity_line
 
 
 def _table(header, rows) -> list[str]:
@@ -59,6 +60,20 @@ def inference_section(results) -> list[str]:
     return lines
 
 
+def onnx_section(r) -> list[str]:
+    """onnxruntime against eager PyTorch on the exported SegNet + observer."""
+    lines = ["## ONNX export (SegNet + observer, one graph)", ""]
+    if "skipped" in r:
+        return lines + [f"Skipped: {r['skipped']}.", ""]
+    body = [("onnxruntime " + r["onnxruntime_version"], _ms(r["onnxruntime"])),
+            (f"PyTorch eager ({r['torch_threads']} threads)", _ms(r["pytorch"]))]
+    lines += [f"cpu, {r['size'][0]}x{r['size'][1]}, width {r['width']:g}, batch 1, image in "
+              f"[0, 1] to logits and observer_prob:", ""]
+    lines += _table(["runtime", "ms per image"], body)
+    return lines + [f"onnxruntime / PyTorch speed-up {r['speedup']:.2f}x; export "
+                    f"{r['export_seconds']:.0f} s; {parity_line(r['parity'])}.", ""]
+
+
 def targets(results) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for each target whose section ran at full size."""
     out = []
@@ -104,7 +119,8 @@ def markdown(meta: dict, results: dict) -> str:
              f"torch {m['torch']}.", "",
              f"Times are medians of {meta['runs']} timed runs after a warm-up, with (min–max, n).", ""]
     sections = {"metrics": metrics_section, "eval_memory": eval_memory_section,
-                "train_step": train_step_section, "inference": inference_section}
+                "train_step": train_step_section, "inference": inference_section,
+                "onnx": onnx_section}
     for name, section in sections.items():
         if name in results:
             lines += section(results[name])

@@ -6,7 +6,8 @@
 
 Sections: metrics (OODMeter vs scikit-learn vs sort), eval_memory (peak RSS from 1 M to
 200 M pixels), train_step (data / attack / SegNet / ObsNet split), inference (per image),
-demo (wall time of ``python main.py``).
+demo (wall time of ``python main.py``), onnx (SegNet + observer exported to ONNX: onnxruntime
+against eager PyTorch, latency and parity; skipped without onnxruntime).
 """
 import argparse
 import dataclasses
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import demo, eval_memory, inference, metrics, train_step
+from benchmarks import demo, eval_memory, inference, metrics, onnx_export, train_step
 from benchmarks.common import Spread, machine
 from benchmarks.report import markdown
 
@@ -28,12 +29,14 @@ FULL = {
     "inference": lambda runs: [inference.run((360, 480), 1.0, 50, runs),
                                inference.run((96, 128), 0.125, 50, runs)],
     "demo": lambda runs: demo.run(runs),
+    "onnx": lambda runs: onnx_export.run((360, 480), 1.0, max(runs, 5)),
 }
 QUICK = {
     "metrics": lambda runs: metrics.run((1_000_000,), runs),
     "eval_memory": lambda runs: eval_memory.run((1_000_000, 4_000_000)),
     "train_step": lambda runs: train_step.run([((96, 128), 8, 0.125, (False, True))], runs),
     "inference": lambda runs: [inference.run((96, 128), 0.125, 50, runs)],
+    "onnx": lambda runs: onnx_export.run((64, 96), 0.0625, runs),
 }
 
 

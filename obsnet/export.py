@@ -1,0 +1,244 @@
+"""Export a segmenter and its observer as one ONNX graph, then check it against PyTorch.
+
+    python -m obsnet.export --data CamVid --segnet_file ckpt/camvid/segnet.pth \\
+        --obsnet_file ckpt/camvid/best.pth --out obsnet.onnx
+
+The graph takes ``image``, float32 RGB in [0, 1], B×3×H×W, normalises it with the dataset
+preset's mean and std, and returns ``logits`` (B×C×H×W, the segmenter's) and
+``observer_prob`` (B×1×H×W, the sigmoid of the observer's logit: the probability that the
+segmenter is wrong). Batch, height and width are dynamic (each side at least 32 pixels).
+"""
+import argparse
+import logging
+import sys
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from obsnet.cli_common import MIN_SIDE, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.data.specs import SPECS
+from obsnet.errors import UsageError
+from obsnet.models.obsnet import HEADS
+from obsnet.models.registry import SEGMENTERS, load_networks, merge_observer_flags
+from obsnet.models.segnet import freeze
+from obsnet.outputs import Output, OutputLock, atomic_write
+
+PROG = "python -m obsnet.export"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "observer_prob")
+OPSET = 18  # SegNet's max_unpool2d exports (as ScatterND) with the dynamo exporter from 18 on
+EXPORT_BATCH = 2  # the traced batch: 2, so that no dimension is traced at the special size 1
+MAX_PROTO_BYTES = 2 ** 31 - 1  # protobuf's limit for one ONNX file (weights included)
+PARITY_TOLERANCE = 1e-3  # largest |diff| of observer_prob accepted by the check after writing
+
+
+class Normalize(nn.Module):
+    """(image - mean) / std per channel, with mean and std stored in the graph."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, image):
+        return (image - self.mean) / self.std
+
+
+def logits_of(output) -> torch.Tensor:
+    """The class logits of a segmenter's output: a tensor, the list of its feature maps
+    (logits last, this project's ``return_feat=True``) or a dict with ``"out"`` (torchvision's
+    segmentation models)."""
+    if isinstance(output, Mapping):
+        return output["out"]
+    if isinstance(output, (list, tuple)):
+        return output[-1]
+    return output
+
+
+class ExportGraph(nn.Module):
+    """image in [0, 1] -> (logits, observer_prob), or (logits,) without an observer.
+
+    ``segmenter``: any module; with an observer it is called as ``segmenter(x,
+    return_feat=True)`` and returns its feature maps, logits last (SegNet, DeepLabV3Plus),
+    without one as ``segmenter(x)`` (see ``logits_of``). ``observer``: called as
+    ``observer(x, feats, **observer_kwargs)``, returns one logit per pixel (B×1×H×W).
+    Both are put in eval mode (dropout off, batch norms on their running statistics).
+    """
+
+    def __init__(self, segmenter: nn.Module, observer: nn.Module | None, mean, std,
+                 observer_kwargs: dict | None = None):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.segmenter, self.observer = segmenter, observer
+        self.observer_kwargs = dict(observer_kwargs or {})
+        self.eval()
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The graph's output names, in order."""
+        return OUTPUT_NAMES if self.observer is not None else OUTPUT_NAMES[:1]
+
+    def forward(self, image):
+        x = self.normalize(image)
+        if self.observer is None:
+            return (logits_of(self.segmenter(x)),)
+        feats = self.segmenter(x, return_feat=True)
+        return feats[-1], torch.sigmoid(self.observer(x, feats, **self.observer_kwargs))
+
+
+@contextmanager
+def quiet_onnx_ir():
+    """Silence onnx_ir's warnings about empty attribute lists while a graph is translated
+    (harmless: their type defaults to INTS, which is the right one here)."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_bytes(graph: ExportGraph, size: tuple[int, int]) -> bytes:
+    """The serialised ONNX model of ``graph`` (opset 18, dynamo exporter), traced at ``size``
+    (H, W) with a batch of ``EXPORT_BATCH``; batch, height and width stay dynamic."""
+    from torch.export import Dim
+
+    example = torch.rand(EXPORT_BATCH, 3, *size)
+    axes = {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=MIN_SIDE, max=16384),
+            3: Dim("width", min=MIN_SIDE, max=16384)}
+    with torch.no_grad(), quiet_onnx_ir():
+        program = torch.onnx.export(graph, (example,), None, dynamo=True, opset_version=OPSET,
+                                    input_names=[INPUT_NAME], output_names=list(graph.output_names),
+                                    dynamic_shapes={"image": axes}, verbose=False)
+    proto = program.model_proto
+    if proto.ByteSize() > MAX_PROTO_BYTES:
+        raise ValueError(f"the ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over the 2 GiB "
+                         f"of one ONNX file")
+    return proto.SerializeToString()
+
+
+def check_cases(size: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(batch, H, W) of the check after writing: one image at the export size, and a batch of
+    two at another size (about half of it, sides not multiples of 32)."""
+    h, w = size
+    return [(1, h, w), (2, max(MIN_SIDE, h // 2 + 4), max(MIN_SIDE, w // 2 + 12))]
+
+
+def parity(path, graph: ExportGraph, cases, seed: int = 0) -> list[tuple[tuple, dict]]:
+    """Run the ONNX file at ``path`` in onnxruntime (CPU) and ``graph`` in PyTorch on random
+    images of each (batch, H, W) of ``cases``; per case, the largest |diff| of every output."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for case in cases:
+        image = torch.rand(case[0], 3, *case[1:], generator=generator)
+        got = session.run(list(graph.output_names), {INPUT_NAME: image.numpy()})
+        with torch.no_grad():
+            want = graph(image)
+        rows.append((tuple(case), {name: float(np.abs(a - b.numpy()).max())
+                                   for name, a, b in zip(graph.output_names, got, want)}))
+    return rows
+
+
+def parity_line(rows) -> str:
+    """One line: the largest |diff| of every output per checked batch and size."""
+    parts = []
+    for (batch, h, w), diffs in rows:
+        figures = ", ".join(f"{name} {diff:.1e}" for name, diff in sorted(diffs.items(), reverse=True))
+        parts.append(f"batch {batch} at {h}x{w}: {figures}")
+    return "onnxruntime vs PyTorch, max |diff|: " + "; ".join(parts)
+
+
+def verify(path, graph: ExportGraph, size) -> str:
+    """Check the written file against PyTorch (``check_cases``); the line to print. A
+    ValueError when observer_prob (or, without an observer, logits) is off by more than
+    ``PARITY_TOLERANCE``; without onnxruntime, a line saying the check is skipped."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed: parity check skipped (pip install onnxruntime)"
+    rows = parity(path, graph, check_cases(size))
+    key = graph.output_names[-1]
+    worst = max(diffs[key] for _, diffs in rows)
+    if not worst <= PARITY_TOLERANCE:  # NaN included
+        raise ValueError(f"{path}: written, but onnxruntime's {key} differs from PyTorch's by "
+                         f"{worst:.1e} (more than {PARITY_TOLERANCE:g}); {parity_line(rows)}")
+    return f"{parity_line(rows)} (onnxruntime {onnxruntime.__version__})"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The model flags of main.py and inference.py, plus --out and --overwrite."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset (mean and std)")
+    a("--model", default="segnet", choices=sorted(SEGMENTERS), help="segmentation network")
+    a("--segnet_file", required=True, help="segmentation network checkpoint")
+    a("--obsnet_file", required=True, help="observer checkpoint, or a folder (its best.pth)")
+    a("--out", required=True, help="ONNX file to write")
+    a("--overwrite", action="store_true", help="replace --out if it exists")
+    a("--nclass", type=int, default=None, help="segmenter outputs (default: the dataset's)")
+    a("--width_mult", type=float, default=1.0, help="channel width of the checkpoints")
+    a("--obs_mlp", action="store_true", help="the checkpoint is the small observer")
+    a("--obs_head", default=None, choices=HEADS,
+      help="the observer's last block (default: what the checkpoint records)")
+    a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+      help="size traced and checked (default: the preset's); the graph takes any size")
+    a("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def check_args(args, spec) -> None:
+    """UsageError for flag values that cannot work, before any heavy work."""
+    if args.model == "deeplabv3plus" and (args.width_mult != 1.0 or args.obs_mlp):
+        raise UsageError("--model deeplabv3plus takes neither --width_mult nor --obs_mlp")
+    if args.width_mult <= 0:
+        raise UsageError(f"--width_mult must be positive (got {args.width_mult})")
+    check_nclass_and_size(args, spec)
+    out = Path(args.out)
+    if out.is_file() and not args.overwrite:
+        raise UsageError(f"--out {out}: the file exists; add --overwrite to replace it")
+
+
+def load_graph(args, spec) -> ExportGraph:
+    """The checkpoints' segmenter and observer in one ExportGraph, loaded as inference.py
+    loads them (the observer's flags and head as its checkpoint records them)."""
+    flags = merge_observer_flags({"obs_mlp": args.obs_mlp, "head": args.obs_head}, args.obsnet_file)
+    nclass = spec.nclass if args.nclass is None else args.nclass
+    segmenter, observer = load_networks(args.model, nclass, args.width_mult,
+                                        flags.get("obs_mlp", False), args.segnet_file,
+                                        args.obsnet_file, "cpu", head=flags["head"])
+    run_flags = {k: flags.get(k, False) for k in ("no_residual", "no_img")}
+    return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std, run_flags)
+
+
+def run(argv) -> int:
+    """Parse the flags, load the networks, export, write atomically, check the file."""
+    args = parse_checked(build_parser(), argv)
+    spec = SPECS[args.data]
+    check_args(args, spec)
+    out, size = Path(args.out), tuple(args.size or spec.size)
+    with OutputLock([Output("--out", out, folder=False)]):
+        graph = load_graph(args, spec)
+        data = export_bytes(graph, size)
+        atomic_write(out, lambda f: f.write(data), "--out")
+    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, opset {OPSET}): input {INPUT_NAME} "
+          f"B×3×H×W in [0, 1], outputs {', '.join(graph.output_names)}; traced at {size[0]}x{size[1]}")
+    print(verify(out, graph, size))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point: friendly one-line errors (``python -m obsnet.export: error: ...``) unless
+    --debug."""
+    return run_friendly(PROG, run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
