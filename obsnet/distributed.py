@@ -42,6 +42,11 @@ def init_distributed_mode() -> DistInfo:
     return info
 
 
+def in_process_group() -> bool:
+    """Whether this process is one rank of a joined process group (DDP)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def device_for(info: DistInfo) -> torch.device:
     """This process's GPU (by local rank) or the CPU."""
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -49,7 +54,7 @@ def device_for(info: DistInfo) -> torch.device:
 
 def cleanup() -> None:
     """Leave the process group if one was joined."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ import torch
 from tqdm import tqdm
 
 from obsnet.data.specs import DatasetSpec
+from obsnet.distributed import in_process_group
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
 from obsnet.metrics import ConfusionMeter, OODMeter, PerImageMeter
 from obsnet.utils import autocast
@@ -102,7 +103,7 @@ def _preview(batch, names, cfg, labels, pred, error, count: int = 4):
 
 def _reduce_time(seconds: float, device) -> float:
     """Total seconds over DDP ranks (each rank timed its own images)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if in_process_group():
         t = torch.tensor([seconds], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         return t.item()

@@ -10,12 +10,10 @@ import torch
 import torch.distributed as dist
 from scipy.special import digamma
 
+from obsnet.distributed import in_process_group
+
 NAN = float("nan")
 CALIBRATION_GROUPS = 15
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _dist_device():
@@ -377,7 +375,7 @@ class OODMeter:
         The ranks first agree on the refined bins (those refined on most ranks, at most
         ``max_refined``), re-lay their counts on them, then sum.
         """
-        if not _dist_ready():
+        if not in_process_group():
             return self
         device = _dist_device() if self.device is None else self.device
         if self._counts is None:
@@ -571,7 +569,7 @@ class PerImageMeter:
 
     def all_reduce(self):
         """Sum over the default process group; a no-op without one."""
-        if _dist_ready():
+        if in_process_group():
             if self.sums is None:
                 self.sums = torch.zeros(5, dtype=torch.float64, device=_dist_device())
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
@@ -641,7 +639,7 @@ class ConfusionMeter:
 
     def all_reduce(self):
         """Sum the matrix over the default process group; a no-op without one."""
-        if not _dist_ready():
+        if not in_process_group():
             return self
         if self.mat is None:
             self._init_state(_dist_device() if self.device is None else self.device)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from obsnet.attacks import AttackConfig, select_attack
 from obsnet.data.errors import DatasetError
+from obsnet.distributed import in_process_group
 from obsnet.utils import amp_dtype, autocast
 
 
@@ -84,7 +85,7 @@ class NonFinite:
     def check(self, all_ranks: bool = False) -> None:
         """FloatingPointError naming the epoch and step of the first non-finite loss."""
         first = self.first
-        if all_ranks and _in_process_group():
+        if all_ranks and in_process_group():
             first = first.clone()
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
         step = int(first.item())
@@ -162,7 +163,7 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
         labelled = has_target(labels)
         if not labelled:
             unlabelled += 1
-            if not _in_process_group():
+            if not in_process_group():
                 continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -263,11 +264,6 @@ def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=
                       lambda labels: bool(((labels >= 0) & (labels < nclass)).any()))
 
 
-def _in_process_group() -> bool:
-    """Whether this process is one rank of a DDP run."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _has_pixel_besides(ignore_id: int | None, labels: torch.Tensor) -> bool:
     """Whether the observer has a pixel to learn from: one whose label is not ``ignore_id``."""
     return ignore_id is None or bool((labels != ignore_id).any())
@@ -290,7 +286,7 @@ def _epoch_summary(totals: torch.Tensor, n_steps: int) -> dict:
     With the attack's counts: ``attack_flip_rate`` (share of attacked pixels whose SegNet class
     the attack changed), ``segnet_error_in_mask`` and ``segnet_error_outside_mask``.
     """
-    if _in_process_group():
+    if in_process_group():
         steps = torch.tensor([float(n_steps)], dtype=torch.float64, device=totals.device)
         torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(steps)  # ranks may have skipped different batches
