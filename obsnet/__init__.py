@@ -5,6 +5,19 @@ Laid out as data flows: ``obsnet.data`` (datasets, loaders, generated data), ``o
 (SegNet, DeepLabv3+, observers, registry, checkpoints), ``obsnet.attacks``, ``obsnet.train``,
 ``obsnet.methods`` (uncertainty methods), ``obsnet.metrics``, ``obsnet.evaluate``,
 ``obsnet.stages`` and ``obsnet.cli`` (the command line of ``python main.py``). Importing the
-package imports none of them."""
+package imports none of them: the public names below are loaded on first use.
+
+Public API (``obsnet.api``): ``observe``, ``train_observer``, ``TrainingSettings``,
+``Observed``, and the streaming meter ``OODMeter`` (``obsnet.metrics``)."""
+import importlib
 
 __version__ = "0.1.0"
+__all__ = ["observe", "train_observer", "TrainingSettings", "Observed", "OODMeter"]
+_HOMES = {"observe": "obsnet.api", "train_observer": "obsnet.api",
+          "TrainingSettings": "obsnet.api", "Observed": "obsnet.api", "OODMeter": "obsnet.metrics"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'obsnet' has no attribute {name!r}")

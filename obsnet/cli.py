@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 from obsnet.attacks import ATTACK_CHOICES
-from obsnet.cli_common import UsageError, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
+                               parse_checked, run_friendly)
 from obsnet.data.specs import SPECS
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
-from obsnet.models.obsnet import HEADS
-from obsnet.models.registry import SEGMENTERS
 from obsnet.stages import run_stage
 from obsnet.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
 
@@ -43,9 +42,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--segnet_file", default=None, help="SegNet checkpoint (default ckpt/<data>/segnet.pth)")
     a("--obsnet_file", default=None,
       help="ObsNet checkpoint folder, or a file to test (default ckpt/<data>/)")
-    a("--model", default="segnet", choices=sorted(SEGMENTERS), help="segmentation network")
+    add_model_flags(p, "channel width multiplier (1.0 = original; the observer's only with "
+                       "--model torchvision:... or module:factory)")
     a("--backbone_weights", default=None,
-      help="DeepLabv3+ ResNet-101 start: 'imagenet' (torchvision download) or a local file")
+      help="--train_segnet start of DeepLabv3+'s ResNet-101 or a torchvision model's backbone: "
+           "'imagenet' (torchvision download) or a local torchvision state_dict file")
     a("--vgg_weights", default=None,
       help="torchvision VGG16 file (or 'imagenet') initialising the SegNet encoder (--train_segnet)")
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
@@ -81,10 +82,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
            "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start")
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")
-    a("--obs_mlp", action="store_true", help="small observer reading one SegNet map")
-    a("--obs_head", default=None, choices=HEADS,
-      help="observer's last block: linear (new observers' default: no tied scores) or original "
-           "(ReLU'd single channel, as the original); with --test_only the checkpoint's")
     a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
     a("--test_split", default=None,
       help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
@@ -97,8 +94,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
            "preset's fixed crop (0: off)")
     a("--no_residual", action="store_true", help="ablation: ObsNet without the SegNet's maps")
     a("--no_pretrained", action="store_true", help="do not start ObsNet from the SegNet's weights")
-    a("--nclass", type=int, default=None, help="SegNet outputs (default: the dataset's classes)")
-    a("--width_mult", type=float, default=1.0, help="channel width multiplier (1.0 = original)")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image size (default: preset)")
     a("--train_segnet", action="store_true", help="train the SegNet and save it to --segnet_file")
     a("--focal", action="store_true", help="focal loss instead of weighted BCE for ObsNet")
@@ -113,8 +108,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def check_args(args, spec) -> None:
     """Reject values that cannot work, before any heavy work."""
-    if args.model == "deeplabv3plus" and (args.width_mult != 1.0 or args.obs_mlp):
-        raise UsageError("--model deeplabv3plus takes neither --width_mult nor --obs_mlp")
+    check_model_flags(args)
     if args.vgg_weights and args.model != "segnet":
         raise UsageError("--vgg_weights initialises the SegNet encoder: use --backbone_weights "
                          f"with --model {args.model}")

@@ -11,7 +11,6 @@ segmenter is wrong). Batch, height and width are dynamic (each side at least 32 
 import argparse
 import logging
 import sys
-from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from obsnet.cli_common import MIN_SIDE, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.cli_common import (MIN_SIDE, add_model_flags, check_model_flags, check_nclass_and_size,
+                               model_flags, parse_checked, run_friendly)
 from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
-from obsnet.models.obsnet import HEADS
-from obsnet.models.registry import SEGMENTERS, load_networks, merge_observer_flags
+from obsnet.models.generic import logits_of
+from obsnet.models.registry import load_networks, merge_observer_flags
 from obsnet.models.segnet import freeze
 from obsnet.outputs import Output, OutputLock, atomic_write
 
@@ -46,17 +46,6 @@ class Normalize(nn.Module):
 
     def forward(self, image):
         return (image - self.mean) / self.std
-
-
-def logits_of(output) -> torch.Tensor:
-    """The class logits of a segmenter's output: a tensor, the list of its feature maps
-    (logits last, this project's ``return_feat=True``) or a dict with ``"out"`` (torchvision's
-    segmentation models)."""
-    if isinstance(output, Mapping):
-        return output["out"]
-    if isinstance(output, (list, tuple)):
-        return output[-1]
-    return output
 
 
 class ExportGraph(nn.Module):
@@ -178,16 +167,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset (mean and std)")
-    a("--model", default="segnet", choices=sorted(SEGMENTERS), help="segmentation network")
     a("--segnet_file", required=True, help="segmentation network checkpoint")
     a("--obsnet_file", required=True, help="observer checkpoint, or a folder (its best.pth)")
     a("--out", required=True, help="ONNX file to write")
     a("--overwrite", action="store_true", help="replace --out if it exists")
-    a("--nclass", type=int, default=None, help="segmenter outputs (default: the dataset's)")
-    a("--width_mult", type=float, default=1.0, help="channel width of the checkpoints")
-    a("--obs_mlp", action="store_true", help="the checkpoint is the small observer")
-    a("--obs_head", default=None, choices=HEADS,
-      help="the observer's last block (default: what the checkpoint records)")
+    add_model_flags(p, "channel width of the checkpoints")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
       help="size traced and checked (default: the preset's); the graph takes any size")
     a("--debug", action="store_true", help="show tracebacks")
@@ -196,10 +180,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def check_args(args, spec) -> None:
     """UsageError for flag values that cannot work, before any heavy work."""
-    if args.model == "deeplabv3plus" and (args.width_mult != 1.0 or args.obs_mlp):
-        raise UsageError("--model deeplabv3plus takes neither --width_mult nor --obs_mlp")
-    if args.width_mult <= 0:
-        raise UsageError(f"--width_mult must be positive (got {args.width_mult})")
+    check_model_flags(args)
     check_nclass_and_size(args, spec)
     out = Path(args.out)
     if out.is_file() and not args.overwrite:
@@ -209,11 +190,12 @@ def check_args(args, spec) -> None:
 def load_graph(args, spec) -> ExportGraph:
     """The checkpoints' segmenter and observer in one ExportGraph, loaded as inference.py
     loads them (the observer's flags and head as its checkpoint records them)."""
-    flags = merge_observer_flags({"obs_mlp": args.obs_mlp, "head": args.obs_head}, args.obsnet_file)
+    flags = merge_observer_flags(model_flags(args), args.obsnet_file)
     nclass = spec.nclass if args.nclass is None else args.nclass
     segmenter, observer = load_networks(args.model, nclass, args.width_mult,
                                         flags.get("obs_mlp", False), args.segnet_file,
-                                        args.obsnet_file, "cpu", head=flags["head"])
+                                        args.obsnet_file, "cpu", head=flags["head"],
+                                        layers=flags.get("layers"))
     run_flags = {k: flags.get(k, False) for k in ("no_residual", "no_img")}
     return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std, run_flags)
 

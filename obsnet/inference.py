@@ -15,10 +15,10 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from obsnet.cli_common import UsageError, check_nclass_and_size, parse_checked, run_friendly
+from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
+                               model_flags, parse_checked, run_friendly)
 from obsnet.data.camvid import read_image
 from obsnet.data.specs import SPECS
-from obsnet.models.obsnet import HEADS
 from obsnet.models.registry import load_networks, merge_observer_flags
 from obsnet.visual import colorize_labels, viridis
 
@@ -34,13 +34,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--obsnet_file", required=True, help="ObsNet checkpoint, or a folder (its best.pth)")
     p.add_argument("--img_folder", required=True, help="folder of images (png, jpg, bmp)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="segnet", choices=("segnet",), help="segmentation network")
-    p.add_argument("--nclass", type=int, default=None, help="SegNet outputs (default: the dataset's)")
-    p.add_argument("--width_mult", type=float, default=1.0, help="channel width of the checkpoints")
-    p.add_argument("--obs_mlp", action="store_true", help="the checkpoint is the small observer")
-    p.add_argument("--obs_head", default=None, choices=HEADS,
-                   help="the observer's last block (default: what the checkpoint records; "
-                        "original for plain state_dicts)")
+    add_model_flags(p, "channel width of the checkpoints")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="network input size (default: the preset)")
     p.add_argument("--bsize", type=int, default=4, help="images per batch")
@@ -106,15 +100,14 @@ def run(argv, prog: str | None = None) -> int:
     check_nclass_and_size(args, spec)
     if args.bsize < 1:
         raise UsageError("--bsize must be at least 1")
-    if args.width_mult <= 0:
-        raise UsageError(f"--width_mult must be positive (got {args.width_mult})")
+    check_model_flags(args)
     files = list_images(Path(args.img_folder))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = merge_observer_flags({"obs_mlp": args.obs_mlp, "head": args.obs_head}, args.obsnet_file)
+    flags = merge_observer_flags(model_flags(args), args.obsnet_file)
     nclass = spec.nclass if args.nclass is None else args.nclass
     segnet, obsnet = load_networks(args.model, nclass, args.width_mult,
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
-                                   device, head=flags["head"])
+                                   device, head=flags["head"], layers=flags.get("layers"))
     obsnet.eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from obsnet.evaluate import evaluate
 from obsnet.losses import CRITERIA
 from obsnet.methods import MethodConfig, parse_methods
 from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.generic import is_generic
 from obsnet.models.checkpoint import CheckpointError, first_nonfinite, load_weights, save_checkpoint
 from obsnet.models.registry import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet,
                                     load_networks, merge_observer_flags, observer_record)
@@ -282,7 +283,8 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
     weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
     segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                          backbone_weights=weights)[0].to(rt.device, memory_format=rt.memory_format)
+                          backbone_weights=weights, layers=args.observe_layers)[0]
+    segnet = segnet.to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
     run = SegNetRun(net=segnet, model=segnet, train_loader=train_loader, val_loader=val_loader,
                     optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, args.amp),
@@ -357,7 +359,8 @@ def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> 
 
 def observer_given(args) -> dict:
     """The observer flags and head the command line asks for (head None: not given)."""
-    return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | {"head": args.obs_head}
+    return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | \
+        {"head": args.obs_head, "model": args.model, "layers": args.observe_layers}
 
 
 def stage_train_obsnet(args, spec, rt, writer) -> None:
@@ -367,12 +370,15 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     folder = Path(args.obsnet_file)
     given = observer_given(args)
     if args.resume:  # the run goes on with the network it started with
-        args.obs_head = merge_observer_flags(given, folder / "last.pth")["head"]
+        recorded = merge_observer_flags(given, folder / "last.pth")
+        args.obs_head, args.observe_layers = recorded["head"], recorded["layers"]
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
                                    args.segnet_file, device=rt.device,
-                                   head=args.obs_head or DEFAULT_HEAD)
+                                   head=args.obs_head or DEFAULT_HEAD, layers=args.observe_layers)
+    refuse_missing_dropout(segnet, args.model, ["--drop"] if args.drop else [])
+    args.observe_layers = getattr(segnet, "layers", None)  # recorded in the checkpoints
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
-    if not (args.no_pretrained or args.resume):
+    if not (args.no_pretrained or args.resume or is_generic(args.model)):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
     # The frozen SegNet is never saved here: fold its batch norms (attack 18% faster, BENCHMARKS.md).
     segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
@@ -463,6 +469,14 @@ def method_config(args, spec, observer: dict) -> MethodConfig:
                         no_img=observer["no_img"])
 
 
+def refuse_missing_dropout(segnet, model: str, needs: list[str]) -> None:
+    """UsageError when what ``needs`` names (e.g. ["--test_multi mc_dropout"]) keeps dropout
+    active in a segmenter that has no dropout layer (``FeatureTap.has_dropout``)."""
+    if needs and not getattr(segnet, "has_dropout", True):
+        raise UsageError(f"{needs[0]} needs dropout layers in the segmenter, and --model {model} "
+                         f"has none; leave it out")
+
+
 def load_ensemble(args, device) -> list:
     """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
     files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
@@ -479,7 +493,10 @@ def stage_test(args, spec, rt, writer) -> None:
         observer = merge_observer_flags(observer, args.obsnet_file)
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
                                    args.segnet_file, args.obsnet_file if "obsnet" in names else None,
-                                   rt.device, head=observer["head"] or DEFAULT_HEAD)
+                                   rt.device, head=observer["head"] or DEFAULT_HEAD,
+                                   layers=observer["layers"])
+    refuse_missing_dropout(segnet, args.model,
+                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
     results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,

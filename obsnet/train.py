@@ -148,7 +148,8 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
 
     A batch where ``has_target(labels)`` (on the CPU labels: no device sync) is false, every
     pixel ignored, is skipped (its loss would be NaN) and counted (``unlabelled_batches``);
-    under DDP it still takes part in the step, with zero gradients from this rank. An epoch without any optimizer step is a DatasetError, raised before anything is saved."""
+    under DDP it still takes part in the step, with zero gradients from this rank. An epoch
+    without any optimizer step is a DatasetError, raised before anything is saved."""
     # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
     nonfinite = NonFinite(tag, epoch, device)

@@ -68,10 +68,10 @@ def test_training_records_the_flags_in_best_and_last(run):
     for name in ("best.pth", "last.pth"):
         state = torch.load(run / "nores" / name, weights_only=True)
         assert state["observer"] == {"obs_mlp": False, "no_residual": True, "no_img": False,
-                                     "head": "linear"}, name
+                                     "head": "linear", "model": "segnet", "layers": None}, name
         mlp = torch.load(run / "mlp" / name, weights_only=True)
         assert mlp["observer"] == {"obs_mlp": True, "no_residual": False, "no_img": False,
-                                   "head": "linear"}, name
+                                   "head": "linear", "model": "segnet", "layers": None}, name
 
 
 def test_training_validates_with_the_flags(run):
@@ -170,10 +170,12 @@ def test_observer_flags_reads_what_a_checkpoint_records(tmp_path):
     torch.save({"model": weights(), "observer": {"obs_mlp": False, "no_residual": True,
                                                  "no_img": False}}, tmp_path / "full.pth")
     assert observer_flags(tmp_path / "full.pth") == {"obs_mlp": False, "no_residual": True,
-                                                     "no_img": False, "head": "original"}
+                                                     "no_img": False, "head": "original",
+                                                     "model": None, "layers": None}
     torch.save({"model": weights(), "observer": {"no_img": 1}}, tmp_path / "partial.pth")
     assert observer_flags(tmp_path / "partial.pth") == {"obs_mlp": False, "no_residual": False,
-                                                        "no_img": True, "head": "original"}
+                                                        "no_img": True, "head": "original",
+                                                        "model": None, "layers": None}
     folder = tmp_path / "folder"
     folder.mkdir()
     torch.save({"model": weights(), "observer": {"obs_mlp": True}}, folder / "best.pth")
@@ -201,16 +203,32 @@ def test_merge_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_path)
     recorded = {"obs_mlp": True, "no_residual": True, "no_img": False, "head": "linear"}
     torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
     nothing = dict.fromkeys(OBSERVER_FLAGS, False)
-    assert merge_observer_flags(nothing, tmp_path / "obs.pth") == recorded
-    assert merge_observer_flags({}, tmp_path / "obs.pth") == recorded
+    expected = recorded | {"model": None, "layers": None}  # recorded by older checkpoints
+    assert merge_observer_flags(nothing, tmp_path / "obs.pth") == expected
+    assert merge_observer_flags({}, tmp_path / "obs.pth") == expected
     assert merge_observer_flags({**nothing, "obs_mlp": True, "no_residual": True},
-                                tmp_path / "obs.pth") == recorded
+                                tmp_path / "obs.pth") == expected
     with pytest.raises(CheckpointError, match="trained without --no_img"):
         merge_observer_flags({**nothing, "no_img": True}, tmp_path / "obs.pth")
     torch.save({"model": {}, "observer": dict.fromkeys(OBSERVER_FLAGS, False)}, tmp_path / "b.pth")
     for flag in OBSERVER_FLAGS:
         with pytest.raises(CheckpointError, match=f"trained without --{flag}"):
             merge_observer_flags({flag: True}, tmp_path / "b.pth")
+
+
+def test_merge_refuses_another_model_or_other_layers(tmp_path):
+    """A checkpoint that records its model spec and layers is run with them: --model or
+    --observe_layers that say otherwise are refused, the same ones (or none) accepted."""
+    recorded = dict.fromkeys(OBSERVER_FLAGS, False) | {
+        "head": "linear", "model": "torchvision:fcn_resnet50", "layers": ["backbone.layer1"]}
+    torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
+    same = {"model": "torchvision:fcn_resnet50", "layers": ("backbone.layer1",)}
+    assert merge_observer_flags(same, tmp_path / "obs.pth")["layers"] == ("backbone.layer1",)
+    assert merge_observer_flags({}, tmp_path / "obs.pth")["model"] == "torchvision:fcn_resnet50"
+    with pytest.raises(CheckpointError, match="trained with --model torchvision:fcn_resnet50"):
+        merge_observer_flags({"model": "segnet"}, tmp_path / "obs.pth")
+    with pytest.raises(CheckpointError, match="reads --observe_layers backbone.layer1;"):
+        merge_observer_flags({"layers": ("backbone.layer2",)}, tmp_path / "obs.pth")
 
 
 def test_missing_observer_file_is_a_checkpoint_error(tmp_path):

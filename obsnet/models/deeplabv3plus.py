@@ -10,37 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import ResNet101_Weights, resnet101
 
-from obsnet.models.blocks import ConvBNReLU, scaled
+from obsnet.models.blocks import ConvBNReLU, conv_bn_relu, resize, scaled, shared_dropout
 from obsnet.models.checkpoint import CheckpointError, torchvision_state
-
-
-def shared_dropout(x: torch.Tensor, p: float, training: bool, mc_drop: bool) -> torch.Tensor:
-    """Dropout with the SegNet's rule (``EncoderDecoder._drop``): ordinary dropout in training;
-    with ``mc_drop`` in eval mode, one mask per pass shared by the whole batch."""
-    if p == 0 or not (training or mc_drop):
-        return x
-    if training:
-        return F.dropout(x, p, training=True)
-    keep = torch.rand((1, *x.shape[1:]), device=x.device) >= p
-    return x * keep / (1 - p)
-
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1,
-                 dilation: int = 1) -> nn.Sequential:
-    """Convolution (no bias, 'same' padding), batch norm, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
-                  dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-def resize(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize to ``size`` (H, W); a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class ASPP(nn.Module):

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint, load_weights
 from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab
+from obsnet.models.generic import build_generic, is_generic
 from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small
 from obsnet.models.segnet import SegNet, freeze
 
@@ -28,19 +29,24 @@ OBSERVERS = {
 
 
 def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
-                 backbone_weights=None, head: str = "linear"):
-    """Return (segnet, obsnet) for a registry name.
+                 backbone_weights=None, head: str = "linear", layers=None):
+    """Return (segnet, obsnet) for a registry name or a generic spec (``torchvision:<name>``,
+    ``package.module:factory``: see ``obsnet.models.generic``).
 
     ``backbone_weights``: None (random init), "imagenet" (torchvision download) or a
     torchvision state_dict file for the segmentation network's encoder (see SEGMENTERS).
-    ``head``: the observer's last block (``obsnet.models.obsnet.HEADS``).
+    ``head``: the observer's last block (``obsnet.models.obsnet.HEADS``); ``layers``: the
+    layers a generic spec's observer reads (None: its default).
     """
-    if model not in SEGMENTERS:
-        raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))})")
+    if model not in SEGMENTERS and not is_generic(model):
+        raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))}, "
+                         f"torchvision:<name>, package.module:factory)")
     observer = f"{model}_small" if obs_mlp else model
-    if observer not in OBSERVERS:  # checked before building the (possibly large) network
+    if obs_mlp and observer not in OBSERVERS:  # checked before building the network
         raise ValueError(f"--obs_mlp is not available with --model {model}: the light observer "
                          f"reads one SegNet map; use the default observer (drop --obs_mlp)")
+    if is_generic(model):
+        return build_generic(model, nclass, width_mult, layers, backbone_weights)
     segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
     obsnet = OBSERVERS[observer](width_mult, head)
     return segnet, obsnet
@@ -57,10 +63,13 @@ def observer_path(obsnet_file) -> Path:
 
 
 def observer_record(args) -> dict:
-    """What an observer checkpoint records of how to build and run it: ``OBSERVER_FLAGS`` and
-    the ``head`` (``args.obs_head``, None meaning the default)."""
+    """What an observer checkpoint records of how to build and run it: ``OBSERVER_FLAGS``, the
+    ``head`` (``args.obs_head``, None meaning the default), the ``model`` spec and the
+    ``layers`` a generic model's observer reads (``args.observe_layers``, else None)."""
     record = {flag: bool(getattr(args, flag)) for flag in OBSERVER_FLAGS}
-    return record | {"head": getattr(args, "obs_head", None) or DEFAULT_HEAD}
+    layers = getattr(args, "observe_layers", None)
+    return record | {"head": getattr(args, "obs_head", None) or DEFAULT_HEAD,
+                     "model": args.model, "layers": list(layers) if layers else None}
 
 
 def observer_flags(obsnet_file) -> dict | None:
@@ -70,8 +79,10 @@ def observer_flags(obsnet_file) -> dict | None:
     recorded = checkpoint.get("observer") if isinstance(checkpoint, dict) else None
     if not isinstance(recorded, dict):
         return None
+    layers = recorded.get("layers")
     return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS} | \
-        {"head": recorded.get("head", "original")}
+        {"head": recorded.get("head", "original"), "model": recorded.get("model"),
+         "layers": tuple(layers) if layers else None}
 
 
 def merge_observer_flags(given: dict, obsnet_file) -> dict:
@@ -92,19 +103,27 @@ def merge_observer_flags(given: dict, obsnet_file) -> dict:
         raise CheckpointError(f"{path}: this observer has the {recorded['head']} head, not "
                               f"--obs_head {given['head']}; drop --obs_head (its checkpoint "
                               f"records its head)")
+    if given.get("model") not in (None, recorded["model"]) and recorded["model"] is not None:
+        raise CheckpointError(f"{path}: this observer was trained with --model "
+                              f"{recorded['model']}, not --model {given['model']}")
+    if given.get("layers") and tuple(given["layers"]) != recorded["layers"]:
+        recorded_layers = ",".join(recorded["layers"] or ()) or "its model's default"
+        raise CheckpointError(f"{path}: this observer reads --observe_layers {recorded_layers}; "
+                              f"drop --observe_layers (its checkpoint records its layers)")
     return recorded
 
 
 def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
                   obsnet_file=None, device="cpu", head: str = DEFAULT_HEAD,
-                  segnet_label: str = "--segnet_file"):
+                  segnet_label: str = "--segnet_file", layers=None):
     """(frozen SegNet loaded from ``segnet_file``, ObsNet with ``head``) on ``device``.
 
     ``obsnet_file``: a checkpoint file, or a folder whose ``best.pth`` is loaded; None leaves
     the observer freshly initialised (for training). ``segnet_label``: how messages name the
-    SegNet file (the flag that gave it, e.g. "--ensemble member").
+    SegNet file (the flag that gave it, e.g. "--ensemble member"). ``layers``: what a generic
+    model's observer reads (None: its default).
     """
-    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head)
+    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head, layers=layers)
     if not Path(segnet_file).is_file():
         hint = " (train one with --train_segnet)" if segnet_label == "--segnet_file" else ""
         raise CheckpointError(f"{segnet_label} {segnet_file}: file not found{hint}")
