@@ -166,6 +166,7 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into
     that convolution (the BatchNorm becomes an Identity); returns ``model``, changed in place.
+    A pair with a forward hook on either module (an observed layer) is left as it is.
 
     For a frozen network only: its outputs stay the same up to float rounding, while the
     forward and the attack's backward skip one pass over every feature map. The state_dict
@@ -174,7 +175,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             conv, bn = seq[i], seq[i + 1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
+            observed = conv._forward_hooks or bn._forward_hooks  # e.g. a FeatureTap's layer
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training \
+                    and not observed:
                 seq[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
                 seq[i + 1] = nn.Identity()
     return model

@@ -143,6 +143,8 @@ class FeatureTap(nn.Module):
     smaller); ``tap(x, return_feat=True)`` the outputs of ``layers`` (module names), then the
     logits; ``mc_drop=True`` keeps the network's dropout layers active (Monte Carlo dropout).
     Its state_dict is the network's own (no prefix), so a user's checkpoint loads as it is.
+    Observed maps are copies (an in-place activation after a layer cannot change them), and
+    ``fold_batchnorm`` leaves observed layers alone (they have forward hooks).
     """
 
     def __init__(self, net: nn.Module, layers: Sequence[str], spec: str):
@@ -169,7 +171,7 @@ class FeatureTap(nn.Module):
                 if hooked is not None:
                     hooked[1].remove()
                 handle = module.register_forward_hook(
-                    lambda _m, _i, out, name=name: self._maps.__setitem__(name, out))
+                    lambda _m, _i, out, name=name: self._maps.__setitem__(name, _kept(out)))
                 self._hooked[name] = (module, handle)
 
     def forward(self, x, mc_drop: bool = False, return_feat: bool = False):
@@ -180,6 +182,10 @@ class FeatureTap(nn.Module):
         maps, self._maps = self._maps, {}
         if not return_feat:
             return logits
+        unused = [name for name in self.layers if name not in maps]
+        if unused:
+            raise ValueError(f"--observe_layers {','.join(unused)}: --model {self.spec} never "
+                             f"runs that layer in its forward pass")
         return [maps[name] for name in self.layers] + [logits]
 
     def detach(self) -> None:
@@ -189,14 +195,21 @@ class FeatureTap(nn.Module):
         self._hooked = {}
 
 
+def _kept(out):
+    """A copy of an observed tensor, which a later in-place operation (ReLU(inplace=True),
+    Hardswish ...) would otherwise overwrite; other outputs as they are."""
+    return out.clone() if torch.is_tensor(out) else out
+
+
 def _drop_net_prefix(module, state_dict, prefix, local_metadata) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + "net.")]:
         state_dict[prefix + key[len(prefix) + 4:]] = state_dict.pop(key)
 
 
 def _add_net_prefix(module, state_dict, prefix, *args) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix) and
-                not k.startswith(prefix + "net.")]:
+    # A FeatureTap's state_dict never has the prefix (see _drop_net_prefix): always add it
+    # (a network may well have a layer of its own named "net").
+    for key in [k for k in state_dict if k.startswith(prefix)]:
         state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
 
 
