@@ -522,3 +522,11 @@ def test_float16_autocast_attack_and_observer():
     logit.float().mean().backward()
     grads = [p.grad for p in observer.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_failing_factory_is_one_value_error():
+    """A user factory that raises is a ValueError naming --model and the factory's error (the
+    CLI prints it in one line)."""
+    with pytest.raises(ValueError, match=r"--model tests.toy_segmenter:broken: the factory failed "
+                                         r"\(TypeError: cannot build 5 classes\)"):
+        build_generic(f"{TOY}:broken", 5, WIDTH)

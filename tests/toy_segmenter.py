@@ -92,3 +92,8 @@ def with_net_child(num_classes: int) -> WithNetChild:
 def not_a_module(num_classes: int) -> dict:
     """A factory that returns no network."""
     return {"num_classes": num_classes}
+
+
+def broken(num_classes):
+    """A factory that fails, as user code may."""
+    raise TypeError(f"cannot build {num_classes} classes")

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torchvision import models as tv_models
 
 from obsnet.models.blocks import conv_bn_relu, resize, scaled, shared_dropout
+from obsnet.models.checkpoint import CheckpointError, torchvision_state
 
 TORCHVISION = "torchvision:"
 # The observed layers of torchvision's segmentation models, by backbone family: the backbone's
@@ -88,7 +89,11 @@ def build_network(model: str, nclass: int, backbone_weights=None) -> nn.Module:
         raise ValueError(f"--backbone_weights is for torchvision models; --model {model}'s "
                          f"factory loads its own weights")
     takes_nclass = "num_classes" in inspect.signature(factory).parameters
-    net = factory(num_classes=nclass) if takes_nclass else factory()
+    try:
+        net = factory(num_classes=nclass) if takes_nclass else factory()
+    except Exception as exc:  # the user's code may fail in any way
+        raise ValueError(f"--model {model}: the factory failed ({type(exc).__name__}: "
+                         f"{exc})") from None
     if not isinstance(net, nn.Module):
         raise ValueError(f"--model {model}: the factory returned a {type(net).__name__}, "
                          f"not a torch.nn.Module")
@@ -98,8 +103,6 @@ def build_network(model: str, nclass: int, backbone_weights=None) -> nn.Module:
 def load_backbone(net: nn.Module, backbone: str, source) -> None:
     """Copy a torchvision classification network's weights (``backbone``, e.g. "resnet50")
     into a segmentation model's backbone; ``source``: "imagenet" or a state_dict file."""
-    from obsnet.models.checkpoint import CheckpointError, torchvision_state
-
     # V1: the ImageNet weights torchvision's own segmentation models were trained from
     weights = tv_models.get_model_weights(backbone)["IMAGENET1K_V1"]
     state, where = torchvision_state(source, weights, backbone)
