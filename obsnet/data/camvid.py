@@ -156,7 +156,7 @@ def read_label(path: Path, where: str = "") -> tv_tensors.Mask:
 
 def max_label_id(spec: DatasetSpec) -> int:
     """The largest id a label may hold besides the ignore id (a class or an anomaly)."""
-    return max(spec.nclass - 1, *spec.anomaly_ids)
+    return max((spec.nclass - 1, *spec.anomaly_ids))  # a tuple: anomaly_ids may be empty
 
 
 def label_counts(label: torch.Tensor) -> np.ndarray:
@@ -236,11 +236,18 @@ class PairDataset(Dataset):
         return label
 
     @classmethod
+    def decode_pair(cls, label: tv_tensors.Mask, spec: DatasetSpec,
+                    pair: Pair) -> tv_tensors.Mask:
+        """Label file values of ``pair`` -> dataset ids: ``decode``, unless the decoding
+        depends on the file (Cityscapes' labelIds vs labelTrainIds)."""
+        return cls.decode(label, spec)
+
+    @classmethod
     def load(cls, pair: Pair, spec: DatasetSpec) -> tuple[tv_tensors.Image, tv_tensors.Mask,
                                                            np.ndarray]:
         """Read, decode and validate one pair: (image, label, per-id pixel counts)."""
         image = read_image(pair.image, pair.source)
-        label = cls.decode(read_label(pair.label, pair.source), spec)
+        label = cls.decode_pair(read_label(pair.label, pair.source), spec, pair)
         check_size(image, label, pair)
         counts = label_counts(label)
         check_ids(counts, spec, pair, cls.raw_offset)

@@ -68,7 +68,9 @@ def inspect_pair(builder: type[PairDataset], spec: DatasetSpec,
     raw = _attempt(problems, read_label, pair.label, pair.source)
     if raw is None:
         return None, problems
-    label = builder.decode(raw, spec)
+    label = _attempt(problems, builder.decode_pair, raw, spec, pair)
+    if label is None:
+        return None, problems
     counts = label_counts(label)
     if image is not None:
         _attempt(problems, check_size, image, label, pair)

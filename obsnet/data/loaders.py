@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from obsnet.data.bdd_anomaly import BddAnomaly
 from obsnet.data.camvid import CamVid, PairDataset
+from obsnet.data.cityscapes import Cityscapes
 from obsnet.data.errors import DatasetError, WorkerDied
 from obsnet.data.specs import LOADABLE, SPECS, DatasetSpec
 from obsnet.data.street_hazard import StreetHazard
@@ -26,7 +27,7 @@ __all__ = ["DATASETS", "DatasetError", "SkipBadSamples", "WatchedLoader", "build
 # read_pairs / load / splits, which obsnet.data.check uses. Synthetic shares CamVid's layout.
 DATASETS: dict[str, type[PairDataset]] = {"CamVid": CamVid, "Synthetic": CamVid,
                                           "StreetHazard": StreetHazard,
-                                          "BddAnomaly": BddAnomaly}
+                                          "BddAnomaly": BddAnomaly, "Cityscapes": Cityscapes}
 assert set(DATASETS) == set(LOADABLE), "DATASETS and specs.LOADABLE must list the same names"
 
 

@@ -82,7 +82,30 @@ SPECS: dict[str, DatasetSpec] = {
                 (255, 255, 255)),
         anomaly_ids=(17, 18, 19), void_id=0, void_logit=-1, train_split="train", val_split="validation",
         test_split="test"),
+    # Cityscapes gtFine, 19 train ids (obsnet/data/cityscapes.py); names and colours are the
+    # official ones of cityscapesScripts' helpers/labels.py. Files are 1024×2048; the preset
+    # is the common half resolution 512×1024 (sides divisible by 32 for SegNet's 5 poolings).
+    # Mean/std: ImageNet's, the usual choice for Cityscapes (pretrained backbones expect it).
+    # crop, pos_weight and patch_size: StreetHazards' / BDD's (the same kind of road scenes,
+    # the same error rates to expect), the pixel sizes scaled from their 360×640 to 512×1024
+    # (×1.42 in H, ×1.6 in W; the shape sizes by the smaller factor).
+    # No anomaly class (train/val only; test labels are hidden): evaluation on val scores
+    # error detection, the OOD metrics are n/a. No void class either: the unlabelled ids are
+    # the ignore id 255, so void_id / void_logit are None (the "void" method is refused).
+    "Cityscapes": DatasetSpec(
+        name="Cityscapes", size=(512, 1024), crop=(114, 240),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_weight=3.0, patch_size=(426, 576, 228, 284),
+        class_names=("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                     "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                     "truck", "bus", "train", "motorcycle", "bicycle"),
+        colors=((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156),
+                (190, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0),
+                (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+                (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230),
+                (119, 11, 32)),
+        anomaly_ids=(), void_id=None, void_logit=None, train_split="train", val_split="val",
+        test_split="val"),
 }
 
 # Datasets whose loader exists in this version (obsnet.data.loaders.DATASETS).
-LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly")
+LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly", "Cityscapes")
