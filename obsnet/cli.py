@@ -131,6 +131,9 @@ def check_args(args, spec) -> None:
 def resolve_args(args):
     """Fill per-dataset defaults in place; returns the dataset spec."""
     spec = SPECS[args.data]
+    if spec.test_only and not args.test_only:
+        raise UsageError(f"--data {args.data} is an evaluation-only benchmark (no training "
+                         f"split): use it with --test_only")
     check_args(args, spec)
     tag = args.data.lower()
     args.dset_folder = args.dset_folder or (f"data/{args.data}" if args.data == "Synthetic" else None)

@@ -30,6 +30,8 @@ def _label_masks(labels: torch.Tensor, pred: torch.Tensor, spec: DatasetSpec, nc
         labelled &= labels != spec.ignore_id
         image_valid = labels != spec.ignore_id
     ood_valid = labelled if spec.void_id is None else labelled & (labels != spec.void_id)
+    if spec.inlier_id is not None:  # in-distribution pixels of no known class: OOD negatives
+        ood_valid = ood_valid | (labels == spec.inlier_id)
     return pred != labels, labelled, anomaly, ood_valid, image_valid
 
 
@@ -123,14 +125,20 @@ def _results(split, confusion, meters, n_images, spec, device):
         for meter in (m.error, m.ood, m.ood_image):
             meter.all_reduce()
         err, ood = m.error.compute(), m.ood.compute()
-        entry = {"error": {"auroc": err["auroc"], "aupr_error": err["ap"],
-                           "aupr_success": err["ap_neg"], "fpr95": err["fpr95_neg"],
-                           "ace": err.get("ace"), "ece": err.get("ece")},
-                 "ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1),
-                 # 0 unless some scores stayed in coarse bins: see OODMeter
-                 "auroc_bound": max(err["auroc_bound"], ood["auroc_bound"]),
-                 # share of the pixels holding the most common score: a tie that large caps FPR95
-                 "tie_share": err["tie_share"]}
+        # no class ground truth (spec.inlier_id): error metrics n/a, the tie share is the OOD one
+        has_classes = spec.inlier_id is None
+        entry = {}
+        if has_classes:
+            entry["error"] = {"auroc": err["auroc"], "aupr_error": err["ap"],
+                              "aupr_success": err["ap_neg"], "fpr95": err["fpr95_neg"],
+                              "ace": err.get("ace"), "ece": err.get("ece")}
+        entry.update({"ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1),
+                      # 0 unless some scores stayed in coarse bins: see OODMeter
+                      "auroc_bound": max(err["auroc_bound"] if has_classes else 0.0,
+                                         ood["auroc_bound"]),
+                      # share of the pixels holding the most common score: a tie that large
+                      # caps FPR95
+                      "tie_share": (err if has_classes else ood)["tie_share"]})
         if ood["n_pos"] > 0:
             entry["ood"] = {"auroc": ood["auroc"], "aupr": ood["ap"], "fpr95": ood["fpr95"]}
             per_image = m.ood_image.compute()

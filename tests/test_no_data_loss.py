@@ -51,7 +51,7 @@ def listing(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(small_data):
+def base(small_data):  # noqa: F811  (the imported fixture, by pytest)
     """Tiny synthetic data and a SegNet checkpoint (test_reliability's ``small_data``)."""
     return small_data
 

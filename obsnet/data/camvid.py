@@ -156,7 +156,8 @@ def read_label(path: Path, where: str = "") -> tv_tensors.Mask:
 
 def max_label_id(spec: DatasetSpec) -> int:
     """The largest id a label may hold besides the ignore id (a class or an anomaly)."""
-    return max((spec.nclass - 1, *spec.anomaly_ids))  # a tuple: anomaly_ids may be empty
+    inlier = () if spec.inlier_id is None else (spec.inlier_id,)
+    return max((spec.nclass - 1, *spec.anomaly_ids, *inlier))  # anomaly_ids may be empty
 
 
 def label_counts(label: torch.Tensor) -> np.ndarray:

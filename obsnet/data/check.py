@@ -104,7 +104,8 @@ def inspect_all(builder, spec, reports: list[SplitReport], workers: int) -> None
 
 def _id_names(spec: DatasetSpec) -> list[tuple[str, list[int]]]:
     """Table rows: (name, ids) for every class and anomaly id, then ignore."""
-    rows = [(f"{i} {spec.class_names[i]}" if i < spec.nclass else f"{i} anomaly", [i])
+    rows = [(f"{i} {spec.class_names[i]}" if i < spec.nclass
+             else f"{i} in-distribution" if i == spec.inlier_id else f"{i} anomaly", [i])
             for i in range(max_label_id(spec) + 1)]
     if spec.ignore_id is not None:
         rows.append((f"{spec.ignore_id} ignore", [spec.ignore_id]))

@@ -16,6 +16,7 @@ from obsnet.data.bdd_anomaly import BddAnomaly
 from obsnet.data.camvid import CamVid, PairDataset
 from obsnet.data.cityscapes import Cityscapes
 from obsnet.data.errors import DatasetError, WorkerDied
+from obsnet.data.smiyc import FishyscapesLAF, RoadAnomaly21, RoadObstacle21
 from obsnet.data.specs import LOADABLE, SPECS, DatasetSpec
 from obsnet.data.street_hazard import StreetHazard
 from obsnet.data.transforms import eval_transform, train_transform
@@ -27,7 +28,10 @@ __all__ = ["DATASETS", "DatasetError", "SkipBadSamples", "WatchedLoader", "build
 # read_pairs / load / splits, which obsnet.data.check uses. Synthetic shares CamVid's layout.
 DATASETS: dict[str, type[PairDataset]] = {"CamVid": CamVid, "Synthetic": CamVid,
                                           "StreetHazard": StreetHazard,
-                                          "BddAnomaly": BddAnomaly, "Cityscapes": Cityscapes}
+                                          "BddAnomaly": BddAnomaly, "Cityscapes": Cityscapes,
+                                          "RoadAnomaly21": RoadAnomaly21,
+                                          "RoadObstacle21": RoadObstacle21,
+                                          "FishyscapesLAF": FishyscapesLAF}
 assert set(DATASETS) == set(LOADABLE), "DATASETS and specs.LOADABLE must list the same names"
 
 

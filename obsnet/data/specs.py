@@ -32,6 +32,11 @@ class DatasetSpec:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test_ood"
+    # An id for pixels known to be in-distribution but of no known class (anomaly benchmarks
+    # label only in-distribution / anomaly / void): OOD negatives, outside the error protocol
+    # and mIoU. A spec with it has no class ground truth: its error metrics are not reported.
+    inlier_id: int | None = None
+    test_only: bool = False  # no training split: only --test_only may use it
 
     @property
     def nclass(self) -> int:
@@ -107,5 +112,28 @@ SPECS: dict[str, DatasetSpec] = {
         test_split="val"),
 }
 
+
+
+def _anomaly_benchmark(name: str, split: str) -> DatasetSpec:
+    """An evaluation-only anomaly benchmark for a Cityscapes SegNet (obsnet/data/smiyc.py):
+    Cityscapes' classes, normalisation and size; labels hold only in-distribution (id 20),
+    anomaly (id 19) and void (255), so the error metrics and mIoU are not applicable."""
+    cityscapes = SPECS["Cityscapes"]
+    return DatasetSpec(
+        name=name, size=cityscapes.size, crop=cityscapes.crop, mean=cityscapes.mean,
+        std=cityscapes.std, pos_weight=cityscapes.pos_weight, patch_size=cityscapes.patch_size,
+        class_names=cityscapes.class_names,
+        colors=(*cityscapes.colors, (255, 255, 255), (64, 64, 64)),  # 19 anomaly, 20 inlier
+        anomaly_ids=(19,), inlier_id=20, void_id=None, void_logit=None, train_split=split,
+        val_split=split, test_split=split, test_only=True)
+
+
+# SegmentMeIfYouCan's AnomalyTrack / ObstacleTrack validation frames and Fishyscapes Lost &
+# Found validation, as the road_anomaly_benchmark code reads them.
+SPECS["RoadAnomaly21"] = _anomaly_benchmark("RoadAnomaly21", "validation")
+SPECS["RoadObstacle21"] = _anomaly_benchmark("RoadObstacle21", "validation")
+SPECS["FishyscapesLAF"] = _anomaly_benchmark("FishyscapesLAF", "val")
+
 # Datasets whose loader exists in this version (obsnet.data.loaders.DATASETS).
-LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly", "Cityscapes")
+LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly", "Cityscapes",
+            "RoadAnomaly21", "RoadObstacle21", "FishyscapesLAF")

@@ -1,0 +1,189 @@
+"""SegmentMeIfYouCan (AnomalyTrack, ObstacleTrack) and Fishyscapes Lost & Found presets.
+
+Folders are generated in tmp_path in the road_anomaly_benchmark layout and file names,
+frames of different sizes; labels hold 0 in-distribution, 1 anomaly, 255 void.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from torchvision import tv_tensors
+
+from cli import main_py
+from obsnet.data.errors import DatasetError
+from obsnet.data.loaders import build_dataset
+from obsnet.data.smiyc import decode_benchmark
+from obsnet.data.specs import SPECS
+from obsnet.evaluate import _label_masks
+from obsnet.models.registry import load_networks
+from test_cityscapes import H, W, make_cityscapes
+
+SIZES = ((48, 80), (64, 96), (40, 72))
+
+
+def _label(h: int, w: int, rng) -> np.ndarray:
+    label = np.zeros((h, w), np.uint8)
+    label[: h // 4] = 255  # void band
+    label[h // 2: h // 2 + 8, w // 3: w // 3 + 10] = 1  # anomaly
+    label[-2:, :3] = rng.integers(2, 5)  # another value: void, as the official code
+    return label
+
+
+def make_track(datasets: Path, folder: str, stems, ext: str) -> Path:
+    """``datasets/folder/images/<stem>.<ext>`` + ``labels_masks/<stem>_labels_semantic.png``."""
+    rng = np.random.default_rng(0)
+    root = datasets / folder
+    (root / "images").mkdir(parents=True)
+    (root / "labels_masks").mkdir()
+    for stem, (h, w) in zip(stems, SIZES * 4):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            root / "images" / f"{stem}.{ext}")
+        Image.fromarray(_label(h, w, rng)).save(root / "labels_masks" / f"{stem}_labels_semantic.png")
+    return root
+
+
+ANOMALY_STEMS = ("validation0001", "validation0000", "validation0002")
+OBSTACLE_STEMS = ("validation_2", "validation_1", "validation_21", "validation_19")
+FISHY = ("04_Maurener_Weg_8_000000_000030", "01_Hanns_Klemm_Str_45_000000_000080")
+
+
+def make_anomaly(datasets: Path) -> Path:
+    root = make_track(datasets, "dataset_AnomalyTrack", ANOMALY_STEMS, "jpg")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "cow0000.jpg")  # test
+    return root
+
+
+def make_fishy(datasets: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(1)
+    fishy, laf = datasets / "dataset_FishyLAF", datasets / "dataset_LostAndFound"
+    (fishy / "labels" / "val").mkdir(parents=True)
+    for fid, split, (h, w) in zip(FISHY, ("train", "test"), SIZES):
+        scene = "_".join(fid.split("_")[:-2])
+        folder = laf / "leftImg8bit" / split / scene
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            folder / f"{fid}_leftImg8bit.png")
+        Image.fromarray(_label(h, w, rng)).save(fishy / "labels" / "val" / f"{fid}_fishy-labels.png")
+    return fishy, laf
+
+
+def test_specs_are_cityscapes_ones_and_test_only():
+    city = SPECS["Cityscapes"]
+    for name, split in (("RoadAnomaly21", "validation"), ("RoadObstacle21", "validation"),
+                        ("FishyscapesLAF", "val")):
+        spec = SPECS[name]
+        assert spec.test_only and spec.test_split == split
+        assert (spec.class_names, spec.mean, spec.std, spec.size) == (
+            city.class_names, city.mean, city.std, (512, 1024))
+        assert (spec.nclass, spec.anomaly_ids, spec.inlier_id, spec.ignore_id) == (19, (19,), 20, 255)
+        assert len(spec.colors) == 21
+
+
+def test_decoding_by_hand():
+    spec = SPECS["RoadAnomaly21"]
+    raw = tv_tensors.Mask(torch.tensor([[0, 1, 255], [2, 0, 1]], dtype=torch.uint8))
+    assert decode_benchmark(raw, spec).tolist() == [[20, 19, 255], [255, 20, 19]]
+
+
+def test_label_masks_inliers_are_ood_negatives_not_errors():
+    spec = SPECS["RoadObstacle21"]
+    labels = torch.tensor([[20, 19, 255, 20]])
+    pred = torch.tensor([[3, 3, 3, 0]])
+    _, err_valid, anomaly, ood_valid, image_valid = _label_masks(labels, pred, spec, 19)
+    assert ood_valid.tolist() == [[True, True, False, True]]
+    assert anomaly.tolist() == [[False, True, False, False]]
+    assert not err_valid[labels == 20].any()
+    assert image_valid.tolist() == [[True, True, False, True]]
+
+
+@pytest.mark.parametrize("track_form", [False, True])
+def test_tracks_list_sorted_pairs(tmp_path, track_form):
+    datasets = tmp_path / "datasets"
+    anomaly = make_anomaly(datasets)
+    obstacle = make_track(datasets, "dataset_ObstacleTrack", OBSTACLE_STEMS, "webp")
+    for name, root, stems in (("RoadAnomaly21", anomaly, sorted(ANOMALY_STEMS)),
+                              ("RoadObstacle21", obstacle, ["validation_1", "validation_2"])):
+        spec = SPECS[name]
+        data = build_dataset(spec, root if track_form else datasets, spec.test_split, (32, 64))
+        assert [p.image.stem for p in data.samples] == stems
+        for pair in data.samples:
+            assert pair.label == root.absolute() / "labels_masks" / f"{pair.image.stem}_labels_semantic.png"
+        image, label = data[1]
+        assert image.shape == (3, 32, 64) and label.shape == (32, 64)
+        assert set(label.unique().tolist()) == {19, 20, 255}
+
+
+@pytest.mark.parametrize("fishy_form", [False, True])
+def test_fishyscapes_pairs_laf_images(tmp_path, fishy_form):
+    datasets = tmp_path / "datasets"
+    fishy, laf = make_fishy(datasets)
+    data = build_dataset(SPECS["FishyscapesLAF"], fishy if fishy_form else datasets, "val", (32, 64))
+    assert [p.label.name for p in data.samples] == [f"{fid}_fishy-labels.png" for fid in sorted(FISHY)]
+    assert [p.image for p in data.samples] == [
+        laf.absolute() / "leftImg8bit/test/01_Hanns_Klemm_Str_45/"
+                         "01_Hanns_Klemm_Str_45_000000_000080_leftImg8bit.png",
+        laf.absolute() / "leftImg8bit/train/04_Maurener_Weg_8/"
+                         "04_Maurener_Weg_8_000000_000030_leftImg8bit.png"]
+    _, label = data[0]
+    assert set(label.unique().tolist()) == {19, 20, 255}
+    (laf / "leftImg8bit/test/01_Hanns_Klemm_Str_45/"
+           "01_Hanns_Klemm_Str_45_000000_000080_leftImg8bit.png").unlink()
+    with pytest.raises(DatasetError, match=r"01_Hanns_Klemm_Str_45_000000_000080_fishy-labels\.png: "
+                                           r"image file not found"):
+        build_dataset(SPECS["FishyscapesLAF"], datasets, "val")
+
+
+def test_cli_test_only_and_refusals(tmp_path):
+    cs = make_cityscapes(tmp_path / "cs")
+    common = ["--size", str(H), str(W), "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1",
+              "--seed", "0", "--segnet_file", str(tmp_path / "segnet.pth"),
+              "--obsnet_file", str(tmp_path / "obs")]
+    out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), *common,
+                  "--tboard", str(tmp_path / "cl"), "--train_segnet")
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), *common,
+                  "--tboard", str(tmp_path / "cl"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    datasets = tmp_path / "datasets"
+    make_anomaly(datasets)
+    run = ["--data", "RoadAnomaly21", "--dset_folder", str(datasets), *common,
+           "--tboard", str(tmp_path / "logs")]
+    out = main_py(*run, "--test_only", "--test_multi", "obsnet,mcp")
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert results["split"] == "validation" and results["n_images"] == 3
+    assert results["segnet"]["miou"] is None  # no class ground truth
+    for name in ("obsnet", "mcp"):
+        entry = results["methods"][name]
+        assert "error" not in entry
+        for block in ("ood", "ood_per_image"):
+            assert all(math.isfinite(v) for v in entry[block].values()), entry
+    # mcp's pooled OOD AUROC, recomputed: positives = anomaly pixels, negatives = the rest but void
+    spec = SPECS["RoadAnomaly21"]
+    segnet, _ = load_networks("segnet", 19, 0.0625, False, tmp_path / "segnet.pth")
+    scores, truth = [], []
+    with torch.no_grad():
+        for image, label in build_dataset(spec, datasets, "validation", (H, W)):
+            probs = torch.softmax(segnet(image[None]).float(), dim=1)[0]
+            keep = label != 255
+            scores.append((1 - probs.amax(0))[keep].numpy())
+            truth.append((label[keep] == 19).numpy())
+    expected = roc_auc_score(np.concatenate(truth), np.concatenate(scores))
+    entry = results["methods"]["mcp"]
+    assert abs(entry["ood"]["auroc"] - expected) <= 1e-4 + entry["auroc_bound"], (entry, expected)
+    for flag in ("--train_segnet", "--epoch"):  # SegNet or observer training: refused
+        args = [*run, flag] if flag == "--train_segnet" else run
+        out = main_py(*args)
+        assert out.returncode == 2, out.stdout + out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--test_only" in lines[0] and "RoadAnomaly21" in lines[0]
+    (datasets / "dataset_AnomalyTrack/labels_masks/validation0001_labels_semantic.png").unlink()
+    out = main_py(*run, "--test_only", "--test_multi", "mcp")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "validation0001_labels_semantic.png" in lines[0], out.stderr
