@@ -4,6 +4,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from obsnet.component_eval import ComponentFrames, wants_components
 from obsnet.data.specs import DatasetSpec
 from obsnet.distributed import in_process_group
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
@@ -45,8 +46,10 @@ def _timed(device, fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device):
-    """Run every method on one batch and feed its meters."""
+def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device,
+                 frames=None):
+    """Run every method on one batch and feed its meters (and ``frames``, a
+    ``ComponentFrames`` or None)."""
     error, err_valid, anomaly, ood_valid, image_valid = masks
     for name in names:
         method = METHODS[name]
@@ -60,6 +63,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         m.ood.update(scores, anomaly, ood_valid)
         if anomaly.any():
             m.ood_image.update(scores, anomaly, image_valid)
+        if frames is not None:
+            frames.add_scores(name, scores)
 
 
 @torch.no_grad()
@@ -69,7 +74,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
     ``ood`` and ``error`` pool the pixels of the whole split, ``ood_per_image`` averages over
-    the images (anomaly-seg's protocol); meters are summed across DDP ranks.
+    the images (anomaly-seg's protocol); meters are summed across DDP ranks. For the
+    SegmentMeIfYouCan / Fishyscapes presets each method also gets ``components`` (sIoU, PPV,
+    mean F1: ``obsnet/component_eval.py``), from frames kept on the CPU (one process only).
     ``ensemble``: extra SegNets for the "ensemble" method.
     """
     segnet.eval()
@@ -78,6 +85,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     meters = {name: _Meters() for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
+    frames = ComponentFrames(names, spec) if wants_components(spec) else None
     for images, labels in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -86,11 +94,16 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             pred = feats[-1].argmax(dim=1)
             confusion.update(pred, labels)
             masks = _label_masks(labels, pred, spec, nclass)
-            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device)
+            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, frames)
+            if frames is not None:
+                frames.add_labels(masks[2], masks[3])
             if preview is None:
                 preview = _preview(batch, names, cfg, labels, pred, masks[0])
         n_images += len(images)
     results = _results(split, confusion, meters, n_images, spec, device)
+    if frames is not None:
+        for name, components in frames.compute().items():
+            results["methods"][name]["components"] = components
     return results, preview, {n: {"ood": m.ood, "error": m.error} for n, m in meters.items()}
 
 

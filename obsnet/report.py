@@ -15,7 +15,10 @@ COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "
            ("ood_per_image", "fpr95", "img FPR95"),
            ("error", "auroc", "Err AUROC"), ("error", "aupr_error", "AUPR-Err"),
            ("error", "aupr_success", "AUPR-Succ"), ("error", "fpr95", "Err FPR95"),
-           ("error", "ace", "ACE"), ("error", "ece", "ECE"))
+           ("error", "ace", "ACE"), ("error", "ece", "ECE"),
+           # SegmentMeIfYouCan's component metrics (obsnet/component_eval.py), benchmarks only
+           ("components", "siou", "sIoU"), ("components", "ppv", "PPV"),
+           ("components", "mean_f1", "mean F1"))
 
 
 class NullWriter:
@@ -31,17 +34,26 @@ def _percent(value) -> str:
     return "nan" if math.isnan(value) else f"{100 * value:.1f}"
 
 
+def columns_of(results: dict) -> tuple:
+    """COLUMNS, without the component metrics' unless some method has them (only the
+    SegmentMeIfYouCan / Fishyscapes presets compute them)."""
+    with_components = any("components" in e for e in results["methods"].values())
+    return tuple(c for c in COLUMNS if c[0] != "components" or with_components)
+
+
 def format_table(results: dict) -> str:
     """One row per method, one column per metric, in percent with one decimal: "OOD" pooled
-    over the split's pixels, "img" anomaly-seg's mean over images, "Err" the error protocol."""
+    over the split's pixels, "img" anomaly-seg's mean over images, "Err" the error protocol,
+    then SegmentMeIfYouCan's component sIoU, PPV and mean F1 where computed."""
     seg = results["segnet"]
     lines = [f"split {results['split']} ({results['n_images']} images): SegNet mIoU "
              f"{_percent(seg['miou'])}, pixel accuracy {_percent(seg['pixel_acc'])}",
              "IoU per class: " + ", ".join(f"{name} {_percent(v)}" for name, v in seg["iou"].items())]
-    header = ["Method", "ms/img"] + [c[2] for c in COLUMNS]
+    columns = columns_of(results)
+    header = ["Method", "ms/img"] + [c[2] for c in columns]
     rows = [header]
     for name, entry in results["methods"].items():
-        cells = [_percent(entry.get(block, {}).get(key)) for block, key, _ in COLUMNS]
+        cells = [_percent(entry.get(block, {}).get(key)) for block, key, _ in columns]
         rows.append([name, f"{entry['ms_per_image']:.1f}"] + cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
@@ -67,11 +79,12 @@ def write_json(path, data: dict, label: str | None = None) -> None:
 
 def write_csv(path, results: dict, label: str | None = None) -> None:
     """One row per method: ms per image and every metric of both protocols (fractions)."""
-    fields = ["method", "ms_per_image"] + [f"{block}_{key}" for block, key, _ in COLUMNS]
+    columns = columns_of(results)
+    fields = ["method", "ms_per_image"] + [f"{block}_{key}" for block, key, _ in columns]
     rows = []
     for name, entry in results["methods"].items():
         row = {"method": name, "ms_per_image": entry["ms_per_image"]}
-        for block, key, _ in COLUMNS:
+        for block, key, _ in columns:
             value = entry.get(block, {}).get(key)
             row[f"{block}_{key}"] = "" if value is None or math.isnan(value) else value
         rows.append(row)
@@ -107,7 +120,7 @@ def log_scalars(writer, results: dict, prefix: str, step: int) -> None:
     writer.add_scalar(f"{prefix}/segnet_miou", results["segnet"]["miou"], step)
     writer.add_scalar(f"{prefix}/segnet_pixel_acc", results["segnet"]["pixel_acc"], step)
     for name, entry in results["methods"].items():
-        for block in ("ood", "ood_per_image", "error"):
+        for block in ("ood", "ood_per_image", "error", "components"):
             for key, value in entry.get(block, {}).items():
                 if value is not None and not math.isnan(value):
                     writer.add_scalar(f"{prefix}/{name}/{block}_{key}", value, step)

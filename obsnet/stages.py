@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from obsnet.attacks import AttackConfig, parse_attack
 from obsnet.cli_common import Interrupted, StopSignal, UsageError, signal_name
+from obsnet.component_eval import wants_components
 from obsnet.data.class_weights import class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.data.synthetic import UNTOUCHED, ensure_synthetic, is_complete
@@ -486,6 +487,9 @@ def load_ensemble(args, device) -> list:
 
 def stage_test(args, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
+    if rt.distributed and wants_components(spec):  # the kept frames are not gathered across ranks
+        raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
+                         f"frame in one process; run it without torchrun (one process)")
     names = parse_methods(args.test_multi)
     loader = loader_for(args, spec, args.test_split, False, rt)
     observer = observer_given(args)

@@ -1,4 +1,5 @@
 """Printed table, results.json, TensorBoard pictures."""
+import copy
 import json
 import math
 
@@ -112,3 +113,16 @@ def test_pr_curves_are_the_meter_counts():
         assert torch.equal(logged.long(), counts[index])
     assert n == 11 and recall[0] == 1 and torch.all(recall[1:] <= recall[:-1])
     assert torch.allclose(precision, tp / (tp + fp).clamp_min(1))
+
+
+def test_component_columns_only_where_computed():
+    """sIoU, PPV and mean F1 appear in the table and the CSV only when some method has
+    SegmentMeIfYouCan's component metrics."""
+    assert "sIoU" not in format_table(RESULTS)
+    with_components = copy.deepcopy(RESULTS)
+    first = next(iter(with_components["methods"].values()))
+    first["components"] = {"siou": 0.25, "ppv": 0.5, "mean_f1": 0.125, "threshold": 0.3}
+    table = format_table(with_components)
+    header = next(line for line in table.splitlines() if line.split()[:1] == ["Method"])
+    assert header.split()[-4:] == ["sIoU", "PPV", "mean", "F1"]
+    assert "25.0" in table and "12.5" in table

@@ -15,6 +15,8 @@ from sklearn.metrics import roc_auc_score
 from torchvision import tv_tensors
 
 from cli import main_py
+from obsnet.component_eval import pixel_curve, split_components
+from obsnet.components import SIZE_LIMITS, ComponentMeter, f1_optimal_threshold
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset
 from obsnet.data.smiyc import decode_benchmark
@@ -29,7 +31,8 @@ SIZES = ((48, 80), (64, 96), (40, 72))
 def _label(h: int, w: int, rng) -> np.ndarray:
     label = np.zeros((h, w), np.uint8)
     label[: h // 4] = 255  # void band
-    label[h // 2: h // 2 + 8, w // 3: w // 3 + 10] = 1  # anomaly
+    # anomaly: large enough (> 300 px at --size 64x128) to pass the component size limits
+    label[h // 2: h // 2 + h // 4, w // 4: w // 4 + w // 3] = 1
     label[-2:, :3] = rng.integers(2, 5)  # another value: void, as the official code
     return label
 
@@ -138,6 +141,48 @@ def test_fishyscapes_pairs_laf_images(tmp_path, fishy_form):
         build_dataset(SPECS["FishyscapesLAF"], datasets, "val")
 
 
+def test_pixel_curve_ties_void_and_no_anomaly():
+    scores = [np.array([[0.5, 0.9], [0.5, 0.1]], np.float32), np.array([[0.9, 7.0]], np.float32)]
+    labels = [np.array([[1, 0], [0, 255]], np.uint8), np.array([[1, 255]], np.uint8)]
+    thresholds, tp, fp, n_pos = pixel_curve(scores, labels)  # void pixels (0.1, 7.0) left out
+    assert thresholds.tolist() == [np.float32(0.9), 0.5] and n_pos == 2
+    assert tp.tolist() == [1, 2] and fp.tolist() == [1, 2]
+    none = split_components(scores, [np.where(lab == 1, 0, lab) for lab in labels], 0, 0)
+    assert all(math.isnan(v) for v in none.values())
+    # pixel F1: 2/4 at 0.9, 4/6 at 0.5; then "> 0.5": frame 0 misses its GT pixel and predicts
+    # a negative one, frame 1 hits its GT pixel (the void 7.0 is not predicted)
+    some = split_components(scores, labels, 0, 0)
+    assert some == {"siou": 0.5, "ppv": 0.5, "mean_f1": 0.5, "threshold": 0.5}
+
+
+def check_components(results, stdout, maps, labels, scores, truth):
+    """Every method has ``components`` (sIoU finite: the anomaly blobs pass the size limits),
+    the table shows them, and mcp's equal ComponentMeter's on the recomputed score maps at the
+    pixel-F1-optimal threshold of cumulative counts computed here."""
+    for name in ("obsnet", "mcp"):
+        comp = results["methods"][name]["components"]
+        assert set(comp) == {"siou", "ppv", "mean_f1", "threshold"}
+        assert math.isfinite(comp["siou"]) and math.isfinite(comp["threshold"]), comp
+        assert all(v is None or math.isfinite(v) for v in comp.values()), comp  # JSON: NaN = null
+    header = next(line for line in stdout.splitlines() if line.lstrip().startswith("Method"))
+    assert header.split()[-4:] == ["sIoU", "PPV", "mean", "F1"], header
+    order = np.argsort(-scores, kind="stable")
+    ranked, positive = scores[order], truth[order]
+    last = np.r_[ranked[1:] != ranked[:-1], True]  # the last pixel of each distinct score
+    tp, fp = np.cumsum(positive)[last], np.cumsum(~positive)[last]
+    threshold = f1_optimal_threshold(ranked[last], tp, fp, int(truth.sum()))
+    meter = ComponentMeter(threshold, *SIZE_LIMITS["RoadAnomaly21"])
+    for score, label in zip(maps, labels):
+        meter.update(score, label)
+    expected = meter.compute()
+    comp = results["methods"]["mcp"]["components"]
+    assert expected["n_gt"] == 3 and comp["threshold"] == threshold, (comp, expected)
+    for key in ("siou", "ppv", "mean_f1"):
+        want = None if math.isnan(expected[key]) else expected[key]
+        assert (comp[key] is None) == (want is None), (key, comp, expected)
+        assert want is None or abs(comp[key] - want) <= 1e-6, (key, comp, expected)
+
+
 def test_cli_test_only_and_refusals(tmp_path):
     cs = make_cityscapes(tmp_path / "cs")
     common = ["--size", str(H), str(W), "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1",
@@ -166,16 +211,20 @@ def test_cli_test_only_and_refusals(tmp_path):
     # mcp's pooled OOD AUROC, recomputed: positives = anomaly pixels, negatives = the rest but void
     spec = SPECS["RoadAnomaly21"]
     segnet, _ = load_networks("segnet", 19, 0.0625, False, tmp_path / "segnet.pth")
-    scores, truth = [], []
+    scores, truth, maps, labels = [], [], [], []
     with torch.no_grad():
         for image, label in build_dataset(spec, datasets, "validation", (H, W)):
             probs = torch.softmax(segnet(image[None]).float(), dim=1)[0]
             keep = label != 255
             scores.append((1 - probs.amax(0))[keep].numpy())
             truth.append((label[keep] == 19).numpy())
+            maps.append((1 - probs.amax(0)).numpy())
+            labels.append(np.where(label == 19, 1, np.where(keep, 0, 255)).astype(np.uint8))
     expected = roc_auc_score(np.concatenate(truth), np.concatenate(scores))
     entry = results["methods"]["mcp"]
     assert abs(entry["ood"]["auroc"] - expected) <= 1e-4 + entry["auroc_bound"], (entry, expected)
+    check_components(results, out.stdout, maps, labels, np.concatenate(scores),
+                     np.concatenate(truth))
     for flag in ("--train_segnet", "--epoch"):  # SegNet or observer training: refused
         args = [*run, flag] if flag == "--train_segnet" else run
         out = main_py(*args)
