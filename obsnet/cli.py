@@ -13,7 +13,9 @@ from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, c
                                parse_checked, run_friendly)
 from obsnet.data.specs import SPECS
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
+from obsnet.score_export import check_export_data
 from obsnet.stages import run_stage
+from obsnet.stats import stats_path
 from obsnet.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
 
 # --help shows what main.py's docstring said (the first two lines of this module's)
@@ -51,27 +53,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
       help="torchvision VGG16 file (or 'imagenet') initialising the SegNet encoder (--train_segnet)")
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
     a("--tboard", default=None, help="TensorBoard / results folder (default logs/<data>)")
-    a("--T", type=int, default=50, help="forward passes of MC dropout")
     a("--seed", type=int, default=-1, help=f"random seed in 0..{MAX_SEED}; -1: not seeded")
     a("--bsize", type=int, default=8, help="batch size")
     a("--lr", type=float, default=2e-2, help="learning rate")
-    a("--Temp", type=float, default=1.2, help="temperature of temperature scaling")
-    a("--sampling_score", default="entropy", choices=SAMPLING_SCORES,
-      help="score of the mean softmax of mc_dropout, gauss, mcda, ensemble: its entropy "
-           "(the original's) or mcp (1 - its max)")
     a("--noise", type=float, default=0.0, help="std of Gaussian noise added to training inputs")
     a("--epsilon", type=float, default=0.1, help="FGSM step size of the attack")
-    a("--gauss_lambda", type=float, default=0.002, help="std of the Gaussian weight perturbation")
-    a("--odin_eps", type=float, default=0.001, help="ODIN input perturbation size")
-    a("--odin_temp", type=float, default=1000.0, help="ODIN temperature")
-    a("--ensemble", default=None, help="comma-separated SegNet checkpoints for --test_multi ensemble")
     a("--epoch", type=int, default=50, help="number of epochs")
     a("--num_workers", type=int, default=0, help="data loading workers")
     a("--num_nodes", type=int, default=1, help="number of nodes")
     a("--adv", default="none", choices=ATTACK_CHOICES, help="local adversarial attack")
     a("--optim", default="SGD", choices=("SGD", "AdamW"), help="optimizer")
-    a("--test_multi", default="obsnet",
-      help="comma-separated methods: " + ",".join(list(METHODS) + list(ALIASES)))
     a("--drop", action="store_true", help="dropout active in the SegNet while training ObsNet")
     a("--no_img", action="store_true", help="ablation: ObsNet does not see the image")
     a("--resume", action="store_true",
@@ -79,13 +70,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
            "<segnet_file stem>.last.pth)")
     a("--overwrite", action="store_true",
       help="training: replace the checkpoints of an earlier run in --obsnet_file (with "
-           "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start")
+           "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start; "
+           "--export_scores: replace the score files of an earlier export")
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")
-    a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
-    a("--test_split", default=None,
-      help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
-           "CamVid); e.g. val_ood, written by python -m obsnet.paste")
+    a("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image size (default: preset)")
+    a("--train_segnet", action="store_true", help="train the SegNet and save it to --segnet_file")
+    a("--channels_last", action="store_true",
+      help="channels-last memory format for models and inputs (faster convolutions on GPU)")
+    a("--amp", nargs="?", const="auto", default=None, choices=("auto", "float16", "bfloat16"),
+      help="mixed precision: --amp alone is the device's default (float16 + GradScaler on GPU, "
+           "bfloat16 on CPU); --amp float16 or --amp bfloat16 on any device")
+    _add_training_flags(a)
+    _add_method_flags(a)
+    _add_evaluation_flags(a)
+    a("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _add_training_flags(a) -> None:
+    """Training's loss, augmentation and observer ablations."""
     a("--class_weights", default="none", choices=("none", "median_freq"),
       help="--train_segnet: cross-entropy class weights; median_freq = SegNet's median-frequency "
            "balancing over the training labels")
@@ -94,16 +98,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
            "preset's fixed crop (0: off)")
     a("--no_residual", action="store_true", help="ablation: ObsNet without the SegNet's maps")
     a("--no_pretrained", action="store_true", help="do not start ObsNet from the SegNet's weights")
-    a("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image size (default: preset)")
-    a("--train_segnet", action="store_true", help="train the SegNet and save it to --segnet_file")
     a("--focal", action="store_true", help="focal loss instead of weighted BCE for ObsNet")
-    a("--channels_last", action="store_true",
-      help="channels-last memory format for models and inputs (faster convolutions on GPU)")
-    a("--amp", nargs="?", const="auto", default=None, choices=("auto", "float16", "bfloat16"),
-      help="mixed precision: --amp alone is the device's default (float16 + GradScaler on GPU, "
-           "bfloat16 on CPU); --amp float16 or --amp bfloat16 on any device")
-    a("--debug", action="store_true", help="show tracebacks")
-    return p
+
+
+def _add_method_flags(a) -> None:
+    """The uncertainty methods' flags (``a``: the parser's add_argument)."""
+    a("--T", type=int, default=50, help="forward passes of MC dropout")
+    a("--Temp", type=float, default=1.2, help="temperature of temperature scaling")
+    a("--sampling_score", default="entropy", choices=SAMPLING_SCORES,
+      help="score of the mean softmax of mc_dropout, gauss, mcda, ensemble: its entropy "
+           "(the original's) or mcp (1 - its max)")
+    a("--gauss_lambda", type=float, default=0.002, help="std of the Gaussian weight perturbation")
+    a("--odin_eps", type=float, default=0.001, help="ODIN input perturbation size")
+    a("--odin_temp", type=float, default=1000.0, help="ODIN temperature")
+    a("--ensemble", default=None, help="comma-separated SegNet checkpoints for --test_multi ensemble")
+    a("--test_multi", default="obsnet",
+      help="comma-separated methods: " + ",".join(list(METHODS) + list(ALIASES)))
+
+
+def _add_evaluation_flags(a) -> None:
+    """What --test_only (and --fit_stats) evaluate and write."""
+    a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
+    a("--fit_stats", action="store_true",
+      help="fit the training-split statistics of sml and mahalanobis for the frozen "
+           "--segnet_file; written to <segnet_file stem>.stats.pth (--overwrite replaces it)")
+    a("--test_split", default=None,
+      help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
+           "CamVid); e.g. val_ood, written by python -m obsnet.paste")
+    a("--export_scores", default=None, metavar="DIR",
+      help="--test_only on RoadAnomaly21 / RoadObstacle21 / FishyscapesLAF: also write each "
+           "method's score maps as DIR/anomaly_p/<method>/<dset>/<frame>.hdf5 for the official "
+           "SegmentMeIfYouCan evaluator (needs h5py; existing files only with --overwrite)")
 
 
 def check_args(args, spec) -> None:
@@ -151,9 +176,23 @@ def resolve_args(args):
         raise UsageError(str(exc)) from None
     if "ensemble" in names and not args.ensemble:
         raise UsageError("--test_multi ensemble needs --ensemble FILE,FILE,... (SegNet checkpoints)")
+    if args.export_scores is not None:
+        check_export_data(spec.name)
     if "void" in names and spec.void_logit is None:
         raise UsageError(f"--test_multi void: {spec.name} has no void class")
+    check_fit_stats(args, names)
     return spec
+
+
+def check_fit_stats(args, names) -> None:
+    """--fit_stats is a stage of its own; sml / mahalanobis need its file (UsageError)."""
+    if args.fit_stats and (args.test_only or args.train_segnet or args.resume):
+        raise UsageError("--fit_stats is a stage of its own: leave out --test_only, "
+                         "--train_segnet and --resume")
+    fitted = [n for n in names if n in ("sml", "mahalanobis")]
+    if args.test_only and fitted and not stats_path(args.segnet_file).is_file():
+        raise UsageError(f"--test_multi {fitted[0]}: {stats_path(args.segnet_file)} not found; "
+                         f"run main.py --fit_stats with this --segnet_file first")
 
 
 def run(argv, prog: str = "main.py") -> int:

@@ -69,7 +69,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
 
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
-             nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=()):
+             nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=(),
+             on_frames=None):
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
@@ -77,7 +78,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     the images (anomaly-seg's protocol); meters are summed across DDP ranks. For the
     SegmentMeIfYouCan / Fishyscapes presets each method also gets ``components`` (sIoU, PPV,
     mean F1: ``obsnet/component_eval.py``), from frames kept on the CPU (one process only).
-    ``ensemble``: extra SegNets for the "ensemble" method.
+    ``ensemble``: extra SegNets for the "ensemble" method. ``on_frames``: called with the kept
+    ``ComponentFrames`` (loader order) at the end, when there are some (``--export_scores``).
     """
     segnet.eval()
     if obsnet is not None:
@@ -104,6 +106,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     if frames is not None:
         for name, components in frames.compute().items():
             results["methods"][name]["components"] = components
+        if on_frames is not None:
+            on_frames(frames)
     return results, preview, {n: {"ood": m.ood, "error": m.error} for n, m in meters.items()}
 
 

@@ -12,7 +12,7 @@ one slot of the batch; the random draws of a pass (weight noise, augmentation) a
 the whole batch, so a batch scores like its images one by one under the same seed.
 """
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -47,6 +47,8 @@ class MethodConfig:
     mean: tuple = (0.485, 0.456, 0.406)  # normalisation of the inputs (spec.mean/std), for mcda
     std: tuple = (0.229, 0.224, 0.225)
     progress: bool = False  # tqdm over passes
+    # sml / mahalanobis: the SegNet's training statistics (obsnet.stats.ClassStats, --fit_stats)
+    class_stats: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,55 @@ def void_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
         raise ValueError(f"method 'void': class {cfg.void_class} is not one of the "
                          f"{logits.shape[1]} predicted classes")
     return logits[:, cfg.void_class].float()
+
+
+# --------------------------------------------------------------------------- fitted statistics
+
+def _class_stats(cfg: MethodConfig, name: str, nclass: int):
+    """``cfg.class_stats``, checked against the logits' class count."""
+    stats = cfg.class_stats
+    if stats is None:
+        raise ValueError(f"method '{name}' needs the SegNet's training statistics: run "
+                         f"main.py --fit_stats with this --segnet_file first")
+    if stats.nclass != nclass:
+        raise ValueError(f"method '{name}': statistics fitted for {stats.nclass} classes, the "
+                         f"SegNet predicts {nclass}")
+    return stats
+
+
+def sml_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """Standardized max logit (Jung et al. 2021), negated: -(max logit - mu[c]) / sigma[c],
+    c the predicted class, mu / sigma fitted over the training pixels predicted as c."""
+    logits = _logits(batch).float()
+    stats = _class_stats(cfg, "sml", logits.shape[1])
+    top, pred = logits.max(dim=1)
+    mu = stats.logit_mean.to(logits.device, torch.float32)
+    sigma = stats.logit_std.to(logits.device, torch.float32)
+    return -(top - mu[pred]) / sigma[pred]
+
+
+def mahalanobis_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """Min over classes of the squared Mahalanobis distance of each pixel's penultimate
+    feature (resized to the logits' size) to the class means, tied covariance (Lee et al.
+    2018). Computed as ||L^T (x - mu_c)||² with P = L L^T the fitted precision."""
+    from obsnet.stats import penultimate
+
+    logits = _logits(batch)
+    stats = _class_stats(cfg, "mahalanobis", logits.shape[1])
+    x = penultimate(batch.feats, logits.shape[-2:])
+    if x.shape[1] != stats.feat_dim:
+        raise ValueError(f"method 'mahalanobis': statistics fitted on {stats.feat_dim}-channel "
+                         f"features, the SegNet's penultimate map has {x.shape[1]}")
+    chol = torch.linalg.cholesky(stats.precision)  # float64, D×D
+    means = stats.feat_mean[stats.feat_present] @ chol  # rows: L^T mu_c
+    chol, means = chol.to(x.device, torch.float32), means.to(x.device, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):  # float32 even under --amp
+        z = torch.einsum("bdhw,de->behw", x, chol)
+        best = None
+        for m in means:
+            d = (z - m.view(1, -1, 1, 1)).square().sum(dim=1)
+            best = d if best is None else torch.minimum(best, d)
+    return best
 
 
 # --------------------------------------------------------------------------- ODIN
@@ -320,6 +371,10 @@ METHODS: dict[str, Method] = {
                    uses_shared_forward=False),
     "ensemble": Method(ensemble_score, _sampling_prob, "entropy (or 1 - max) of the mean "
                        "softmax of the SegNet and the --ensemble members", needs_ensemble=True),
+    "sml": Method(sml_score, None, "minus the standardized max logit (per predicted class, "
+                  "fitted by --fit_stats)"),
+    "mahalanobis": Method(mahalanobis_score, None, "min squared Mahalanobis distance of the "
+                          "penultimate features to the class means (tied covariance, --fit_stats)"),
 }
 ALIASES = {"mc_drop": "mc_dropout"}
 

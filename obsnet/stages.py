@@ -28,8 +28,10 @@ from obsnet.models.checkpoint import CheckpointError, first_nonfinite, load_weig
 from obsnet.models.registry import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet,
                                     load_networks, merge_observer_flags, observer_record)
 from obsnet.outputs import Output, OutputLock
+from obsnet.stats import fit_class_stats, load_stats, save_stats, stats_path
 from obsnet.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
                            write_json)
+from obsnet.score_export import check_export_targets, export_scores
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                           train_segnet_epoch)
 from obsnet.utils import rng_state, set_rng_state
@@ -467,7 +469,35 @@ def method_config(args, spec, observer: dict) -> MethodConfig:
                         odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
                         void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
                         std=spec.std, progress=True, no_residual=observer["no_residual"],
-                        no_img=observer["no_img"])
+                        no_img=observer["no_img"], class_stats=class_stats_for(args))
+
+
+FITTED_METHODS = ("sml", "mahalanobis")  # read <segnet stem>.stats.pth (--fit_stats)
+
+
+def class_stats_for(args):
+    """The --fit_stats statistics of --segnet_file when --test_multi asks for them, else None."""
+    asked = getattr(args, "test_multi", None)
+    wanted = [n for n in parse_methods(asked) if n in FITTED_METHODS] if asked else []
+    if not wanted:
+        return None
+    return load_stats(stats_path(args.segnet_file), args.nclass, wanted[0])
+
+
+def stage_fit_stats(args, spec, rt, writer) -> None:
+    """--fit_stats: one pass of the frozen --segnet_file over the training split; writes the
+    statistics of sml and mahalanobis to ``<segnet stem>.stats.pth``."""
+    if rt.distributed:
+        raise UsageError("--fit_stats runs in one process: run it without torchrun")
+    loader = loader_for(args, spec, spec.train_split, False, rt)
+    segnet = load_networks(args.model, args.nclass, args.width_mult, False, args.segnet_file,
+                           device=rt.device, layers=args.observe_layers)[0]
+    stats = fit_class_stats(segnet, loader, args.nclass, rt.device, spec.ignore_id,
+                            progress=rt.is_main)
+    path = stats_path(args.segnet_file)
+    save_stats(stats, path)
+    log(rt, f"statistics of {int(stats.label_counts.sum())} labelled training pixels "
+            f"({stats.nclass} classes, {stats.feat_dim}-channel features) written to {path}")
 
 
 def refuse_missing_dropout(segnet, model: str, needs: list[str]) -> None:
@@ -492,6 +522,9 @@ def stage_test(args, spec, rt, writer) -> None:
                          f"frame in one process; run it without torchrun (one process)")
     names = parse_methods(args.test_multi)
     loader = loader_for(args, spec, args.test_split, False, rt)
+    export_dir = getattr(args, "export_scores", None)
+    if export_dir is not None:  # refused before any work: files of an earlier export
+        check_export_targets(export_dir, spec.name, names, loader.dataset.samples, args.overwrite)
     observer = observer_given(args)
     if "obsnet" in names:
         observer = merge_observer_flags(observer, args.obsnet_file)
@@ -503,10 +536,11 @@ def stage_test(args, spec, rt, writer) -> None:
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
+    kept = []  # the ComponentFrames of the pass, for --export_scores
     results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,
                                         method_config(args, spec, observer), args.nclass, args.test_split,
                                         amp=args.amp, progress=rt.is_main,
-                                        ensemble=load_ensemble(args, rt.device))
+                                        ensemble=load_ensemble(args, rt.device), on_frames=kept.append)
     log(rt, format_table(results))  # first: a file that cannot be written must not hide it
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
@@ -515,6 +549,10 @@ def stage_test(args, spec, rt, writer) -> None:
         write_json(Path(args.tboard) / "results.json", results, "--tboard")
         write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
     log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
+    if export_dir is not None and kept and rt.is_main:
+        files = export_scores(export_dir, spec.name, kept[0], loader.dataset.samples)
+        log(rt, f"--export_scores: {len(files)} file(s) written under "
+                f"{Path(export_dir) / 'anomaly_p'}")
 
 
 @dataclass(frozen=True)
@@ -543,6 +581,8 @@ def log(rt: Runtime, message: str) -> None:
 def stage_outputs(args) -> list[Output]:
     """The locations the stage of ``args`` writes: probed and locked before it starts."""
     outputs = [Output("--tboard", Path(args.tboard), folder=True)]
+    if getattr(args, "fit_stats", False):
+        return [Output("--fit_stats", stats_path(args.segnet_file), folder=False), *outputs]
     if args.test_only:
         return outputs
     if args.train_segnet:
@@ -566,6 +606,11 @@ def earlier_checkpoints(args) -> tuple[str, Path, Path, list[Path]]:
 def check_earlier_run(args) -> None:
     """UsageError, before any work, when a training run would replace the checkpoints of an
     earlier run without --resume or --overwrite, or --resume has nothing to continue."""
+    if getattr(args, "fit_stats", False):
+        path = stats_path(args.segnet_file)
+        if path.is_file() and not args.overwrite:
+            raise UsageError(f"--fit_stats: {path} already exists; add --overwrite to replace it")
+        return
     if args.test_only:
         return
     flag, where, last, existing = earlier_checkpoints(args)
@@ -624,6 +669,8 @@ def run_stage(args, spec) -> None:
         raise UsageError(f"--num_nodes {args.num_nodes}: launch with torchrun --nnodes "
                          f"{args.num_nodes} (this run has {info.world_size} process(es))")
     stage = stage_test if args.test_only else stage_train_segnet if args.train_segnet else stage_train_obsnet
+    if getattr(args, "fit_stats", False):
+        stage = stage_fit_stats
     try:
         lock = start_run(args, rt)
         try:

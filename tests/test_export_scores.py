@@ -1,0 +1,116 @@
+"""--export_scores: score maps in the SegmentMeIfYouCan evaluator's layout (HDF5 ``value``)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from cli import main_py
+from obsnet.score_export import (IDENTITY, LOG1P, apply_mapping, choose_mapping, frame_target,
+                                 resize_map, write_score_map)
+from test_cityscapes import H, W, make_cityscapes
+from test_smiyc import ANOMALY_STEMS, make_anomaly
+
+h5py = pytest.importorskip("h5py")
+
+
+def read_value(path: Path):
+    with h5py.File(path, "r") as f:
+        value = f["value"]
+        return value[:], value.compression, value.attrs["mapping"]
+
+
+def test_writer_round_trip_is_the_float16_map(tmp_path):
+    rng = np.random.default_rng(0)
+    score = rng.normal(0, 100, (37, 53)).astype(np.float32)
+    path = tmp_path / "anomaly_p" / "m" / "AnomalyTrack-all" / "validation0001.hdf5"
+    write_score_map(path, score)
+    value, compression, mapping = read_value(path)
+    assert value.dtype == np.float16 and value.shape == (37, 53)
+    assert compression == "gzip" and mapping == IDENTITY
+    np.testing.assert_array_equal(value, score.astype(np.float16))
+    assert [p.name for p in path.parent.iterdir()] == ["validation0001.hdf5"]  # no temporary left
+
+
+def test_mapping_beyond_float16_keeps_the_ranking():
+    rng = np.random.default_rng(1)
+    magnitudes = np.geomspace(1e-2, 1e6, 200)
+    score = (rng.permutation(np.concatenate([magnitudes, -magnitudes]))).astype(np.float32)
+    assert choose_mapping([score[:10], score]) == LOG1P
+    assert choose_mapping([np.array([1.0, -6e4, np.inf], np.float32)]) == IDENTITY
+    mapped = apply_mapping(score, LOG1P)
+    assert np.isfinite(mapped).all()
+    np.testing.assert_array_equal(np.argsort(mapped, kind="stable"), np.argsort(score, kind="stable"))
+    # and never reverses two scores, even when float16 ties them
+    dense = np.sort(rng.uniform(-1e6, 1e6, 10_000).astype(np.float32))
+    assert (np.diff(apply_mapping(dense, LOG1P).astype(np.float64)) >= 0).all()
+
+
+def test_frame_targets_and_resize():
+    assert frame_target("RoadAnomaly21", Path("x/images/validation0001.jpg")) == \
+        ("AnomalyTrack-all", "validation0001")
+    assert frame_target("RoadObstacle21", Path("x/images/validation_2.webp")) == \
+        ("ObstacleTrack-all", "validation_2")
+    laf = Path("laf/leftImg8bit/test/04_Maurener_Weg_8/04_Maurener_Weg_8_000000_000030_leftImg8bit.png")
+    assert frame_target("FishyscapesLAF", laf) == ("LostAndFound-test", "04_Maurener_Weg_8_000000_000030")
+    assert resize_map(np.ones((4, 6), np.float32), (9, 5)).shape == (9, 5)
+
+
+def test_export_refused_for_other_data(tmp_path):
+    out = main_py("--data", "Synthetic", "--dset_folder", str(tmp_path / "syn"), "--test_only",
+                  "--export_scores", str(tmp_path / "export"), "--tboard", str(tmp_path / "logs"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--export_scores" in lines[0] and "Synthetic" in lines[0], out.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def test_cli_export_layout_round_trip_and_refusal(tmp_path):
+    cs = make_cityscapes(tmp_path / "cs")
+    common = ["--size", str(H), str(W), "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1",
+              "--seed", "0", "--segnet_file", str(tmp_path / "segnet.pth"),
+              "--obsnet_file", str(tmp_path / "obs")]
+    for extra in (["--train_segnet"], []):
+        out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), *common,
+                      "--tboard", str(tmp_path / "cl"), *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+    datasets = tmp_path / "datasets"
+    track = make_anomaly(datasets)
+    export = tmp_path / "export"
+    run = ["--data", "RoadAnomaly21", "--dset_folder", str(datasets), *common,
+           "--tboard", str(tmp_path / "logs"), "--test_only", "--test_multi", "obsnet,mcp",
+           "--export_scores", str(export)]
+    out = main_py(*run)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    for method in ("obsnet", "mcp"):
+        folder = export / "anomaly_p" / method / "AnomalyTrack-all"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [f"{s}.hdf5" for s in ANOMALY_STEMS] + ["mapping.txt"])
+        assert folder.joinpath("mapping.txt").read_text().split("\n")[0] == IDENTITY
+        scores, truth = [], []
+        for stem in ANOMALY_STEMS:
+            value, compression, mapping = read_value(folder / f"{stem}.hdf5")
+            label = np.asarray(Image.open(track / "labels_masks" / f"{stem}_labels_semantic.png"))
+            assert label.shape != (H, W)  # written at the frame's size, not at --size
+            assert value.dtype == np.float16 and value.shape == label.shape
+            assert compression == "gzip" and mapping == IDENTITY
+            keep = (label == 0) | (label == 1)
+            scores.append(value[keep].astype(np.float64))
+            truth.append(label[keep] == 1)
+        auroc = roc_auc_score(np.concatenate(truth), np.concatenate(scores))
+        # results.json is computed at --size, the files at the label size: close, not equal
+        print(f"{method}: AUROC of the files {auroc:.4f}, results.json "
+              f"{results['methods'][method]['ood']['auroc']:.4f}")
+        assert abs(auroc - results["methods"][method]["ood"]["auroc"]) <= 0.02, (method, auroc)
+    before = (export / "anomaly_p" / "mcp" / "AnomalyTrack-all" / "validation0000.hdf5").stat()
+    out = main_py(*run)  # the same DIR again, without --overwrite: refused before any work
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--overwrite" in lines[0] and str(export) in lines[0], out.stderr
+    after = (export / "anomaly_p" / "mcp" / "AnomalyTrack-all" / "validation0000.hdf5").stat()
+    assert after.st_mtime_ns == before.st_mtime_ns
+    out = main_py(*run, "--overwrite")
+    assert out.returncode == 0, out.stdout + out.stderr
