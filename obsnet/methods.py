@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from obsnet.stats import penultimate
+
 
 @dataclass
 class EvalBatch:
@@ -203,15 +205,13 @@ def mahalanobis_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     """Min over classes of the squared Mahalanobis distance of each pixel's penultimate
     feature (resized to the logits' size) to the class means, tied covariance (Lee et al.
     2018). Computed as ||L^T (x - mu_c)||² with P = L L^T the fitted precision."""
-    from obsnet.stats import penultimate
-
     logits = _logits(batch)
     stats = _class_stats(cfg, "mahalanobis", logits.shape[1])
     x = penultimate(batch.feats, logits.shape[-2:])
     if x.shape[1] != stats.feat_dim:
         raise ValueError(f"method 'mahalanobis': statistics fitted on {stats.feat_dim}-channel "
                          f"features, the SegNet's penultimate map has {x.shape[1]}")
-    chol = torch.linalg.cholesky(stats.precision)  # float64, D×D
+    chol = stats.whitening  # float64, D×D
     means = stats.feat_mean[stats.feat_present] @ chol  # rows: L^T mu_c
     chol, means = chol.to(x.device, torch.float32), means.to(x.device, torch.float32)
     with torch.autocast(x.device.type, enabled=False):  # float32 even under --amp

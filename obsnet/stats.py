@@ -12,6 +12,7 @@ no pixel is kept.
 """
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -40,9 +41,16 @@ class ClassStats:
     predicted_counts: torch.Tensor  # C int64
     label_counts: torch.Tensor  # C int64
 
+    @cached_property
+    def whitening(self) -> torch.Tensor:
+        """L with ``precision`` = L Lᵀ (Cholesky, float64): ||Lᵀ(x - mu)||² is the squared
+        Mahalanobis distance. Computed once per loaded file, not per batch."""
+        return torch.linalg.cholesky(self.precision)
+
     def state(self) -> dict:
         """A dict of tensors and ints (loadable with ``weights_only=True``)."""
-        return {"kind": "obsnet-class-stats", **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+        return {"kind": "obsnet-class-stats",
+                **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
     @classmethod
     def from_state(cls, state, where: str) -> "ClassStats":
@@ -72,33 +80,35 @@ class _Accumulator:
 
     def __init__(self, nclass: int):
         self.nclass = nclass
-        f64 = dict(dtype=torch.float64)
-        self.n_pred = torch.zeros(nclass, **f64)
-        self.s_pred = torch.zeros(nclass, **f64)
-        self.ss_pred = torch.zeros(nclass, **f64)
-        self.n_label = torch.zeros(nclass, **f64)
+        # every sum stays on the SegNet's device (no per-batch copy to the host); made at the
+        # first batch, when the device and the feature dimension are known
+        self.n_pred = self.s_pred = self.ss_pred = self.n_label = None  # C
         self.s_feat = None  # C×D
         self.outer = None  # D×D
 
+    def _start(self, device, d: int) -> None:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        c = self.nclass
+        self.n_pred, self.s_pred, self.ss_pred, self.n_label = (zeros(c) for _ in range(4))
+        self.s_feat, self.outer = zeros(c, d), zeros(d, d)
+
     def add(self, logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
             ignore_id) -> None:
-        c = self.nclass
+        c, d = self.nclass, feats.shape[1]
+        if self.s_feat is None:
+            self._start(feats.device, d)
         top, pred = logits.float().max(dim=1)
-        top, pred = top.reshape(-1).double().cpu(), pred.reshape(-1).cpu()
+        top, pred = top.reshape(-1).double(), pred.reshape(-1)
         self.n_pred += torch.bincount(pred, minlength=c)[:c].double()
         self.s_pred += torch.bincount(pred, weights=top, minlength=c)[:c]
         self.ss_pred += torch.bincount(pred, weights=top * top, minlength=c)[:c]
-        labels = labels.reshape(-1)
+        labels = labels.reshape(-1).to(feats.device)
         valid = (labels >= 0) & (labels < c)
         if ignore_id is not None:
             valid &= labels != ignore_id
-        d = feats.shape[1]
-        x = feats.permute(0, 2, 3, 1).reshape(-1, d)[valid.to(feats.device)]
-        y = labels[valid].long().to(x.device)
-        if self.s_feat is None:
-            self.s_feat = torch.zeros(c, d, dtype=torch.float64, device=x.device)
-            self.outer = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        self.n_label += torch.bincount(y, minlength=c)[:c].double().cpu()
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d)[valid]
+        y = labels[valid].long()
+        self.n_label += torch.bincount(y, minlength=c)[:c].double()
         for start in range(0, len(x), CHUNK):
             xc = x[start:start + CHUNK].double()
             self.s_feat.index_add_(0, y[start:start + CHUNK], xc)
@@ -108,7 +118,9 @@ class _Accumulator:
         c = self.nclass
         if self.s_feat is None or self.n_label.sum() == 0:
             raise ValueError("--fit_stats: no labelled training pixel (every label ignored)")
-        s_feat, outer = self.s_feat.cpu(), self.outer.cpu()
+        for name in ("n_pred", "s_pred", "ss_pred", "n_label", "s_feat", "outer"):
+            setattr(self, name, getattr(self, name).cpu())
+        s_feat, outer = self.s_feat, self.outer
         seen = self.n_pred > 0
         mean = torch.where(seen, self.s_pred / self.n_pred.clamp_min(1), torch.zeros(c, dtype=torch.float64))
         var = (self.ss_pred / self.n_pred.clamp_min(1) - mean ** 2).clamp_min(0)
