@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from obsnet.errors import UsageError
+from obsnet.models.blocks import resize
 from obsnet.outputs import atomic_write
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -101,10 +101,8 @@ def apply_mapping(score: np.ndarray, mapping: str) -> np.ndarray:
 
 def resize_map(score: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A 2-D float32 map resized to ``size`` (H, W) with bilinear interpolation."""
-    if tuple(score.shape) == tuple(size):
-        return np.asarray(score, np.float32)
     t = torch.from_numpy(np.ascontiguousarray(score, np.float32))[None, None]
-    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return resize(t, size)[0, 0].numpy()
 
 
 def write_score_map(path, score: np.ndarray, mapping: str = IDENTITY) -> None:
