@@ -10,12 +10,13 @@ from pathlib import Path
 
 from obsnet.attacks import ATTACK_CHOICES
 from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
-                               parse_checked, run_friendly)
+                               explicit_flags, parse_checked, run_friendly)
 from obsnet.data.specs import SPECS
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
+from obsnet.preset import adopt_segmenter_preset
 from obsnet.score_export import check_export_data
 from obsnet.stages import run_stage
-from obsnet.stats import stats_path
+from obsnet.stats import FITTED_METHODS, stats_path
 from obsnet.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
 
 # --help shows what main.py's docstring said (the first two lines of this module's)
@@ -120,7 +121,7 @@ def _add_evaluation_flags(a) -> None:
     """What --test_only (and --fit_stats) evaluate and write."""
     a("--test_only", action="store_true", help="evaluate the methods of --test_multi")
     a("--fit_stats", action="store_true",
-      help="fit the training-split statistics of sml and mahalanobis for the frozen "
+      help="fit the training-split statistics of sml, sml_post and mahalanobis for the frozen "
            "--segnet_file; written to <segnet_file stem>.stats.pth (--overwrite replaces it)")
     a("--test_split", default=None,
       help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
@@ -153,18 +154,22 @@ def check_args(args, spec) -> None:
         raise UsageError("--num_workers must be >= 0")
 
 
-def resolve_args(args):
-    """Fill per-dataset defaults in place; returns the dataset spec."""
+def resolve_args(args, explicit=frozenset()):
+    """Fill per-dataset defaults in place; returns the dataset spec. ``explicit``: the flags
+    the command line gave (an evaluation-only benchmark adopts the rest from the segmenter's
+    recorded preset: ``obsnet/preset.py``)."""
     spec = SPECS[args.data]
     if spec.test_only and not args.test_only:
         raise UsageError(f"--data {args.data} is an evaluation-only benchmark (no training "
                          f"split): use it with --test_only")
-    check_args(args, spec)
     tag = args.data.lower()
+    args.segnet_file = args.segnet_file or f"ckpt/{tag}/segnet.pth"
+    if spec.test_only:
+        spec = adopt_segmenter_preset(args, spec, explicit)
+    check_args(args, spec)
     args.dset_folder = args.dset_folder or (f"data/{args.data}" if args.data == "Synthetic" else None)
     if args.dset_folder is None:
         raise UsageError(f"--dset_folder is required for --data {args.data}")
-    args.segnet_file = args.segnet_file or f"ckpt/{tag}/segnet.pth"
     args.obsnet_file = args.obsnet_file or f"ckpt/{tag}/"
     args.tboard = args.tboard or f"logs/{tag}"
     args.nclass = spec.nclass if args.nclass is None else args.nclass
@@ -189,7 +194,7 @@ def check_fit_stats(args, names) -> None:
     if args.fit_stats and (args.test_only or args.train_segnet or args.resume):
         raise UsageError("--fit_stats is a stage of its own: leave out --test_only, "
                          "--train_segnet and --resume")
-    fitted = [n for n in names if n in ("sml", "mahalanobis")]
+    fitted = [n for n in names if n in FITTED_METHODS]
     if args.test_only and fitted and not stats_path(args.segnet_file).is_file():
         raise UsageError(f"--test_multi {fitted[0]}: {stats_path(args.segnet_file)} not found; "
                          f"run main.py --fit_stats with this --segnet_file first")
@@ -197,8 +202,9 @@ def check_fit_stats(args, names) -> None:
 
 def run(argv, prog: str = "main.py") -> int:
     """Parse, resolve and run one stage; returns the process exit code."""
-    args = parse_checked(build_parser(prog), argv)
-    spec = resolve_args(args)
+    parser = build_parser(prog)
+    args = parse_checked(parser, argv)
+    spec = resolve_args(args, explicit_flags(parser, argv))
     rank = int(os.environ.get("RANK", "0"))
     seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1)
     if args.seed >= 0 and args.model == "segnet" and rank == 0:

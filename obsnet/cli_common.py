@@ -56,6 +56,19 @@ def parse_checked(parser, argv):
     return args
 
 
+def explicit_flags(parser, argv) -> frozenset[str]:
+    """The destinations of the flags ``argv`` gives explicitly (parsed again with every
+    default suppressed); ``argv`` must already parse."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return frozenset(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for action, default in saved:
+            action.default = default
+
+
 def check_nclass_and_size(args, spec) -> None:
     """--nclass (None: the dataset's) and --size (None: the preset's) as main.py and
     inference.py both take them."""

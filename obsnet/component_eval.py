@@ -3,10 +3,11 @@
 Only the evaluation presets listed in ``SIZE_LIMITS`` that are ``test_only`` (RoadAnomaly21,
 RoadObstacle21, FishyscapesLAF) get them. The pixel threshold is the pixel-F1-optimal one over
 the whole split, so the scores are needed twice: once to fit the threshold, once to count the
-components at it. These benchmark splits are small (10-100 frames), so each frame's score map
+components at it. These benchmark splits are small (10-400 frames), so each frame's score map
 (float32, as the OOD meter ranks them: float16 would move pixels across the threshold) and its
-0 / 1 / 255 label (uint8) are simply kept on the CPU during the pass; that is 5 bytes per pixel
-and method, e.g. 250 MB per method for 100 frames at 512x1024. The other presets keep nothing.
+0 / 1 / 255 label (uint8) are simply kept on the CPU during the pass, both at the label file's
+resolution (``obsnet.data.native``); that is about 4 bytes per pixel and method, e.g. 830 MB
+per method for 100 frames at 1024x2048. The other presets keep nothing.
 
 The threshold is taken from exact cumulative counts over the kept maps' distinct scores (not
 from the OOD meter's bins: a coarse bin has no single score to use as a threshold), then
@@ -53,6 +54,14 @@ def split_components(scores, labels, min_pred: int, min_gt: int) -> dict:
     return {k: out[k] for k in KEYS}
 
 
+def benchmark_labels(anomaly: torch.Tensor, ood_valid: torch.Tensor) -> torch.Tensor:
+    """B×H×W uint8: 1 anomaly, 0 OOD negative, 255 void (the benchmarks' label values)."""
+    label = torch.full(anomaly.shape, VOID, dtype=torch.uint8, device=anomaly.device)
+    label[ood_valid] = 0
+    label[anomaly & ood_valid] = 1
+    return label
+
+
 class ComponentFrames:
     """The frames of one evaluation pass, kept on the CPU for the component metrics: a score
     map per method (float32) and the label (uint8: 1 anomaly, 0 OOD negative, 255 void)."""
@@ -62,16 +71,13 @@ class ComponentFrames:
         self.scores = {name: [] for name in names}
         self.labels = []
 
-    def add_labels(self, anomaly: torch.Tensor, ood_valid: torch.Tensor) -> None:
-        """Labels of one batch (B×H×W bool masks of ``evaluate._label_masks``)."""
-        label = torch.full(anomaly.shape, VOID, dtype=torch.uint8, device=anomaly.device)
-        label[ood_valid] = 0
-        label[anomaly & ood_valid] = 1
-        self.labels.extend(label.cpu().numpy())
+    def add_labels(self, labels) -> None:
+        """Labels of one batch: 2-D uint8 arrays (1 anomaly, 0 OOD negative, 255 void)."""
+        self.labels.extend(labels)
 
-    def add_scores(self, name: str, scores: torch.Tensor) -> None:
-        """Score maps of one batch (B×H×W) for method ``name``."""
-        self.scores[name].extend(scores.detach().float().cpu().numpy())
+    def add_scores(self, name: str, maps) -> None:
+        """Score maps of one batch for method ``name``: 2-D float32 arrays."""
+        self.scores[name].extend(np.asarray(m, np.float32) for m in maps)
 
     def compute(self) -> dict:
         """Method name -> ``split_components`` of its kept frames."""

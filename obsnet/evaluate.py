@@ -4,7 +4,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from obsnet.component_eval import ComponentFrames, wants_components
+from obsnet.component_eval import ComponentFrames, benchmark_labels, wants_components
+from obsnet.data.native import LabelGrid
 from obsnet.data.specs import DatasetSpec
 from obsnet.distributed import in_process_group
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
@@ -47,15 +48,16 @@ def _timed(device, fn, *args, **kwargs):
 
 
 def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device,
-                 frames=None):
-    """Run every method on one batch and feed its meters (and ``frames``, a
-    ``ComponentFrames`` or None)."""
+                 grid: LabelGrid, frames=None):
+    """Run every method on one batch, bring its scores to the labels' resolution (``grid``)
+    and feed its meters (and ``frames``, a ``ComponentFrames`` or None)."""
     error, err_valid, anomaly, ood_valid, image_valid = masks
     for name in names:
         method = METHODS[name]
         scores, seconds = _timed(device, method.fn, batch, cfg)
         if torch.isnan(scores).any():
             raise FloatingPointError(f"method '{name}' produced NaN scores")
+        scores = grid.scores(scores)
         m = meters[name]
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
         probs = None if method.to_prob is None else method.to_prob(scores, cfg)
@@ -64,7 +66,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         if anomaly.any():
             m.ood_image.update(scores, anomaly, image_valid)
         if frames is not None:
-            frames.add_scores(name, scores)
+            frames.add_scores(name, grid.frames(scores))
 
 
 @torch.no_grad()
@@ -77,7 +79,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     ``ood`` and ``error`` pool the pixels of the whole split, ``ood_per_image`` averages over
     the images (anomaly-seg's protocol); meters are summed across DDP ranks. For the
     SegmentMeIfYouCan / Fishyscapes presets each method also gets ``components`` (sIoU, PPV,
-    mean F1: ``obsnet/component_eval.py``), from frames kept on the CPU (one process only).
+    mean F1: ``obsnet/component_eval.py``), from frames kept on the CPU (one process only);
+    their loaders give labels at each file's resolution, and every map computed at the
+    images' size is resized to it (``obsnet.data.native``).
     ``ensemble``: extra SegNets for the "ensemble" method. ``on_frames``: called with the kept
     ``ComponentFrames`` (loader order) at the end, when there are some (``--export_scores``).
     """
@@ -88,19 +92,21 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
     frames = ComponentFrames(names, spec) if wants_components(spec) else None
-    for images, labels in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
+    for loaded in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
+        images, labels, grid = LabelGrid.of_batch(loaded)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             feats, forward_seconds = _timed(device, segnet, images, return_feat=True)
             batch = EvalBatch(images, segnet, obsnet, feats, tuple(ensemble))
             pred = feats[-1].argmax(dim=1)
-            confusion.update(pred, labels)
-            masks = _label_masks(labels, pred, spec, nclass)
-            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, frames)
+            confusion.update(grid.classes(pred), labels)
+            masks = _label_masks(labels, grid.classes(pred), spec, nclass)
+            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames)
             if frames is not None:
-                frames.add_labels(masks[2], masks[3])
+                frames.add_labels(grid.frames(benchmark_labels(masks[2], masks[3])))
             if preview is None:
-                preview = _preview(batch, names, cfg, labels, pred, masks[0])
+                small = grid.to_size(labels, images.shape[-2:])
+                preview = _preview(batch, names, cfg, small, pred, pred != small)
         n_images += len(images)
     results = _results(split, confusion, meters, n_images, spec, device)
     if frames is not None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from obsnet.sml_post import dilated_smoothing, suppress_boundaries
 from obsnet.stats import penultimate
 
 
@@ -201,6 +202,13 @@ def sml_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     return -(top - mu[pred]) / sigma[pred]
 
 
+def sml_post_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+    """``sml`` after SML's boundary suppression and dilated smoothing (``obsnet/sml_post.py``,
+    the paper's settings)."""
+    pred = _logits(batch).argmax(dim=1)
+    return dilated_smoothing(suppress_boundaries(sml_score(batch, cfg), pred))
+
+
 def mahalanobis_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     """Min over classes of the squared Mahalanobis distance of each pixel's penultimate
     feature (resized to the logits' size) to the class means, tied covariance (Lee et al.
@@ -373,6 +381,8 @@ METHODS: dict[str, Method] = {
                        "softmax of the SegNet and the --ensemble members", needs_ensemble=True),
     "sml": Method(sml_score, None, "minus the standardized max logit (per predicted class, "
                   "fitted by --fit_stats)"),
+    "sml_post": Method(sml_post_score, None, "sml after its paper's boundary suppression "
+                       "and dilated smoothing"),
     "mahalanobis": Method(mahalanobis_score, None, "min squared Mahalanobis distance of the "
                           "penultimate features to the class means (tied covariance, --fit_stats)"),
 }

@@ -10,8 +10,10 @@ LostAndFound split its image comes from, ``LostAndFound-train`` or ``LostAndFoun
 ``<fid>`` is the image's stem (``validation0001``), for LostAndFound without
 ``_leftImg8bit``.
 
-The maps kept for the component metrics (``ComponentFrames``, at ``--size``) are resized
-back to each frame's label size (bilinear) before writing. float16 holds at most 65504: when a
+The maps written are the ones kept for the component metrics (``ComponentFrames``), already
+resized from ``--size`` to each frame's label resolution by the evaluation
+(``obsnet.data.native``), so the files give back exactly the pixel metrics of results.json
+(up to float16's rounding). float16 holds at most 65504: when a
 method's finite scores exceed that in magnitude anywhere in the split (raw Mahalanobis
 distances, energies), all of its maps of the split go through ``sign(x)·log1p(|x|)``, which
 keeps the order of the scores (the evaluator only ranks them); the mapping is recorded in
@@ -23,11 +25,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from obsnet.errors import UsageError
-from obsnet.models.blocks import resize
 from obsnet.outputs import atomic_write
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -99,12 +99,6 @@ def apply_mapping(score: np.ndarray, mapping: str) -> np.ndarray:
     return score.astype(np.float16)
 
 
-def resize_map(score: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A 2-D float32 map resized to ``size`` (H, W) with bilinear interpolation."""
-    t = torch.from_numpy(np.ascontiguousarray(score, np.float32))[None, None]
-    return resize(t, size)[0, 0].numpy()
-
-
 def write_score_map(path, score: np.ndarray, mapping: str = IDENTITY) -> None:
     """Write ``value`` (float16 H×W, gzip) into ``path`` atomically (built in memory, then
     ``obsnet.outputs.atomic_write``: a temporary file in the same folder, renamed)."""
@@ -132,8 +126,11 @@ def export_scores(root, spec_name: str, frames, pairs) -> list[Path]:
             raise RuntimeError(f"--export_scores: {len(maps)} maps for {len(pairs)} frames")
         mapping = choose_mapping(maps)
         for (dset, fid), size, score in zip(targets, sizes, maps):
+            if score.shape != size:
+                raise RuntimeError(f"--export_scores: a {score.shape} map for the {size} label "
+                                   f"of {fid}")
             path = score_path(root, method, dset, fid)
-            write_score_map(path, resize_map(score, size), mapping)
+            write_score_map(path, score, mapping)
             written.append(path)
         for dset in sorted({d for d, _ in targets}):
             note = score_path(root, method, dset, "x").with_name("mapping.txt")

@@ -28,7 +28,8 @@ from obsnet.models.checkpoint import CheckpointError, first_nonfinite, load_weig
 from obsnet.models.registry import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet,
                                     load_networks, merge_observer_flags, observer_record)
 from obsnet.outputs import Output, OutputLock
-from obsnet.stats import fit_class_stats, load_stats, save_stats, stats_path
+from obsnet.preset import preset_record
+from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
 from obsnet.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
                            write_json)
 from obsnet.score_export import check_export_targets, export_scores
@@ -78,9 +79,10 @@ def make_optimizer(args, params, schedule: str = "multistep"):
 def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
     resolved arguments and random generator states; the observer's architecture flags and head
-    (``observer``), which evaluation and inference.py run it with."""
+    (``observer``), which evaluation and inference.py run it with; the segmenter's preset
+    (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "observer": observer_record(args),
+            "observer": observer_record(args), "preset": preset_record(args),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
             "best": best, "rng": rng_state(),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
@@ -470,9 +472,6 @@ def method_config(args, spec, observer: dict) -> MethodConfig:
                         void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
                         std=spec.std, progress=True, no_residual=observer["no_residual"],
                         no_img=observer["no_img"], class_stats=class_stats_for(args))
-
-
-FITTED_METHODS = ("sml", "mahalanobis")  # read <segnet stem>.stats.pth (--fit_stats)
 
 
 def class_stats_for(args):

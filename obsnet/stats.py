@@ -62,6 +62,9 @@ class ClassStats:
             raise CheckpointError(f"{where}: statistics file without {exc.args[0]}") from None
 
 
+FITTED_METHODS = ("sml", "sml_post", "mahalanobis")  # the methods reading these statistics
+
+
 def stats_path(segnet_file) -> Path:
     """``ckpt/segnet.pth`` -> ``ckpt/segnet.stats.pth``."""
     path = Path(segnet_file)

@@ -15,7 +15,7 @@ from obsnet.stats import toy_class_stats
 SHAPE = (3, 32, 48)
 CFG = MethodConfig(mc_passes=3, void_class=11, class_stats=toy_class_stats(12, 8))
 DETERMINISTIC = ["obsnet", "mcp", "temp_scale", "entropy", "max_logit", "energy", "odin",
-                 "void", "ensemble", "sml", "mahalanobis"]
+                 "void", "ensemble", "sml", "sml_post", "mahalanobis"]
 SEEDED = ["gauss", "mcda", "mc_dropout"]  # random, one draw per pass shared by the batch
 PROBABILITY_SCORES = [n for n, m in METHODS.items() if m.to_prob is U._identity]
 
@@ -52,14 +52,14 @@ def same_state(model, before):
 
 def test_registry_names_and_descriptions():
     expected = {"obsnet", "mcp", "mc_dropout", "temp_scale", "entropy", "max_logit", "energy",
-                "odin", "void", "gauss", "mcda", "ensemble", "sml", "mahalanobis"}
+                "odin", "void", "gauss", "mcda", "ensemble", "sml", "sml_post", "mahalanobis"}
     assert set(METHODS) == expected and ALIASES == {"mc_drop": "mc_dropout"}
     for method in METHODS.values():
         assert method.description and "\n" not in method.description
         assert method.to_prob is None or callable(method.to_prob)
     # ACE/ECE only where the score is the method's probability that the SegNet is wrong.
     assert {n for n, m in METHODS.items() if m.to_prob is None} == {
-        "entropy", "max_logit", "energy", "odin", "void", "sml", "mahalanobis"}
+        "entropy", "max_logit", "energy", "odin", "void", "sml", "sml_post", "mahalanobis"}
     sampled = torch.rand(2, 3)
     for name in ("mc_dropout", "gauss", "mcda", "ensemble"):
         assert METHODS[name].to_prob(sampled, CFG) is None  # entropy: no probability

@@ -144,9 +144,10 @@ def test_cli_fit_stats_then_test(run_dir):
     again = main_py(*TINY, *paths(run_dir), "--fit_stats")
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
-    test = main_py(*TINY, *paths(run_dir), "--test_only", "--test_multi", "sml,mahalanobis,mcp")
+    test = main_py(*TINY, *paths(run_dir), "--test_only", "--test_multi",
+                   "sml,sml_post,mahalanobis,mcp")
     assert test.returncode == 0, test.stderr
     results = json.loads((run_dir / "logs" / "results.json").read_text())
-    assert set(results["methods"]) == {"sml", "mahalanobis", "mcp"}
+    assert set(results["methods"]) == {"sml", "sml_post", "mahalanobis", "mcp"}
     for entry in results["methods"].values():
         assert 0 <= entry["ood"]["auroc"] <= 1 and 0 <= entry["error"]["auroc"] <= 1

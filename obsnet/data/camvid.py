@@ -211,6 +211,8 @@ class PairDataset(Dataset):
         transform: joint transform taking ``(tv_tensors.Image, tv_tensors.Mask)``
             (see ``obsnet.data.transforms``); None returns the uint8 image and int64 label.
         spec: dataset spec the label ids are checked against; ``default_spec`` when None.
+        native_labels: apply ``transform`` to the image only; the label keeps the file's
+            resolution (evaluation of the benchmark presets: ``obsnet.data.native``).
     """
 
     splits: tuple[str, ...] = ()
@@ -218,10 +220,11 @@ class PairDataset(Dataset):
     raw_offset: int = 0  # the loader subtracts this from the label file values
 
     def __init__(self, root: str | Path, split: str, transform: Transform | None = None,
-                 spec: DatasetSpec | None = None):
+                 spec: DatasetSpec | None = None, native_labels: bool = False):
         self.root = Path(root).expanduser().absolute()
         self.split = split
         self.transform = transform
+        self.native_labels = native_labels
         self.spec = spec or SPECS[self.default_spec]
         self.list_file, self.samples = self.read_pairs(self.root, split)
 
@@ -259,7 +262,9 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         image, label, _ = self.load(self.samples[index], self.spec)
-        if self.transform is not None:
+        if self.transform is not None and self.native_labels:
+            image = self.transform(image)
+        elif self.transform is not None:
             image, label = self.transform(image, label)
         return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
 

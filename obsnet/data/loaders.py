@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from obsnet.data.bdd_anomaly import BddAnomaly
 from obsnet.data.camvid import CamVid, PairDataset
 from obsnet.data.cityscapes import Cityscapes
 from obsnet.data.errors import DatasetError, WorkerDied
+from obsnet.data.native import collate_native
 from obsnet.data.smiyc import FishyscapesLAF, RoadAnomaly21, RoadObstacle21
 from obsnet.data.specs import LOADABLE, SPECS, DatasetSpec
 from obsnet.data.street_hazard import StreetHazard
@@ -49,14 +51,16 @@ def build_dataset(spec: DatasetSpec, root: str | Path, split: str,
                   size: tuple[int, int] | None = None, train: bool = False,
                   scale_jitter: float = 0.0) -> Dataset:
     """One split of ``spec``'s dataset at ``size`` (H, W), with training or eval transforms
-    (``scale_jitter``: see ``train_transform``).
+    (``scale_jitter``: see ``train_transform``). The evaluation of a ``test_only`` preset
+    (SegmentMeIfYouCan, Fishyscapes) keeps each label at its file's resolution.
 
     Label ids are checked against ``spec`` as samples are read (DatasetError otherwise).
     """
     builder = dataset_builder(spec.name)
     transform = (train_transform(spec, size, scale_jitter=scale_jitter) if train
                  else eval_transform(spec, size))
-    return builder(Path(root).expanduser(), split, transform, spec)
+    return builder(Path(root).expanduser(), split, transform, spec,
+                   native_labels=bool(spec.test_only) and not train)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -222,6 +226,8 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
     ignore SIGINT / SIGTERM (``init_worker``); a worker's death is a WorkerDied.
     With ``skip_bad`` a sample raising DatasetError is left out of its batch (which is then
     smaller) and each batch is ``(images, labels, skipped messages)`` (see SkipBadSamples).
+    A dataset with ``native_labels`` gives ``(images, padded labels, sizes)`` batches
+    (``obsnet.data.native.collate_native``).
     """
     sampler = _sampler(dataset, train, seed, distributed)
     per_rank = len(sampler) if sampler is not None else len(dataset)
@@ -231,6 +237,8 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
                            f"fewer than one batch of {bsize}; lower the batch size")
     generator = torch.Generator().manual_seed(seed + _rank(distributed))
     collate = None
+    if getattr(dataset, "native_labels", False):
+        collate = partial(collate_native, pad_value=dataset.spec.ignore_id)
     if skip_bad:
         dataset, collate = SkipBadSamples(dataset), collate_skipping
     return WatchedLoader(dataset, batch_size=bsize, collate_fn=collate,

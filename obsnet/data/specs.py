@@ -114,25 +114,29 @@ SPECS: dict[str, DatasetSpec] = {
 
 
 
-def _anomaly_benchmark(name: str, split: str) -> DatasetSpec:
-    """An evaluation-only anomaly benchmark for a Cityscapes SegNet (obsnet/data/smiyc.py):
-    Cityscapes' classes, normalisation and size; labels hold only in-distribution (id 20),
-    anomaly (id 19) and void (255), so the error metrics and mIoU are not applicable."""
-    cityscapes = SPECS["Cityscapes"]
+def anomaly_benchmark(name: str, split: str, base: DatasetSpec) -> DatasetSpec:
+    """An evaluation-only anomaly benchmark (obsnet/data/smiyc.py) for a segmenter trained on
+    ``base``: its classes, normalisation and size; labels hold only anomaly (id ``nclass``),
+    in-distribution (id ``nclass + 1``) and void (255), so the error metrics and mIoU are not
+    applicable."""
+    n = base.nclass
+    colors = (*base.colors[:n], *[(128, 128, 128)] * (n - len(base.colors[:n])))
     return DatasetSpec(
-        name=name, size=cityscapes.size, crop=cityscapes.crop, mean=cityscapes.mean,
-        std=cityscapes.std, pos_weight=cityscapes.pos_weight, patch_size=cityscapes.patch_size,
-        class_names=cityscapes.class_names,
-        colors=(*cityscapes.colors, (255, 255, 255), (64, 64, 64)),  # 19 anomaly, 20 inlier
-        anomaly_ids=(19,), inlier_id=20, void_id=None, void_logit=None, train_split=split,
+        name=name, size=base.size, crop=base.crop, mean=base.mean, std=base.std,
+        pos_weight=base.pos_weight, patch_size=base.patch_size, class_names=base.class_names,
+        colors=(*colors, (255, 255, 255), (64, 64, 64)),  # anomaly, inlier
+        anomaly_ids=(n,), inlier_id=n + 1, void_id=None, void_logit=None, train_split=split,
         val_split=split, test_split=split, test_only=True)
 
 
 # SegmentMeIfYouCan's AnomalyTrack / ObstacleTrack validation frames and Fishyscapes Lost &
-# Found validation, as the road_anomaly_benchmark code reads them.
-SPECS["RoadAnomaly21"] = _anomaly_benchmark("RoadAnomaly21", "validation")
-SPECS["RoadObstacle21"] = _anomaly_benchmark("RoadObstacle21", "validation")
-SPECS["FishyscapesLAF"] = _anomaly_benchmark("FishyscapesLAF", "val")
+# Found validation, as the road_anomaly_benchmark code reads them. By default for a
+# Cityscapes segmenter; a segmenter checkpoint that records its preset brings its own
+# (obsnet/preset.py).
+BENCHMARK_SPLITS = {"RoadAnomaly21": "validation", "RoadObstacle21": "validation",
+                    "FishyscapesLAF": "val"}
+for _name, _split in BENCHMARK_SPLITS.items():
+    SPECS[_name] = anomaly_benchmark(_name, _split, SPECS["Cityscapes"])
 
 # Datasets whose loader exists in this version (obsnet.data.loaders.DATASETS).
 LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly", "Cityscapes",
