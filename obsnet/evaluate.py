@@ -48,15 +48,18 @@ def _timed(device, fn, *args, **kwargs):
 
 
 def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device,
-                 grid: LabelGrid, frames=None):
+                 grid: LabelGrid, frames=None, on_scores=None):
     """Run every method on one batch, bring its scores to the labels' resolution (``grid``)
-    and feed its meters (and ``frames``, a ``ComponentFrames`` or None)."""
+    and feed its meters (and ``frames``, a ``ComponentFrames`` or None); ``on_scores(name,
+    maps)`` gets the maps at the images' size (``--export_scores``)."""
     error, err_valid, anomaly, ood_valid, image_valid = masks
     for name in names:
         method = METHODS[name]
         scores, seconds = _timed(device, method.fn, batch, cfg)
         if torch.isnan(scores).any():
             raise FloatingPointError(f"method '{name}' produced NaN scores")
+        if on_scores is not None:
+            on_scores(name, scores)
         scores = grid.scores(scores)
         m = meters[name]
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
@@ -72,7 +75,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
              nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=(),
-             on_frames=None):
+             on_scores=None):
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
@@ -82,8 +85,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     mean F1: ``obsnet/component_eval.py``), from frames kept on the CPU (one process only);
     their loaders give labels at each file's resolution, and every map computed at the
     images' size is resized to it (``obsnet.data.native``).
-    ``ensemble``: extra SegNets for the "ensemble" method. ``on_frames``: called with the kept
-    ``ComponentFrames`` (loader order) at the end, when there are some (``--export_scores``).
+    ``ensemble``: extra SegNets for the "ensemble" method. ``on_scores(name, maps)``: called
+    with every method's B×h×w maps of every batch, in loader order (``--export_scores``).
+    A split whose labels are hidden (``loader.dataset.labelled`` false) scores nothing.
     """
     segnet.eval()
     if obsnet is not None:
@@ -91,7 +95,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     meters = {name: _Meters() for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
-    frames = ComponentFrames(names, spec) if wants_components(spec) else None
+    labelled = getattr(loader.dataset, "labelled", True)
+    frames = ComponentFrames(names, spec) if wants_components(spec) and labelled else None
     for loaded in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
         images, labels, grid = LabelGrid.of_batch(loaded)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -101,7 +106,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             pred = feats[-1].argmax(dim=1)
             confusion.update(grid.classes(pred), labels)
             masks = _label_masks(labels, grid.classes(pred), spec, nclass)
-            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames)
+            _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames,
+                         on_scores)
             if frames is not None:
                 frames.add_labels(grid.frames(benchmark_labels(masks[2], masks[3])))
             if preview is None:
@@ -112,8 +118,6 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     if frames is not None:
         for name, components in frames.compute().items():
             results["methods"][name]["components"] = components
-        if on_frames is not None:
-            on_frames(frames)
     return results, preview, {n: {"ood": m.ood, "error": m.error} for n, m in meters.items()}
 
 

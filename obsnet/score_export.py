@@ -10,10 +10,11 @@ LostAndFound split its image comes from, ``LostAndFound-train`` or ``LostAndFoun
 ``<fid>`` is the image's stem (``validation0001``), for LostAndFound without
 ``_leftImg8bit``.
 
-The maps written are the ones kept for the component metrics (``ComponentFrames``), already
-resized from ``--size`` to each frame's label resolution by the evaluation
-(``obsnet.data.native``), so the files give back exactly the pixel metrics of results.json
-(up to float16's rounding). float16 holds at most 65504: when a
+Each frame's maps, computed at ``--size``, are resized to the frame's label resolution (its
+image's for the test frames, whose labels are hidden) with the bilinear resize the evaluation
+uses (``obsnet.data.native``), so the files give back the pixel metrics of results.json up to
+float16's rounding. During the pass they wait as float32 files in a temporary folder under
+DIR (``ScoreExport``), removed at the end. float16 holds at most 65504: when a
 method's finite scores exceed that in magnitude anywhere in the split (raw Mahalanobis
 distances, energies), all of its maps of the split go through ``sign(x)·log1p(|x|)``, which
 keeps the order of the scores (the evaluator only ranks them); the mapping is recorded in
@@ -22,12 +23,16 @@ each file (attribute ``mapping`` of ``value``) and in ``mapping.txt`` beside the
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from obsnet.errors import UsageError
+from obsnet.models.blocks import resize
 from obsnet.outputs import atomic_write
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -112,31 +117,62 @@ def write_score_map(path, score: np.ndarray, mapping: str = IDENTITY) -> None:
     atomic_write(path, lambda sink: sink.write(buffer.getvalue()), "--export_scores")
 
 
-def export_scores(root, spec_name: str, frames, pairs) -> list[Path]:
-    """Write every method's kept maps (``ComponentFrames``) for the frames ``pairs`` (the
-    loader's order); returns the files written."""
-    targets = [frame_target(spec_name, p.image) for p in pairs]
-    sizes = []
-    for p in pairs:
-        with Image.open(p.label) as im:
-            sizes.append((im.height, im.width))
-    written = []
-    for method, maps in frames.scores.items():
-        if len(maps) != len(pairs):
-            raise RuntimeError(f"--export_scores: {len(maps)} maps for {len(pairs)} frames")
-        mapping = choose_mapping(maps)
-        for (dset, fid), size, score in zip(targets, sizes, maps):
-            if score.shape != size:
-                raise RuntimeError(f"--export_scores: a {score.shape} map for the {size} label "
-                                   f"of {fid}")
-            path = score_path(root, method, dset, fid)
-            write_score_map(path, score, mapping)
-            written.append(path)
-        for dset in sorted({d for d, _ in targets}):
-            note = score_path(root, method, dset, "x").with_name("mapping.txt")
-            text = f"{mapping}\n" + ("" if mapping == IDENTITY else
-                                     "scores exceeded float16's range: value = sign(x)*log1p(|x|) "
-                                     "of the raw score x (order-preserving)\n")
-            atomic_write(note, lambda sink, t=text: sink.write(t.encode()), "--export_scores")
-            written.append(note)
-    return written
+def frame_size(pair) -> tuple[int, int]:
+    """(H, W) a frame's scores are written at: its label file's, or its image's when the
+    labels are hidden."""
+    with Image.open(pair.label if pair.label is not None else pair.image) as im:
+        return im.height, im.width
+
+
+class ScoreExport:
+    """``--export_scores`` of one evaluation pass. ``add`` stores each frame's maps (at
+    ``--size``, float32) as ``.npy`` files in a temporary folder of its own under ``root``, so
+    that a long split costs disk, not memory; ``finish`` resizes them to each frame's
+    resolution (bilinear, as the evaluation does), chooses each method's mapping over the whole
+    split and writes the HDF5 files; ``discard`` removes the temporary folder (and only it)."""
+
+    def __init__(self, root, spec_name: str, names, pairs):
+        self.root, self.spec_name, self.pairs = Path(root), spec_name, list(pairs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".obsnet-export-", dir=self.root))
+        self.count = dict.fromkeys(names, 0)
+
+    def add(self, name: str, maps: torch.Tensor) -> None:
+        """The B×h×w score maps of the next frames (loader order) for method ``name``."""
+        for score in maps.detach().float().cpu().numpy():
+            np.save(self.tmp / f"{name}-{self.count[name]:06d}.npy", score)
+            self.count[name] += 1
+
+    def _maps(self, name: str):
+        for i, size in enumerate(self.sizes):
+            score = torch.from_numpy(np.load(self.tmp / f"{name}-{i:06d}.npy"))
+            yield resize(score[None, None], size)[0, 0].numpy()
+
+    def finish(self) -> list[Path]:
+        """Write every method's files; returns them."""
+        self.sizes = [frame_size(p) for p in self.pairs]
+        targets = [frame_target(self.spec_name, p.image) for p in self.pairs]
+        written = []
+        for method, count in self.count.items():
+            if count != len(self.pairs):
+                raise RuntimeError(f"--export_scores: {count} maps for {len(self.pairs)} frames")
+            mapping = choose_mapping(self._maps(method))
+            for (dset, fid), score in zip(targets, self._maps(method)):
+                path = score_path(self.root, method, dset, fid)
+                write_score_map(path, score, mapping)
+                written.append(path)
+            for dset in sorted({d for d, _ in targets}):
+                written.append(self._write_note(method, dset, mapping))
+        return written
+
+    def _write_note(self, method: str, dset: str, mapping: str) -> Path:
+        note = score_path(self.root, method, dset, "x").with_name("mapping.txt")
+        text = f"{mapping}\n" + ("" if mapping == IDENTITY else
+                                 "scores exceeded float16's range: value = sign(x)*log1p(|x|) "
+                                 "of the raw score x (order-preserving)\n")
+        atomic_write(note, lambda sink: sink.write(text.encode()), "--export_scores")
+        return note
+
+    def discard(self) -> None:
+        """Remove the temporary folder this export created (nothing else)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)

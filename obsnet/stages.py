@@ -32,7 +32,7 @@ from obsnet.preset import preset_record
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
 from obsnet.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
                            write_json)
-from obsnet.score_export import check_export_targets, export_scores
+from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                           train_segnet_epoch)
 from obsnet.utils import rng_state, set_rng_state
@@ -515,7 +515,8 @@ def load_ensemble(args, device) -> list:
 
 
 def stage_test(args, spec, rt, writer) -> None:
-    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard."""
+    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard
+    (and --export_scores' files)."""
     if rt.distributed and wants_components(spec):  # the kept frames are not gathered across ranks
         raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
                          f"frame in one process; run it without torchrun (one process)")
@@ -535,11 +536,26 @@ def stage_test(args, spec, rt, writer) -> None:
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
-    kept = []  # the ComponentFrames of the pass, for --export_scores
-    results, preview, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device,
-                                        method_config(args, spec, observer), args.nclass, args.test_split,
-                                        amp=args.amp, progress=rt.is_main,
-                                        ensemble=load_ensemble(args, rt.device), on_frames=kept.append)
+    export = None
+    if export_dir is not None and rt.is_main:
+        export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
+    try:
+        results, preview, meters = evaluate(
+            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer),
+            args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
+            ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
+        report_test(args, rt, writer, results, preview, meters, spec)
+        if export is not None:
+            files = export.finish()
+            log(rt, f"--export_scores: {len(files)} file(s) written under "
+                    f"{Path(export_dir) / 'anomaly_p'}")
+    finally:
+        if export is not None:
+            export.discard()
+
+
+def report_test(args, rt, writer, results, preview, meters, spec) -> None:
+    """The test results: printed table, TensorBoard, results.json and results.csv."""
     log(rt, format_table(results))  # first: a file that cannot be written must not hide it
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
@@ -548,10 +564,6 @@ def stage_test(args, spec, rt, writer) -> None:
         write_json(Path(args.tboard) / "results.json", results, "--tboard")
         write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
     log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
-    if export_dir is not None and kept and rt.is_main:
-        files = export_scores(export_dir, spec.name, kept[0], loader.dataset.samples)
-        log(rt, f"--export_scores: {len(files)} file(s) written under "
-                f"{Path(export_dir) / 'anomaly_p'}")
 
 
 @dataclass(frozen=True)

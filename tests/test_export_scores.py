@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -157,3 +158,54 @@ def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
                              if name == "RoadObstacle21"
                              else fishy / "labels" / "val" / f"{fid}_fishy-labels.png")
                     assert value.shape == np.asarray(Image.open(label)).shape
+    # the test frames, whose labels are hidden: nothing scored, every file written at the
+    # image's resolution, under the name the leaderboard reads
+    Image.fromarray(np.zeros((70, 90, 3), np.uint8)).save(obstacle / "images" / "gravel_0001.webp")
+    Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(obstacle / "images" / "driveway_0001.webp")
+    anomaly = make_anomaly(datasets)  # its test frame: images/cow0000.jpg, 8x8
+    laf_test = laf / "leftImg8bit/test/01_Hanns_Klemm_Str_45" / f"{FISHY[1]}_leftImg8bit.png"
+    cases = (("RoadObstacle21", "ObstacleTrack-all", obstacle / "images" / "gravel_0001.webp"),
+             ("RoadAnomaly21", "AnomalyTrack-all", anomaly / "images" / "cow0000.jpg"),
+             ("FishyscapesLAF", "LostAndFound-test", laf_test))
+    for name, dset, image in cases:
+        export, logs = tmp_path / f"test_export_{name}", tmp_path / f"test_logs_{name}"
+        out = main_py("--data", name, "--dset_folder", str(datasets), "--segnet_file",
+                      str(tmp_path / "segnet.pth"), "--tboard", str(logs), "--test_only",
+                      "--test_split", "test", "--test_multi", "mcp", "--export_scores", str(export))
+        assert out.returncode == 0, out.stdout + out.stderr
+        results = json.loads((logs / "results.json").read_text())
+        assert results["n_images"] == 1 and "ood" not in results["methods"]["mcp"]
+        assert "components" not in results["methods"]["mcp"]
+        fid = image.stem[: -len("_leftImg8bit")] if name == "FishyscapesLAF" else image.stem
+        folder = export / "anomaly_p" / "mcp" / dset
+        assert sorted(p.name for p in folder.iterdir()) == [f"{fid}.hdf5", "mapping.txt"]
+        value, _, _ = read_value(folder / f"{fid}.hdf5")
+        with Image.open(image) as im:
+            assert value.shape == (im.height, im.width) and np.isfinite(value).all()
+        assert [p.name for p in export.iterdir()] == ["anomaly_p"]  # the temporary folder is gone
+
+
+def test_score_export_temporary_folder_is_its_own_and_removed(tmp_path):
+    from obsnet.data.camvid import Pair
+    from obsnet.score_export import ScoreExport
+
+    root = tmp_path / "export"
+    root.mkdir()
+    (root / "notes.txt").write_text("the user's")
+    image = tmp_path / "validation0001.jpg"
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(image)
+    export = ScoreExport(root, "RoadAnomaly21", ["mcp"], [Pair(image, None, str(image))])
+    export.add("mcp", torch.arange(24, dtype=torch.float32).reshape(1, 4, 6))
+    assert export.tmp.parent == root and len(list(export.tmp.iterdir())) == 1
+    files = export.finish()
+    export.discard()
+    assert sorted(p.name for p in root.iterdir()) == ["anomaly_p", "notes.txt"]
+    assert (root / "notes.txt").read_text() == "the user's" and len(files) == 2
+    value, _, _ = read_value(root / "anomaly_p/mcp/AnomalyTrack-all/validation0001.hdf5")
+    assert value.shape == (12, 20)  # the image's size: no label file
+    incomplete = ScoreExport(root, "RoadAnomaly21", ["mcp"], [Pair(image, None, str(image))] * 2)
+    incomplete.add("mcp", torch.zeros(1, 4, 6))
+    with pytest.raises(RuntimeError, match="1 maps for 2 frames"):
+        incomplete.finish()
+    incomplete.discard()
+    assert sorted(p.name for p in root.iterdir()) == ["anomaly_p", "notes.txt"]

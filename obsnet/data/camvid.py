@@ -31,10 +31,11 @@ R = TypeVar("R")
 
 
 class Pair(NamedTuple):
-    """One listed sample: image and label paths, and ``source`` = "list_file:line"."""
+    """One listed sample: image and label paths, and ``source`` = "list_file:line". ``label``
+    is None for a frame whose labels are hidden (a benchmark's test split)."""
 
     image: Path
-    label: Path
+    label: Path | None
     source: str
 
 
@@ -249,8 +250,12 @@ class PairDataset(Dataset):
     @classmethod
     def load(cls, pair: Pair, spec: DatasetSpec) -> tuple[tv_tensors.Image, tv_tensors.Mask,
                                                            np.ndarray]:
-        """Read, decode and validate one pair: (image, label, per-id pixel counts)."""
+        """Read, decode and validate one pair: (image, label, per-id pixel counts). A pair
+        without a label file gets a label of ignore ids (nothing is scored on it)."""
         image = read_image(pair.image, pair.source)
+        if pair.label is None:
+            label = tv_tensors.Mask(torch.full(image.shape[-2:], spec.ignore_id, dtype=torch.uint8))
+            return image, label, label_counts(label)
         label = cls.decode_pair(read_label(pair.label, pair.source), spec, pair)
         check_size(image, label, pair)
         counts = label_counts(label)
@@ -259,6 +264,11 @@ class PairDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def labelled(self) -> bool:
+        """False when the split's labels are hidden (pairs without a label file)."""
+        return all(pair.label is not None for pair in self.samples)
 
     def __getitem__(self, index: int) -> Sample:
         image, label, _ = self.load(self.samples[index], self.spec)

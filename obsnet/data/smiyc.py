@@ -12,7 +12,11 @@ Layouts, as the official ``road_anomaly_benchmark`` code reads them
         dataset_LostAndFound/leftImg8bit/{train,test}/<NN>_<scene>/<fid>_leftImg8bit.png
 
 Label files hold 0 in-distribution, 1 anomaly, 255 void; as the official code, any other
-value is void. They decode to the spec's ``inlier_id`` (in-distribution of no known class),
+value is void. The ``test`` splits are the frames whose labels are hidden (the leaderboard's):
+AnomalyTrack's images not named ``validation*`` (``AnomalyTrack-test``), ObstacleTrack's images
+of the official ``ObstacleTrack-test`` scenes, and LostAndFound's ``test`` images; their
+frames get labels of void only, so they serve ``--export_scores`` (a submission) and nothing
+is scored on them. They decode to the spec's ``inlier_id`` (in-distribution of no known class),
 its anomaly id and the ignore id. The split is ``validation`` (the tracks) or ``val``
 (Fishyscapes); there is no training split. ObstacleTrack's validation split leaves out the
 frames the official ``ObstacleTrack-validation`` excludes (prefixes ``validation_19``,
@@ -34,6 +38,9 @@ FISHY_SUFFIX = "_fishy-labels.png"
 LAF_IMAGE_SUFFIX = "_leftImg8bit"
 LAF_FORMATS = ("png", "webp", "jpg")
 OBSTACLE_EXCLUDED = ("validation_19", *(f"validation_{n}" for n in range(21, 30)))
+# ObstacleTrack-test: every scene but the special weather, the night and the validation ones
+OBSTACLE_TEST_SCENES = ("curvy-street", "one-way-street", "gravel", "greyasphalt", "motorway",
+                        "paving", "darkasphalt", "darkasphalt2")
 
 
 def decode_benchmark(label: tv_tensors.Mask, spec: DatasetSpec) -> tv_tensors.Mask:
@@ -66,9 +73,16 @@ def _labelled(image: Path, labels: Path) -> Pair:
 class _Track(PairDataset):
     """A SegmentMeIfYouCan track: ``images/<fid>.<ext>`` with ``labels_masks/<fid>_labels_semantic.png``."""
 
-    splits = ("validation",)
-    folder, pattern = "", ""
+    splits = ("validation", "test")
+    folder, ext = "", ""
     excluded: tuple[str, ...] = ()
+
+    @classmethod
+    def in_split(cls, stem: str, split: str) -> bool:
+        """Whether frame ``stem`` belongs to ``split`` (validation: labelled, test: hidden)."""
+        if split == "validation":
+            return stem.startswith("validation") and not stem.startswith(cls.excluded)
+        return not stem.startswith("validation")
 
     @classmethod
     def read_pairs(cls, root: Path, split: str,
@@ -78,9 +92,11 @@ class _Track(PairDataset):
                                f"(known: {', '.join(cls.splits)})")
         track = _track_root(root, cls.folder, "images")
         images, labels = track / "images", track / "labels_masks"
-        frames = sorted(p for p in images.glob(cls.pattern) if not p.stem.startswith(cls.excluded))
+        frames = sorted(p for p in images.glob(f"*.{cls.ext}") if cls.in_split(p.stem, split))
         if not frames:
-            raise DatasetError(f"{images}: no {cls.pattern} frame found (split '{split}')")
+            raise DatasetError(f"{images}: no *.{cls.ext} frame of split '{split}' found")
+        if split == "test":
+            return images, [Pair(image, None, str(image)) for image in frames]
         return images, parse_all(frames, lambda image: _labelled(image, labels), problems)
 
     @classmethod
@@ -92,15 +108,21 @@ class RoadAnomaly21(_Track):
     """SegmentMeIfYouCan AnomalyTrack, its 10 labelled validation frames."""
 
     default_spec = "RoadAnomaly21"
-    folder, pattern = "dataset_AnomalyTrack", "validation*.jpg"
+    folder, ext = "dataset_AnomalyTrack", "jpg"
 
 
 class RoadObstacle21(_Track):
     """SegmentMeIfYouCan ObstacleTrack, its validation frames (off-road pixels are void)."""
 
     default_spec = "RoadObstacle21"
-    folder, pattern = "dataset_ObstacleTrack", "validation_*.webp"
+    folder, ext = "dataset_ObstacleTrack", "webp"
     excluded = OBSTACLE_EXCLUDED
+
+    @classmethod
+    def in_split(cls, stem: str, split: str) -> bool:
+        if split == "validation":
+            return stem.startswith("validation_") and not stem.startswith(cls.excluded)
+        return stem.split("_")[0] in OBSTACLE_TEST_SCENES
 
 
 def _laf_image(laf: Path, fid: str) -> Path | None:
@@ -114,10 +136,21 @@ def _laf_image(laf: Path, fid: str) -> Path | None:
     return None
 
 
-class FishyscapesLAF(PairDataset):
-    """Fishyscapes Lost & Found validation: Fishyscapes labels over LostAndFound images."""
+def _laf_test_pairs(laf: Path) -> list[Pair]:
+    """LostAndFound's test images (the first format found of png, webp, jpg), without labels."""
+    folder = laf / "leftImg8bit" / "test"
+    for fmt in LAF_FORMATS:
+        images = sorted(folder.glob(f"*/*{LAF_IMAGE_SUFFIX}.{fmt}"))
+        if images:
+            return [Pair(image, None, str(image)) for image in images]
+    raise DatasetError(f"{folder}: no *{LAF_IMAGE_SUFFIX}.png/webp/jpg image found (split 'test')")
 
-    splits = ("val",)
+
+class FishyscapesLAF(PairDataset):
+    """Fishyscapes Lost & Found validation: Fishyscapes labels over LostAndFound images; its
+    ``test`` split is LostAndFound's test images, without labels (``LostAndFound-test``)."""
+
+    splits = ("val", "test")
     default_spec = "FishyscapesLAF"
 
     @staticmethod
@@ -136,10 +169,12 @@ class FishyscapesLAF(PairDataset):
     def read_pairs(cls, root: Path, split: str,
                    problems: list[str] | None = None) -> tuple[Path, list[Pair]]:
         if split not in cls.splits:
-            raise DatasetError(f"FishyscapesLAF: unknown split '{split}' (known: val)")
+            raise DatasetError(f"FishyscapesLAF: unknown split '{split}' (known: val, test)")
         fishy, laf = cls.folders(root)
         if not (laf / "leftImg8bit").is_dir():
             raise DatasetError(f"LostAndFound images not found: {laf / 'leftImg8bit'}")
+        if split == "test":
+            return laf / "leftImg8bit" / "test", _laf_test_pairs(laf)
         labels = fishy / "labels" / split
         found = sorted(labels.glob(f"*{FISHY_SUFFIX}"))
         if not found:
