@@ -95,7 +95,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     meters = {name: _Meters() for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
-    labelled = getattr(loader.dataset, "labelled", True)
+    labelled = getattr(getattr(loader, "dataset", None), "labelled", True)
     frames = ComponentFrames(names, spec) if wants_components(spec) and labelled else None
     for loaded in tqdm(loader, desc=f"Eval {split}", leave=False, disable=not progress):
         images, labels, grid = LabelGrid.of_batch(loaded)
@@ -104,8 +104,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             feats, forward_seconds = _timed(device, segnet, images, return_feat=True)
             batch = EvalBatch(images, segnet, obsnet, feats, tuple(ensemble))
             pred = feats[-1].argmax(dim=1)
-            confusion.update(grid.classes(pred), labels)
-            masks = _label_masks(labels, grid.classes(pred), spec, nclass)
+            pred_at_labels = grid.classes(pred)
+            confusion.update(pred_at_labels, labels)
+            masks = _label_masks(labels, pred_at_labels, spec, nclass)
             _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames,
                          on_scores)
             if frames is not None:

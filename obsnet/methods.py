@@ -191,11 +191,12 @@ def _class_stats(cfg: MethodConfig, name: str, nclass: int):
     return stats
 
 
-def sml_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
+def sml_score(batch: EvalBatch, cfg: MethodConfig, name: str = "sml") -> torch.Tensor:
     """Standardized max logit (Jung et al. 2021), negated: -(max logit - mu[c]) / sigma[c],
-    c the predicted class, mu / sigma fitted over the training pixels predicted as c."""
+    c the predicted class, mu / sigma fitted over the training pixels predicted as c
+    (``name``: the method named in errors)."""
     logits = _logits(batch).float()
-    stats = _class_stats(cfg, "sml", logits.shape[1])
+    stats = _class_stats(cfg, name, logits.shape[1])
     top, pred = logits.max(dim=1)
     mu = stats.logit_mean.to(logits.device, torch.float32)
     sigma = stats.logit_std.to(logits.device, torch.float32)
@@ -204,9 +205,12 @@ def sml_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
 
 def sml_post_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     """``sml`` after SML's boundary suppression and dilated smoothing (``obsnet/sml_post.py``,
-    the paper's settings)."""
+    the paper's settings), in float32 even under autocast (its convolutions would run in
+    float16 / bfloat16 there and tie scores)."""
     pred = _logits(batch).argmax(dim=1)
-    return dilated_smoothing(suppress_boundaries(sml_score(batch, cfg), pred))
+    sml = sml_score(batch, cfg, "sml_post")
+    with torch.autocast(sml.device.type, enabled=False):
+        return dilated_smoothing(suppress_boundaries(sml.float(), pred))
 
 
 def mahalanobis_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:

@@ -86,14 +86,15 @@ def check_export_targets(root, spec_name: str, names, pairs, overwrite: bool) ->
                          f"are there (e.g. {existing[0]}); add --overwrite to replace them")
 
 
+def finite_peak(score: np.ndarray) -> float:
+    """The largest finite |score| (0 when none is finite)."""
+    finite = np.abs(score[np.isfinite(score)])
+    return float(finite.max()) if finite.size else 0.0
+
+
 def choose_mapping(maps) -> str:
     """``LOG1P`` when some finite score of ``maps`` exceeds float16's range, else ``IDENTITY``."""
-    peak = 0.0
-    for m in maps:
-        finite = np.abs(m[np.isfinite(m)])
-        if finite.size:
-            peak = max(peak, float(finite.max()))
-    return LOG1P if peak > FLOAT16_MAX else IDENTITY
+    return LOG1P if max((finite_peak(m) for m in maps), default=0.0) > FLOAT16_MAX else IDENTITY
 
 
 def apply_mapping(score: np.ndarray, mapping: str) -> np.ndarray:
@@ -117,6 +118,22 @@ def write_score_map(path, score: np.ndarray, mapping: str = IDENTITY) -> None:
     atomic_write(path, lambda sink: sink.write(buffer.getvalue()), "--export_scores")
 
 
+def check_mapping_agrees(root, method: str, targets, mapping: str) -> None:
+    """UsageError when a folder of this export holds other frames of an earlier export whose
+    ``mapping.txt`` names another mapping than ``mapping``."""
+    ours = {score_path(root, method, d, f) for d, f in targets}
+    for dset in sorted({d for d, _ in targets}):
+        note = score_path(root, method, dset, "x").with_name("mapping.txt")
+        if not note.is_file():
+            continue
+        earlier = note.read_text().split("\n")[0]
+        others = [p for p in note.parent.glob("*.hdf5") if p not in ours]
+        if earlier != mapping and others:
+            raise UsageError(f"--export_scores {root}: {note.parent} holds {len(others)} frame(s) "
+                             f"of an earlier export written with {earlier}, these scores need "
+                             f"{mapping}; export into another folder")
+
+
 def frame_size(pair) -> tuple[int, int]:
     """(H, W) a frame's scores are written at: its label file's, or its image's when the
     labels are hidden."""
@@ -136,30 +153,32 @@ class ScoreExport:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=".obsnet-export-", dir=self.root))
         self.count = dict.fromkeys(names, 0)
+        self.peak = dict.fromkeys(names, 0.0)  # largest finite |score| (bilinear keeps it a bound)
 
     def add(self, name: str, maps: torch.Tensor) -> None:
         """The B×h×w score maps of the next frames (loader order) for method ``name``."""
         for score in maps.detach().float().cpu().numpy():
             np.save(self.tmp / f"{name}-{self.count[name]:06d}.npy", score)
             self.count[name] += 1
-
-    def _maps(self, name: str):
-        for i, size in enumerate(self.sizes):
-            score = torch.from_numpy(np.load(self.tmp / f"{name}-{i:06d}.npy"))
-            yield resize(score[None, None], size)[0, 0].numpy()
+            self.peak[name] = max(self.peak[name], finite_peak(score))
 
     def finish(self) -> list[Path]:
-        """Write every method's files; returns them."""
-        self.sizes = [frame_size(p) for p in self.pairs]
+        """Write every method's files; returns them. A folder where an earlier export wrote
+        other frames with another mapping is a UsageError before any file is written (the
+        evaluator ranks the pooled scores of all its frames)."""
+        sizes = [frame_size(p) for p in self.pairs]
         targets = [frame_target(self.spec_name, p.image) for p in self.pairs]
-        written = []
+        mappings = {m: choose_mapping([np.float32(p)]) for m, p in self.peak.items()}
         for method, count in self.count.items():
             if count != len(self.pairs):
                 raise RuntimeError(f"--export_scores: {count} maps for {len(self.pairs)} frames")
-            mapping = choose_mapping(self._maps(method))
-            for (dset, fid), score in zip(targets, self._maps(method)):
+            check_mapping_agrees(self.root, method, targets, mappings[method])
+        written = []
+        for method, mapping in mappings.items():
+            for i, ((dset, fid), size) in enumerate(zip(targets, sizes)):
+                score = torch.from_numpy(np.load(self.tmp / f"{method}-{i:06d}.npy"))
                 path = score_path(self.root, method, dset, fid)
-                write_score_map(path, score, mapping)
+                write_score_map(path, resize(score[None, None], size)[0, 0].numpy(), mapping)
                 written.append(path)
             for dset in sorted({d for d, _ in targets}):
                 written.append(self._write_note(method, dset, mapping))

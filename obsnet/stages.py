@@ -544,7 +544,11 @@ def stage_test(args, spec, rt, writer) -> None:
             segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer),
             args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
             ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
-        report_test(args, rt, writer, results, preview, meters, spec)
+        if getattr(loader.dataset, "labelled", True):
+            report_test(args, rt, writer, results, preview, meters, spec)
+        else:  # nothing scored: the results files of a labelled run stay as they are
+            log(rt, f"--test_split {args.test_split}: no labels, nothing scored; "
+                    f"results.json and results.csv not written")
         if export is not None:
             files = export.finish()
             log(rt, f"--export_scores: {len(files)} file(s) written under "

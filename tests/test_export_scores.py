@@ -9,6 +9,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cli import main_py
+from obsnet.errors import UsageError
 from obsnet.score_export import (IDENTITY, LOG1P, apply_mapping, choose_mapping, frame_target,
                                  write_score_map)
 from test_cityscapes import H, W, make_cityscapes
@@ -122,15 +123,21 @@ def test_cli_export_layout_round_trip_and_refusal(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def tiny_cityscapes_segnet(tmp_path: Path) -> Path:
+    """A 1-epoch SegNet trained on generated Cityscapes folders (its checkpoint records its preset)."""
+    cs = make_cityscapes(tmp_path / "cs")
+    out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), "--size", str(H), str(W),
+                  "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1", "--seed", "0",
+                  "--segnet_file", str(tmp_path / "segnet.pth"), "--tboard", str(tmp_path / "cl"),
+                  "--train_segnet")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return tmp_path / "segnet.pth"
+
+
 def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
     """RoadObstacle21 and FishyscapesLAF through the CLI, with --segnet_file alone (its preset):
     the split's frames, components, and files named as the official evaluator reads them."""
-    cs = make_cityscapes(tmp_path / "cs")
-    train = ["--data", "Cityscapes", "--dset_folder", str(cs), "--size", str(H), str(W),
-             "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1", "--seed", "0",
-             "--segnet_file", str(tmp_path / "segnet.pth"), "--tboard", str(tmp_path / "cl")]
-    out = main_py(*train, "--train_segnet")
-    assert out.returncode == 0, out.stdout + out.stderr
+    segnet = tiny_cityscapes_segnet(tmp_path)
     datasets = tmp_path / "datasets"
     obstacle = make_track(datasets, "dataset_ObstacleTrack", OBSTACLE_STEMS, "webp")
     fishy, laf = make_fishy(datasets)
@@ -138,8 +145,8 @@ def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
              ("FishyscapesLAF", "val", {"LostAndFound-train": [FISHY[0]], "LostAndFound-test": [FISHY[1]]}))
     for name, split, expected in cases:
         export, logs = tmp_path / f"export_{name}", tmp_path / f"logs_{name}"
-        out = main_py("--data", name, "--dset_folder", str(datasets), "--segnet_file",
-                      str(tmp_path / "segnet.pth"), "--bsize", "2", "--tboard", str(logs),
+        out = main_py("--data", name, "--dset_folder", str(datasets), "--segnet_file", str(segnet),
+                      "--bsize", "2", "--tboard", str(logs),
                       "--test_only", "--test_multi", "mcp,entropy", "--export_scores", str(export))
         assert out.returncode == 0, out.stdout + out.stderr
         results = json.loads((logs / "results.json").read_text())
@@ -158,8 +165,15 @@ def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
                              if name == "RoadObstacle21"
                              else fishy / "labels" / "val" / f"{fid}_fishy-labels.png")
                     assert value.shape == np.asarray(Image.open(label)).shape
-    # the test frames, whose labels are hidden: nothing scored, every file written at the
-    # image's resolution, under the name the leaderboard reads
+
+
+def test_cli_test_splits_export_without_labels_and_keep_the_results(tmp_path):
+    """The test frames (labels hidden): nothing scored, no results file written over a labelled
+    run's, every file at the image's resolution under the name the leaderboard reads."""
+    segnet = tiny_cityscapes_segnet(tmp_path)
+    datasets = tmp_path / "datasets"
+    obstacle = make_track(datasets, "dataset_ObstacleTrack", OBSTACLE_STEMS, "webp")
+    _, laf = make_fishy(datasets)
     Image.fromarray(np.zeros((70, 90, 3), np.uint8)).save(obstacle / "images" / "gravel_0001.webp")
     Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(obstacle / "images" / "driveway_0001.webp")
     anomaly = make_anomaly(datasets)  # its test frame: images/cow0000.jpg, 8x8
@@ -169,13 +183,14 @@ def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
              ("FishyscapesLAF", "LostAndFound-test", laf_test))
     for name, dset, image in cases:
         export, logs = tmp_path / f"test_export_{name}", tmp_path / f"test_logs_{name}"
-        out = main_py("--data", name, "--dset_folder", str(datasets), "--segnet_file",
-                      str(tmp_path / "segnet.pth"), "--tboard", str(logs), "--test_only",
-                      "--test_split", "test", "--test_multi", "mcp", "--export_scores", str(export))
+        logs.mkdir()
+        (logs / "results.json").write_text("{}")  # a labelled run's, kept
+        out = main_py("--data", name, "--dset_folder", str(datasets), "--segnet_file", str(segnet),
+                      "--tboard", str(logs), "--test_only", "--test_split", "test",
+                      "--test_multi", "mcp", "--export_scores", str(export))
         assert out.returncode == 0, out.stdout + out.stderr
-        results = json.loads((logs / "results.json").read_text())
-        assert results["n_images"] == 1 and "ood" not in results["methods"]["mcp"]
-        assert "components" not in results["methods"]["mcp"]
+        assert "nothing scored" in out.stdout and (logs / "results.json").read_text() == "{}"
+        assert not (logs / "results.csv").exists()
         fid = image.stem[: -len("_leftImg8bit")] if name == "FishyscapesLAF" else image.stem
         folder = export / "anomaly_p" / "mcp" / dset
         assert sorted(p.name for p in folder.iterdir()) == [f"{fid}.hdf5", "mapping.txt"]
@@ -209,3 +224,12 @@ def test_score_export_temporary_folder_is_its_own_and_removed(tmp_path):
         incomplete.finish()
     incomplete.discard()
     assert sorted(p.name for p in root.iterdir()) == ["anomaly_p", "notes.txt"]
+    # another frame into the same folder with another mapping: refused before writing
+    other = tmp_path / "validation0002.jpg"
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(other)
+    huge = ScoreExport(root, "RoadAnomaly21", ["mcp"], [Pair(other, None, str(other))])
+    huge.add("mcp", torch.full((1, 4, 6), 1e6))
+    with pytest.raises(UsageError, match="1 frame.* written with identity, these scores need sign"):
+        huge.finish()
+    huge.discard()
+    assert not (root / "anomaly_p/mcp/AnomalyTrack-all/validation0002.hdf5").exists()

@@ -266,3 +266,17 @@ def test_cli_test_only_and_refusals(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "validation0001_labels_semantic.png" in lines[0], out.stderr
+
+
+def test_check_counts_the_test_frames_without_labels(tmp_path):
+    from obsnet.data.check import inspect_pair
+    from obsnet.data.smiyc import RoadAnomaly21
+    datasets = tmp_path / "datasets"
+    make_anomaly(datasets)
+    spec = SPECS["RoadAnomaly21"]
+    _, pairs = RoadAnomaly21.read_pairs(datasets, "test")
+    assert [p.image.name for p in pairs] == ["cow0000.jpg"] and pairs[0].label is None
+    counts, problems = inspect_pair(RoadAnomaly21, spec, pairs[0])
+    assert problems == [] and counts is not None and counts.sum() == 0
+    image, label = build_dataset(spec, datasets, "test", (32, 64))[0]
+    assert image.shape == (3, 32, 64) and label.shape == (8, 8) and (label == 255).all()

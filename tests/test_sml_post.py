@@ -108,3 +108,18 @@ def test_sml_post_is_the_post_processed_sml():
         kernel[::6, ::6] = gaussian_kernel(7, 1.0).numpy()
         expected = ndimage.correlate(by_hand, kernel, mode="nearest")
         np.testing.assert_allclose(post[i].double().numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sml_post_stays_float32_under_autocast(dtype):
+    torch.manual_seed(0)
+    segnet = freeze(SegNet(3, 12, width_mult=0.125))
+    cfg = MethodConfig(class_stats=toy_class_stats(12, 8))
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        batch = EvalBatch(images, segnet, None, segnet(images, return_feat=True), ())
+        sml, post = METHODS["sml"].fn(batch, cfg), METHODS["sml_post"].fn(batch, cfg)
+        pred = batch.feats[-1].argmax(dim=1)
+    assert post.dtype == torch.float32
+    expected = dilated_smoothing(suppress_boundaries(sml.float(), pred))  # outside autocast
+    torch.testing.assert_close(post, expected, rtol=0, atol=1e-6)

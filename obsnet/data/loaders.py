@@ -238,6 +238,9 @@ def build_loader(dataset: Dataset, bsize: int, train: bool, num_workers: int = 0
     generator = torch.Generator().manual_seed(seed + _rank(distributed))
     collate = None
     if getattr(dataset, "native_labels", False):
+        if skip_bad:
+            raise ValueError("skip_bad (training) and native-resolution labels (evaluation) "
+                             "do not go together")
         collate = partial(collate_native, pad_value=dataset.spec.ignore_id)
     if skip_bad:
         dataset, collate = SkipBadSamples(dataset), collate_skipping

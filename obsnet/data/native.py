@@ -68,11 +68,12 @@ class LabelGrid:
                           for i, (h, w) in enumerate(self.sizes)])
 
     def frames(self, maps: torch.Tensor) -> list[np.ndarray]:
-        """B×H×W maps -> one numpy array per frame, without the padding."""
+        """B×H×W maps -> one numpy array per frame, without the padding (copies: a kept frame
+        must not hold the whole padded batch alive)."""
         maps = maps.detach().cpu().numpy()
         if self.sizes is None:
-            return list(maps)
-        return [m[:h, :w] for m, (h, w) in zip(maps, self.sizes)]
+            return [m.copy() for m in maps]
+        return [m[:h, :w].copy() for m, (h, w) in zip(maps, self.sizes)]
 
 
 def nearest(x: torch.Tensor, size) -> torch.Tensor:

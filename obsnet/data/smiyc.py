@@ -12,11 +12,12 @@ Layouts, as the official ``road_anomaly_benchmark`` code reads them
         dataset_LostAndFound/leftImg8bit/{train,test}/<NN>_<scene>/<fid>_leftImg8bit.png
 
 Label files hold 0 in-distribution, 1 anomaly, 255 void; as the official code, any other
-value is void. The ``test`` splits are the frames whose labels are hidden (the leaderboard's):
-AnomalyTrack's images not named ``validation*`` (``AnomalyTrack-test``), ObstacleTrack's images
-of the official ``ObstacleTrack-test`` scenes, and LostAndFound's ``test`` images; their
-frames get labels of void only, so they serve ``--export_scores`` (a submission) and nothing
-is scored on them. They decode to the spec's ``inlier_id`` (in-distribution of no known class),
+value is void. The ``test`` splits are the frames scored without labels: the leaderboard's, whose labels
+are hidden (AnomalyTrack's images not named ``validation*``, ``AnomalyTrack-test``;
+ObstacleTrack's images of the official ``ObstacleTrack-test`` scenes), and for Fishyscapes
+LostAndFound's ``test`` images (``LostAndFound-test``; LostAndFound's own coarse labels are not
+read). Their frames get labels of void only, so they serve ``--export_scores`` and nothing is
+scored on them. They decode to the spec's ``inlier_id`` (in-distribution of no known class),
 its anomaly id and the ignore id. The split is ``validation`` (the tracks) or ``val``
 (Fishyscapes); there is no training split. ObstacleTrack's validation split leaves out the
 frames the official ``ObstacleTrack-validation`` excludes (prefixes ``validation_19``,
@@ -75,13 +76,19 @@ class _Track(PairDataset):
 
     splits = ("validation", "test")
     folder, ext = "", ""
+    validation_prefix = "validation"
     excluded: tuple[str, ...] = ()
 
     @classmethod
     def in_split(cls, stem: str, split: str) -> bool:
         """Whether frame ``stem`` belongs to ``split`` (validation: labelled, test: hidden)."""
         if split == "validation":
-            return stem.startswith("validation") and not stem.startswith(cls.excluded)
+            return stem.startswith(cls.validation_prefix) and not stem.startswith(cls.excluded)
+        return cls.in_test(stem)
+
+    @classmethod
+    def in_test(cls, stem: str) -> bool:
+        """Whether frame ``stem`` is one of the leaderboard's test frames."""
         return not stem.startswith("validation")
 
     @classmethod
@@ -116,12 +123,11 @@ class RoadObstacle21(_Track):
 
     default_spec = "RoadObstacle21"
     folder, ext = "dataset_ObstacleTrack", "webp"
+    validation_prefix = "validation_"
     excluded = OBSTACLE_EXCLUDED
 
     @classmethod
-    def in_split(cls, stem: str, split: str) -> bool:
-        if split == "validation":
-            return stem.startswith("validation_") and not stem.startswith(cls.excluded)
+    def in_test(cls, stem: str) -> bool:
         return stem.split("_")[0] in OBSTACLE_TEST_SCENES
 
 
@@ -148,7 +154,7 @@ def _laf_test_pairs(laf: Path) -> list[Pair]:
 
 class FishyscapesLAF(PairDataset):
     """Fishyscapes Lost & Found validation: Fishyscapes labels over LostAndFound images; its
-    ``test`` split is LostAndFound's test images, without labels (``LostAndFound-test``)."""
+    ``test`` split is LostAndFound's test images, read without labels (``LostAndFound-test``)."""
 
     splits = ("val", "test")
     default_spec = "FishyscapesLAF"
