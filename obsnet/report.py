@@ -47,8 +47,10 @@ def format_table(results: dict) -> str:
     then SegmentMeIfYouCan's component sIoU, PPV and mean F1 where computed."""
     seg = results["segnet"]
     lines = [f"split {results['split']} ({results['n_images']} images): SegNet mIoU "
-             f"{_percent(seg['miou'])}, pixel accuracy {_percent(seg['pixel_acc'])}",
-             "IoU per class: " + ", ".join(f"{name} {_percent(v)}" for name, v in seg["iou"].items())]
+             f"{_percent(seg['miou'])}, pixel accuracy {_percent(seg['pixel_acc'])}"]
+    if seg["miou"] is not None and seg["miou"] == seg["miou"]:  # NaN: no class ground truth
+        lines.append("IoU per class: " + ", ".join(f"{name} {_percent(v)}"
+                                                    for name, v in seg["iou"].items()))
     columns = columns_of(results)
     header = ["Method", "ms/img"] + [c[2] for c in columns]
     rows = [header]

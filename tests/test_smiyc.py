@@ -225,6 +225,7 @@ def test_cli_test_only_and_refusals(tmp_path):
            "--tboard", str(tmp_path / "logs")]
     out = main_py(*run, "--test_only", "--test_multi", "obsnet,mcp")
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "IoU per class" not in out.stdout  # no class ground truth: no line of n/a
     results = json.loads((tmp_path / "logs" / "results.json").read_text())
     assert results["split"] == "validation" and results["n_images"] == 3
     assert results["segnet"]["miou"] is None  # no class ground truth
