@@ -281,3 +281,17 @@ def test_check_counts_the_test_frames_without_labels(tmp_path):
     assert problems == [] and counts is not None and counts.sum() == 0
     image, label = build_dataset(spec, datasets, "test", (32, 64))[0]
     assert image.shape == (3, 32, 64) and label.shape == (8, 8) and (label == 255).all()
+
+
+def test_check_defaults_to_the_labelled_split_and_reads_test_frames_on_request(tmp_path):
+    from obsnet.data.check import check
+    datasets = tmp_path / "datasets"
+    make_track(datasets, "dataset_ObstacleTrack", OBSTACLE_STEMS, "webp")  # no test frame
+    lines, ok = check("RoadObstacle21", datasets)
+    assert ok and any(line.startswith("validation ") for line in lines), lines
+    lines, ok = check("RoadObstacle21", datasets, ["test"])
+    assert not ok and any("no *.webp frame of split 'test'" in line for line in lines)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(
+        datasets / "dataset_ObstacleTrack" / "images" / "gravel_0001.webp")
+    lines, ok = check("RoadObstacle21", datasets, ["test"])
+    assert ok and any(line.split()[:3] == ["test", "images", "1"] for line in lines), lines

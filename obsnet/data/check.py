@@ -157,7 +157,8 @@ def check(name: str, root: Path, splits: Sequence[str] | None = None,
     header = f"obsnet.check: {name} in {root}"
     if not root.is_dir():
         return [header, f"FAILED: dataset folder not found: {root}"], False
-    reports = [list_split(builder, root, split) for split in splits or builder.splits]
+    default = getattr(builder, "check_splits", ()) or builder.splits
+    reports = [list_split(builder, root, split) for split in splits or default]
     inspect_all(builder, spec, reports, workers)
     lines = [header, *format_summary(spec, reports), "", *format_shares(spec, reports), "",
              *format_problems(reports)]
@@ -170,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, choices=sorted(DATASETS), help="dataset name")
     parser.add_argument("--dset_folder", required=True, type=Path, help="dataset root folder")
-    parser.add_argument("--splits", nargs="+", help="splits to check (default: all known)")
+    parser.add_argument("--splits", nargs="+",
+                        help="splits to check (default: all known; the anomaly benchmarks: "
+                             "their labelled split, --splits test for the test frames)")
     parser.add_argument("--workers", type=int, default=4, help="reading threads")
     args = parser.parse_args(argv)
     if args.workers < 1:

@@ -75,6 +75,7 @@ class _Track(PairDataset):
     """A SegmentMeIfYouCan track: ``images/<fid>.<ext>`` with ``labels_masks/<fid>_labels_semantic.png``."""
 
     splits = ("validation", "test")
+    check_splits = ("validation",)  # python -m obsnet.check's default: the labelled frames
     folder, ext = "", ""
     validation_prefix = "validation"
     excluded: tuple[str, ...] = ()
@@ -157,6 +158,7 @@ class FishyscapesLAF(PairDataset):
     ``test`` split is LostAndFound's test images, read without labels (``LostAndFound-test``)."""
 
     splits = ("val", "test")
+    check_splits = ("val",)  # python -m obsnet.check's default: the labelled frames
     default_spec = "FishyscapesLAF"
 
     @staticmethod
