@@ -6,9 +6,10 @@ import re
 import signal
 import sys
 import threading
+import warnings
 
 from obsnet.data.errors import DatasetError, WorkerDied
-from obsnet.errors import UsageError
+from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.generic import is_generic, resolve_factory
 from obsnet.models.obsnet import HEADS
@@ -223,8 +224,27 @@ def run_friendly(program: str, fn, argv) -> int:
     """Call ``fn(argv)``; print known errors as one line (exit 2 usage, 1 runtime,
     128 + signal number for a graceful stop).
 
-    ``--debug`` in ``argv`` re-raises them with their traceback.
+    ``--debug`` in ``argv`` re-raises them with their traceback. Our own warnings
+    (``ObsnetWarning``) are printed as one line, ``program: warning: ...``.
     """
+    with warnings.catch_warnings():
+        if "--debug" not in argv:
+            warnings.showwarning = one_line_warnings(program, warnings.showwarning)
+        return _run_reporting_errors(program, fn, argv)
+
+
+def one_line_warnings(program: str, show_other):
+    """A ``warnings.showwarning`` that prints ``ObsnetWarning`` as one line and hands the
+    others to ``show_other``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ObsnetWarning):
+            print(f"{program}: warning: {message}", file=sys.stderr)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+    return show
+
+
+def _run_reporting_errors(program: str, fn, argv) -> int:
     try:
         return fn(argv)
     except Interrupted as exc:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from obsnet.models.blocks import resize
+from obsnet.errors import ObsnetWarning
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 RIDGE = 1e-6  # added to the covariance: RIDGE * trace / D * identity
@@ -131,13 +132,13 @@ class _Accumulator:
         never = [str(i) for i in range(c) if not seen[i]]
         if never:
             warnings.warn(f"--fit_stats: class(es) {', '.join(never)} never predicted on the "
-                          f"training split: sml uses mean 0, std 1 for them", stacklevel=2)
+                          f"training split: sml uses mean 0, std 1 for them", ObsnetWarning)
         present = self.n_label > 0
         feat_mean = s_feat / self.n_label.clamp_min(1)[:, None]
         missing = [str(i) for i in range(c) if not present[i]]
         if missing:
             warnings.warn(f"--fit_stats: class(es) {', '.join(missing)} have no labelled "
-                          f"training pixel: mahalanobis leaves them out", stacklevel=2)
+                          f"training pixel: mahalanobis leaves them out", ObsnetWarning)
         n = self.n_label.sum()
         cov = (outer - (feat_mean.T * self.n_label) @ feat_mean) / n
         cov = (cov + cov.T) / 2

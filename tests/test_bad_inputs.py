@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -23,6 +24,7 @@ from obsnet import cli as obsnet_cli
 from obsnet import inference
 from obsnet.cli_common import run_friendly
 from obsnet.data.specs import SPECS
+from obsnet.errors import ObsnetWarning
 from obsnet.data.synthetic import generate
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg
@@ -388,3 +390,18 @@ def partial_observer(fn, obsnet, segnet, criterion, device, cfg):
 def partial_segnet(fn, segnet, device):
     optimizer = torch.optim.SGD(segnet.parameters(), lr=0.01)
     return lambda loader: fn(0, segnet, loader, optimizer, 12, device, progress=False)
+
+
+def test_our_warnings_print_as_one_line_others_pass_on(capsys):
+    def warn_twice(argv):
+        warnings.warn("class(es) 3 never predicted", ObsnetWarning)
+        warnings.warn("a library's own warning", UserWarning)
+        return 0
+    with pytest.warns(UserWarning) as passed_on:
+        assert run_friendly("main.py", warn_twice, []) == 0
+    assert capsys.readouterr().err == "main.py: warning: class(es) 3 never predicted\n"
+    assert [str(w.message) for w in passed_on] == ["a library's own warning"]
+    with pytest.warns(UserWarning) as passed_on:
+        assert run_friendly("main.py", warn_twice, ["--debug"]) == 0
+    assert capsys.readouterr().err == ""
+    assert len(passed_on) == 2

@@ -140,6 +140,8 @@ def test_cli_fit_stats_then_test(run_dir):
     assert len(missing.stderr.strip().splitlines()) == 1 and "--fit_stats" in missing.stderr
     fitted = main_py(*TINY, *paths(run_dir), "--fit_stats")
     assert fitted.returncode == 0, fitted.stderr
+    said = [line for line in fitted.stderr.splitlines() if "never predicted" in line or "no labelled" in line]
+    assert all(line.startswith("main.py: warning: --fit_stats: class(es) ") for line in said), said
     assert stats_path(run_dir / "segnet.pth").is_file()
     again = main_py(*TINY, *paths(run_dir), "--fit_stats")
     assert again.returncode != 0 and "--overwrite" in again.stderr
