@@ -84,7 +84,7 @@ def recipe(args) -> list[tuple[str, list[str], Path]]:
                            "0.3"], work / "val_ood.txt"),
         ("train SegNet", [sys.executable, "main.py", *common, "--train_segnet", "--epoch",
                           str(args.seg_epochs), "--optim", "AdamW", "--lr", str(args.seg_lr),
-                          "--class_weights", "median_freq", "--scale_jitter", "0.5",
+                          "--class_weights", args.seg_class_weights, "--scale_jitter", "0.5",
                           "--tboard", str(logs / "segnet"), *continue_flag(seg_last)], seg_last),
         ("train ObsNet", [sys.executable, "main.py", *common, *observer, "--tboard",
                           str(logs / "obsnet"), *continue_flag(obs_last)], obs_last),
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width_mult", type=float, default=0.25)
     p.add_argument("--seg_epochs", type=int, default=50)
     p.add_argument("--seg_lr", type=float, default=0.003)
+    p.add_argument("--seg_class_weights", choices=("median_freq", "none"), default="median_freq",
+                   help="the SegNet's cross-entropy class weights")
     p.add_argument("--adv", default="min_random_patch")
     p.add_argument("--epsilon", type=float, default=0.025)
     p.add_argument("--obs_epochs", type=int, default=10)

@@ -124,3 +124,11 @@ def test_an_interrupted_training_stage_is_resumed(tmp_path):
     assert real_camvid.finished(last)
     train, _, _ = ablations.variant_commands(args, {"adv": "none"})
     assert "--overwrite" in train  # its own folder holds no last.pth
+
+
+def test_segnet_class_weights_option_reaches_its_stage(tmp_path):
+    parse = real_camvid.build_parser().parse_args
+    for given, expected in (([], "median_freq"), (["--seg_class_weights", "none"], "none")):
+        stages = real_camvid.recipe(parse(["--camvid", "x", "--out", str(tmp_path), *given]))
+        command = dict((name, cmd) for name, cmd, _ in stages)["train SegNet"]
+        assert command[command.index("--class_weights") + 1] == expected
