@@ -11,6 +11,7 @@ from pathlib import Path
 from obsnet.attacks import ATTACK_CHOICES
 from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
                                explicit_flags, parse_checked, run_friendly)
+from obsnet.data.class_weights import WEIGHTINGS
 from obsnet.data.specs import SPECS
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
 from obsnet.preset import adopt_segmenter_preset
@@ -91,7 +92,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _add_training_flags(a) -> None:
     """Training's loss, augmentation and observer ablations."""
-    a("--class_weights", default="none", choices=("none", "median_freq"),
+    a("--class_weights", default="none", choices=WEIGHTINGS,
       help="--train_segnet: cross-entropy class weights; median_freq = SegNet's median-frequency "
            "balancing over the training labels")
     a("--scale_jitter", type=float, default=0.0,

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from obsnet.models.blocks import resize
 from obsnet.errors import ObsnetWarning
+from obsnet.models.blocks import resize
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 RIDGE = 1e-6  # added to the covariance: RIDGE * trace / D * identity

@@ -24,8 +24,8 @@ from obsnet import cli as obsnet_cli
 from obsnet import inference
 from obsnet.cli_common import run_friendly
 from obsnet.data.specs import SPECS
-from obsnet.errors import ObsnetWarning
 from obsnet.data.synthetic import generate
+from obsnet.errors import ObsnetWarning
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.registry import build_models

@@ -7,6 +7,8 @@ from tqdm import tqdm
 
 from obsnet.data.camvid import PairDataset, label_counts, read_label
 
+WEIGHTINGS = ("none", "median_freq")  # the choices of main.py --class_weights
+
 
 def class_frequencies(dataset: PairDataset, nclass: int, progress: bool = True) -> np.ndarray:
     """freq(c) of every class 0 .. nclass - 1 over the label files of ``dataset`` (at their
