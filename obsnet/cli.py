@@ -94,7 +94,7 @@ def _add_training_flags(a) -> None:
     """Training's loss, augmentation and observer ablations."""
     a("--class_weights", default="none", choices=WEIGHTINGS,
       help="--train_segnet: cross-entropy class weights; median_freq = SegNet's median-frequency "
-           "balancing over the training labels")
+           "balancing over the training labels; sqrt_median_freq = its square root (softer)")
     a("--scale_jitter", type=float, default=0.0,
       help="training augmentation: random zoom in [1, 1 + S] then a crop, instead of the "
            "preset's fixed crop (0: off)")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from obsnet.attacks import AttackConfig, parse_attack
 from obsnet.cli_common import Interrupted, StopSignal, UsageError, signal_name
 from obsnet.component_eval import wants_components
-from obsnet.data.class_weights import class_frequencies, median_frequency_weights
+from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.data.synthetic import UNTOUCHED, ensure_synthetic, is_complete
 from obsnet.data.synthetic import refusal as synthetic_refusal
@@ -303,12 +303,14 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
 
 
 def segnet_class_weights(args, spec, rt):
-    """--class_weights: None, or the median-frequency weights of the training labels (said)."""
+    """--class_weights: None, or the (square-rooted) median-frequency weights of the training
+    labels (said)."""
     if args.class_weights == "none":
         return None
     dataset = build_dataset(spec, args.dset_folder, spec.train_split)
-    weights = median_frequency_weights(class_frequencies(dataset, args.nclass, rt.is_main))
-    log(rt, "median-frequency class weights: " + ", ".join(
+    weights = median_frequency_weights(class_frequencies(dataset, args.nclass, rt.is_main),
+                                       WEIGHTING_POWERS[args.class_weights])
+    log(rt, f"{args.class_weights} class weights: " + ", ".join(
         f"{name} {w:.2f}" for name, w in zip(spec.class_names, weights.tolist())))
     return weights
 

@@ -46,6 +46,9 @@ def test_median_frequency_by_hand(tmp_path):
     median = 0.4  # of 0.75, 0.4, 0.1
     np.testing.assert_allclose(weights[:3].numpy(), [median / 0.75, 1.0, median / 0.1], rtol=1e-6)
     assert (weights[3:] == 0).all()  # classes with no pixel weigh nothing
+    soft = median_frequency_weights(freq, power=0.5)
+    np.testing.assert_allclose(soft[:3].numpy(), [(0.4 / 0.75) ** 0.5, 1.0, 2.0], rtol=1e-6)
+    assert (soft[3:] == 0).all()
 
 
 def test_no_class_at_all_is_an_error():
@@ -76,14 +79,20 @@ def root(tmp_path_factory):
     return root
 
 
-def test_train_segnet_with_median_frequency_weights(root):
+@pytest.mark.parametrize("weighting, power", [("median_freq", 1.0), ("sqrt_median_freq", 0.5)])
+def test_train_segnet_with_median_frequency_weights(root, weighting, power):
     out = main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1", "--optim", "AdamW",
-                  "--lr", "0.01", "--class_weights", "median_freq", "--scale_jitter", "0.25")
+                  "--lr", "0.01", "--class_weights", weighting, "--scale_jitter", "0.25", "--overwrite")
     assert out.returncode == 0, out.stderr
-    line = next(s for s in out.stdout.splitlines() if "median-frequency class weights" in s)
-    assert "Sky" in line and "Road" in line
+    line = next(s for s in out.stdout.splitlines() if f"{weighting} class weights" in s)
+    said = dict(item.rsplit(" ", 1) for item in line.split("weights: ")[1].split(", "))
+    freq = class_frequencies(build_dataset(CAMVID, root / "data", "train"), 12, progress=False)
+    present = ~np.isnan(freq)
+    expected = np.where(present, (np.nanmedian(freq) / freq) ** power, 0.0)
+    np.testing.assert_allclose([float(said[n]) for n in CAMVID.class_names[:12]], expected,
+                               atol=0.006)
     config = json.loads((root / "logs" / "config.json").read_text())
-    assert config["class_weights"] == "median_freq" and config["scale_jitter"] == 0.25
+    assert config["class_weights"] == weighting and config["scale_jitter"] == 0.25
 
 
 def test_test_split_flag(root):
