@@ -1,5 +1,5 @@
 """The stages main.py runs, from resolved command-line arguments: train the SegNet, train the
-observer, evaluate; plus the run-time plumbing they share (DDP, checkpoints, stop signals)."""
+observer (here, with their stop signals and checkpoints), evaluate (``eval_stages``)."""
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -13,38 +13,25 @@ from tqdm import tqdm
 
 from obsnet.attacks import AttackConfig, parse_attack
 from obsnet.cli_common import Interrupted, StopSignal, UsageError, signal_name
-from obsnet.component_eval import wants_components
 from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, median_frequency_weights
-from obsnet.data.loaders import build_dataset, build_loader
-from obsnet.data.synthetic import UNTOUCHED, ensure_synthetic, is_complete
-from obsnet.data.synthetic import refusal as synthetic_refusal
-from obsnet.distributed import DistInfo, cleanup, device_for, init_distributed_mode, unwrap
+from obsnet.data.loaders import build_dataset
+from obsnet.distributed import cleanup, device_for, init_distributed_mode, unwrap
+from obsnet.eval_stages import stage_fit_stats, stage_test
 from obsnet.evaluate import evaluate
 from obsnet.losses import CRITERIA
-from obsnet.methods import MethodConfig, parse_methods
+from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
+from obsnet.models.checkpoint import first_nonfinite, save_checkpoint
 from obsnet.models.generic import is_generic
-from obsnet.models.checkpoint import CheckpointError, first_nonfinite, load_weights, save_checkpoint
-from obsnet.models.registry import (DEFAULT_HEAD, OBSERVER_FLAGS, build_models, init_from_segnet,
-                                    load_networks, merge_observer_flags, observer_record)
-from obsnet.outputs import Output, OutputLock
-from obsnet.preset import preset_record
-from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
-from obsnet.report import (NullWriter, format_table, log_pr_curves, log_preview, log_scalars, write_csv,
-                           write_json)
-from obsnet.score_export import ScoreExport, check_export_targets
+from obsnet.models.registry import (DEFAULT_HEAD, build_models, init_from_segnet, load_networks,
+                                    merge_observer_flags)
+from obsnet.report import NullWriter, log_preview, log_scalars, write_json
+from obsnet.run_checks import start_run
+from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
+                            segnet_last, set_epoch, wrap_ddp)
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                           train_segnet_epoch)
-from obsnet.utils import rng_state, set_rng_state
-
-
-def loader_for(args, spec, split: str, train: bool, rt=None):
-    """A data loader over one split of the dataset (sharded across DDP ranks)."""
-    dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train,
-                            scale_jitter=getattr(args, "scale_jitter", 0.0))
-    return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
-                        seed=max(args.seed, 0), distributed=bool(rt and rt.distributed),
-                        skip_bad=train and args.skip_bad_samples)
+from obsnet.training_state import make_optimizer, resume, training_state
 
 
 def attack_config(args, spec):
@@ -57,112 +44,6 @@ def attack_config(args, spec):
     real = tuple(c for c in range(spec.nclass) if c != spec.void_id)
     return AttackConfig(mode=parsed[0], mask=parsed[1], epsilon=args.epsilon, patch_size=patch,
                         nclass=args.nclass, mean=spec.mean, std=spec.std, target_classes=real)
-
-
-def make_optimizer(args, params, schedule: str = "multistep"):
-    """--optim with --lr (plain SGD, as the original) and a learning-rate schedule.
-
-    "multistep": the original observer schedule, x0.2 at epoch//2 and epoch-5;
-    "cosine": cosine decay over --epoch, used for the SegNet stage.
-    """
-    if args.optim == "SGD":
-        optimizer = torch.optim.SGD(params, lr=args.lr)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr)
-    if schedule == "cosine":
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epoch)
-    # As the original: a milestone listed twice decays twice (x0.04 at once for --epoch 10).
-    milestones = sorted(m for m in (args.epoch // 2, args.epoch - 5) if m > 0)
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
-
-
-def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
-    """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
-    resolved arguments and random generator states; the observer's architecture flags and head
-    (``observer``), which evaluation and inference.py run it with; the segmenter's preset
-    (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt."""
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "observer": observer_record(args), "preset": preset_record(args),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "best": best, "rng": rng_state(),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
-
-
-TRAINING_STATE = ("optimizer", "epoch", "best")  # what --resume needs beyond the weights
-
-
-def check_training_state(state, path: Path, optimizer) -> None:
-    """CheckpointError (one line) unless ``state`` is a training state this run can resume:
-    written by this program (not plain weights), with this run's --optim."""
-    missing = [k for k in TRAINING_STATE if k not in state]
-    if missing:
-        raise CheckpointError(f"--resume {path}: holds weights but no training state "
-                              f"({', '.join(missing)} missing); --resume continues from the "
-                              f"last.pth a training run wrote: start over with --overwrite")
-    saved = saved_optimizer(state)
-    if saved not in (None, type(optimizer).__name__):
-        raise CheckpointError(f"--resume {path}: this run was trained with --optim {saved}, not "
-                              f"--optim {type(optimizer).__name__}; resume with --optim {saved}, "
-                              f"or start over with --overwrite")
-
-
-OPTIMIZER_KEYS = {"SGD": "momentum", "AdamW": "betas"}  # a hyper-parameter only each one has
-
-
-def saved_optimizer(state: dict) -> str | None:
-    """The --optim a training state was written with (None when it cannot be told)."""
-    args = state.get("args")
-    if isinstance(args, dict) and args.get("optim") in OPTIMIZER_KEYS:
-        return args["optim"]
-    groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
-    group = groups[0] if isinstance(groups, list) and groups and isinstance(groups[0], dict) else {}
-    return next((name for name, key in OPTIMIZER_KEYS.items() if key in group), None)
-
-
-def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
-    """Load the training state file ``path`` (a ``last.pth``) into the training objects;
-    returns (next epoch, best metric)."""
-    state = load_weights(unwrap(model), path, "--resume")
-    check_training_state(state, path, optimizer)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"--resume {path}: its optimizer state does not fit this run "
-                              f"({exc}); start over with --overwrite") from None
-    # The learning-rate schedule follows this command's --epoch (which may extend the run):
-    # the scheduler is placed after the epochs done and the rates recomputed in closed form.
-    scheduler.last_epoch = state["epoch"] + 1
-    for group, lr in zip(optimizer.param_groups, scheduler._get_closed_form_lr()):
-        group["lr"] = lr
-    if "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    if "rng" in state:
-        set_rng_state(state["rng"])
-    print(f"Resumed from {path} at epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1, state["best"]
-
-
-def wrap_ddp(model, rt):
-    """DistributedDataParallel around ``model`` when running under torchrun."""
-    if not rt.distributed:
-        return model
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def set_epoch(loader, epoch: int, seed: int) -> None:
-    """The epoch's shuffle and worker seeds depend on (seed, epoch) only, so a resumed run
-    reads the same batches as an uninterrupted one."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(max(seed, 0) * 100_003 + epoch)
-
-
-def segnet_last(segnet_file) -> Path:
-    """The SegNet stage's resume file: ``ckpt/segnet.pth`` -> ``ckpt/segnet.last.pth``."""
-    path = Path(segnet_file)
-    return path.with_name(f"{path.stem}.last{path.suffix or '.pth'}")
 
 
 def stop_check(flag: StopSignal, rt):
@@ -364,12 +245,6 @@ def save_observer(folder: Path, state: dict, epoch: int, improved: bool, rt) -> 
     save_checkpoint(folder / "last.pth", state, "--obsnet_file")
 
 
-def observer_given(args) -> dict:
-    """The observer flags and head the command line asks for (head None: not given)."""
-    return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | \
-        {"head": args.obs_head, "model": args.model, "layers": args.observe_layers}
-
-
 def stage_train_obsnet(args, spec, rt, writer) -> None:
     """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
     train_loader = loader_for(args, spec, spec.train_split, True, rt)
@@ -463,218 +338,6 @@ def _observer_epochs(args, spec, rt, writer, run: ObserverRun) -> None:
         stop_if_asked(stop, flag, rt, seen, ("ObsNet", epoch, last))
     log(rt, f"ObsNet checkpoints in {run.folder} (best val error AUROC {best:.4f})")
     skipped_summary(rt, seen)
-
-
-def method_config(args, spec, observer: dict) -> MethodConfig:
-    """Hyper-parameters of the uncertainty methods, from the command line, the spec and the
-    observer's flags (``observer``, as its checkpoint records them)."""
-    void = None if spec.void_logit is None else spec.void_logit % args.nclass
-    return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
-                        odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
-                        void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
-                        std=spec.std, progress=True, no_residual=observer["no_residual"],
-                        no_img=observer["no_img"], class_stats=class_stats_for(args))
-
-
-def class_stats_for(args):
-    """The --fit_stats statistics of --segnet_file when --test_multi asks for them, else None."""
-    asked = getattr(args, "test_multi", None)
-    wanted = [n for n in parse_methods(asked) if n in FITTED_METHODS] if asked else []
-    if not wanted:
-        return None
-    return load_stats(stats_path(args.segnet_file), args.nclass, wanted[0])
-
-
-def stage_fit_stats(args, spec, rt, writer) -> None:
-    """--fit_stats: one pass of the frozen --segnet_file over the training split; writes the
-    statistics of sml and mahalanobis to ``<segnet stem>.stats.pth``."""
-    if rt.distributed:
-        raise UsageError("--fit_stats runs in one process: run it without torchrun")
-    loader = loader_for(args, spec, spec.train_split, False, rt)
-    segnet = load_networks(args.model, args.nclass, args.width_mult, False, args.segnet_file,
-                           device=rt.device, layers=args.observe_layers)[0]
-    stats = fit_class_stats(segnet, loader, args.nclass, rt.device, spec.ignore_id,
-                            progress=rt.is_main)
-    path = stats_path(args.segnet_file)
-    save_stats(stats, path)
-    log(rt, f"statistics of {int(stats.label_counts.sum())} labelled training pixels "
-            f"({stats.nclass} classes, {stats.feat_dim}-channel features) written to {path}")
-
-
-def refuse_missing_dropout(segnet, model: str, needs: list[str]) -> None:
-    """UsageError when what ``needs`` names (e.g. ["--test_multi mc_dropout"]) keeps dropout
-    active in a segmenter that has no dropout layer (``FeatureTap.has_dropout``)."""
-    if needs and not getattr(segnet, "has_dropout", True):
-        raise UsageError(f"{needs[0]} needs dropout layers in the segmenter, and --model {model} "
-                         f"has none; leave it out")
-
-
-def load_ensemble(args, device) -> list:
-    """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
-    files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
-    return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
-                          device=device, segnet_label="--ensemble member")[0] for f in files]
-
-
-def stage_test(args, spec, rt, writer) -> None:
-    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard
-    (and --export_scores' files)."""
-    if rt.distributed and wants_components(spec):  # the kept frames are not gathered across ranks
-        raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
-                         f"frame in one process; run it without torchrun (one process)")
-    names = parse_methods(args.test_multi)
-    loader = loader_for(args, spec, args.test_split, False, rt)
-    export_dir = getattr(args, "export_scores", None)
-    if export_dir is not None:  # refused before any work: files of an earlier export
-        check_export_targets(export_dir, spec.name, names, loader.dataset.samples, args.overwrite)
-    observer = observer_given(args)
-    if "obsnet" in names:
-        observer = merge_observer_flags(observer, args.obsnet_file)
-    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
-                                   args.segnet_file, args.obsnet_file if "obsnet" in names else None,
-                                   rt.device, head=observer["head"] or DEFAULT_HEAD,
-                                   layers=observer["layers"])
-    refuse_missing_dropout(segnet, args.model,
-                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
-    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
-    obsnet = obsnet if "obsnet" in names else None
-    export = None
-    if export_dir is not None and rt.is_main:
-        export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
-    try:
-        results, preview, meters = evaluate(
-            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer),
-            args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
-            ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
-        if getattr(loader.dataset, "labelled", True):
-            report_test(args, rt, writer, results, preview, meters, spec)
-        else:  # nothing scored: the results files of a labelled run stay as they are
-            log(rt, f"--test_split {args.test_split}: no labels, nothing scored; "
-                    f"results.json and results.csv not written")
-        if export is not None:
-            files = export.finish()
-            log(rt, f"--export_scores: {len(files)} file(s) written under "
-                    f"{Path(export_dir) / 'anomaly_p'}")
-    finally:
-        if export is not None:
-            export.discard()
-
-
-def report_test(args, rt, writer, results, preview, meters, spec) -> None:
-    """The test results: printed table, TensorBoard, results.json and results.csv."""
-    log(rt, format_table(results))  # first: a file that cannot be written must not hide it
-    log_scalars(writer, results, "Test", 0)
-    log_pr_curves(writer, meters, "Test", 0)
-    log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
-    if rt.is_main:
-        write_json(Path(args.tboard) / "results.json", results, "--tboard")
-        write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
-    log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: its DDP rank and its device."""
-
-    dist: DistInfo
-    device: torch.device
-    memory_format: torch.memory_format = torch.contiguous_format
-
-    @property
-    def distributed(self) -> bool:
-        return self.dist.distributed
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
-
-
-def log(rt: Runtime, message: str) -> None:
-    """Print on rank 0 only, without breaking the progress bars."""
-    if rt.is_main:
-        tqdm.write(message)
-
-
-def stage_outputs(args) -> list[Output]:
-    """The locations the stage of ``args`` writes: probed and locked before it starts."""
-    outputs = [Output("--tboard", Path(args.tboard), folder=True)]
-    if getattr(args, "fit_stats", False):
-        return [Output("--fit_stats", stats_path(args.segnet_file), folder=False), *outputs]
-    if args.test_only:
-        return outputs
-    if args.train_segnet:
-        return [Output("--segnet_file", Path(args.segnet_file), folder=False), *outputs]
-    return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]
-
-
-def earlier_checkpoints(args) -> tuple[str, Path, Path, list[Path]]:
-    """(flag, location, resume file, checkpoint files already there) of a training stage."""
-    if args.train_segnet:
-        last = segnet_last(args.segnet_file)
-        files = [Path(args.segnet_file), last]
-        return "--segnet_file", Path(args.segnet_file), last, [f for f in files if f.is_file()]
-    folder = Path(args.obsnet_file)
-    names = ["best.pth", "last.pth"] + sorted(p.name for p in folder.glob("epoch[0-9]*.pth")) \
-        if folder.is_dir() else []
-    return "--obsnet_file", folder, folder / "last.pth", [folder / n for n in names
-                                                          if (folder / n).is_file()]
-
-
-def check_earlier_run(args) -> None:
-    """UsageError, before any work, when a training run would replace the checkpoints of an
-    earlier run without --resume or --overwrite, or --resume has nothing to continue."""
-    if getattr(args, "fit_stats", False):
-        path = stats_path(args.segnet_file)
-        if path.is_file() and not args.overwrite:
-            raise UsageError(f"--fit_stats: {path} already exists; add --overwrite to replace it")
-        return
-    if args.test_only:
-        return
-    flag, where, last, existing = earlier_checkpoints(args)
-    if args.resume and args.overwrite:
-        raise UsageError(f"--resume continues the run in {where}, --overwrite starts it over: "
-                         f"give one of them")
-    if args.resume and not last.is_file():
-        raise UsageError(f"--resume: {last} not found (no earlier run to continue); run "
-                         f"without --resume to start")
-    if existing and not (args.resume or args.overwrite):
-        names = ", ".join(p.name for p in existing)
-        raise UsageError(f"{flag} {where}: checkpoints of an earlier run are there ({names}); "
-                         f"add --resume to continue that run or --overwrite to replace them")
-
-
-def check_dataset_folder(args) -> None:
-    """--data Synthetic writes its data only where that loses nothing (UsageError)."""
-    if args.data != "Synthetic":
-        return
-    reason = synthetic_refusal(args.dset_folder)
-    if reason is not None:
-        raise UsageError(f"--dset_folder {args.dset_folder}: {reason}; {UNTOUCHED}")
-
-
-def start_run(args, rt) -> OutputLock:
-    """Rank 0 checks the flags against what is on disk, probes and locks the outputs and
-    generates synthetic data, all before any training; then every rank learns whether that
-    went well, so no rank waits for one that stopped. Returns the held lock."""
-    lock, failure = OutputLock(stage_outputs(args) if rt.is_main else []), None
-    try:
-        if rt.is_main:
-            check_earlier_run(args)
-            check_dataset_folder(args)
-            lock.acquire()
-            if args.data == "Synthetic" and not is_complete(args.dset_folder):
-                ensure_synthetic(args.dset_folder, seed=0)
-    except BaseException as exc:
-        lock.release()
-        failure = exc
-    if rt.distributed:  # also the barrier the other ranks wait at for the generated data
-        ok = torch.tensor([0 if failure else 1], device=rt.device)
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        if not ok.item() and failure is None:
-            failure = UsageError("rank 0 could not start the run (see its message)")
-    if failure is not None:
-        raise failure
-    return lock
 
 
 def run_stage(args, spec) -> None:

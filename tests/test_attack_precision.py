@@ -12,7 +12,8 @@ from obsnet.data.specs import SPECS
 from obsnet.losses import CRITERIA
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
-from obsnet.stages import attack_config, make_optimizer
+from obsnet.stages import attack_config
+from obsnet.training_state import make_optimizer
 from obsnet.train import ObserverConfig, _epoch_summary, attack_counts, train_observer_epoch
 from obsnet.utils import amp_dtype, autocast
 

@@ -169,7 +169,7 @@ def test_void_picks_the_void_channel():
 
 def test_void_class_per_dataset_is_the_originals():
     from obsnet.data.specs import SPECS
-    from obsnet.stages import method_config
+    from obsnet.eval_stages import method_config
     from types import SimpleNamespace
     args = SimpleNamespace(T=2, Temp=1.0, odin_eps=0.0, odin_temp=1.0, gauss_lambda=0.0,
                            sampling_score="entropy", nclass=19)

@@ -1,0 +1,112 @@
+"""The evaluation stages of main.py: --fit_stats (class statistics for sml and mahalanobis)
+and --test_only (every method of --test_multi, its table and files)."""
+from pathlib import Path
+
+from obsnet.cli_common import UsageError
+from obsnet.component_eval import wants_components
+from obsnet.evaluate import evaluate
+from obsnet.methods import MethodConfig, parse_methods
+from obsnet.models.registry import DEFAULT_HEAD, load_networks, merge_observer_flags
+from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
+from obsnet.runtime import loader_for, log, observer_given, refuse_missing_dropout
+from obsnet.score_export import ScoreExport, check_export_targets
+from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
+
+
+def method_config(args, spec, observer: dict) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the command line, the spec and the
+    observer's flags (``observer``, as its checkpoint records them)."""
+    void = None if spec.void_logit is None else spec.void_logit % args.nclass
+    return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
+                        odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
+                        void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
+                        std=spec.std, progress=True, no_residual=observer["no_residual"],
+                        no_img=observer["no_img"], class_stats=class_stats_for(args))
+
+
+def class_stats_for(args):
+    """The --fit_stats statistics of --segnet_file when --test_multi asks for them, else None."""
+    asked = getattr(args, "test_multi", None)
+    wanted = [n for n in parse_methods(asked) if n in FITTED_METHODS] if asked else []
+    if not wanted:
+        return None
+    return load_stats(stats_path(args.segnet_file), args.nclass, wanted[0])
+
+
+def stage_fit_stats(args, spec, rt, writer) -> None:
+    """--fit_stats: one pass of the frozen --segnet_file over the training split; writes the
+    statistics of sml and mahalanobis to ``<segnet stem>.stats.pth``."""
+    if rt.distributed:
+        raise UsageError("--fit_stats runs in one process: run it without torchrun")
+    loader = loader_for(args, spec, spec.train_split, False, rt)
+    segnet = load_networks(args.model, args.nclass, args.width_mult, False, args.segnet_file,
+                           device=rt.device, layers=args.observe_layers)[0]
+    stats = fit_class_stats(segnet, loader, args.nclass, rt.device, spec.ignore_id,
+                            progress=rt.is_main)
+    path = stats_path(args.segnet_file)
+    save_stats(stats, path)
+    log(rt, f"statistics of {int(stats.label_counts.sum())} labelled training pixels "
+            f"({stats.nclass} classes, {stats.feat_dim}-channel features) written to {path}")
+
+
+def load_ensemble(args, device) -> list:
+    """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
+    files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
+    return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
+                          device=device, segnet_label="--ensemble member")[0] for f in files]
+
+
+def stage_test(args, spec, rt, writer) -> None:
+    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard
+    (and --export_scores' files)."""
+    if rt.distributed and wants_components(spec):  # the kept frames are not gathered across ranks
+        raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
+                         f"frame in one process; run it without torchrun (one process)")
+    names = parse_methods(args.test_multi)
+    loader = loader_for(args, spec, args.test_split, False, rt)
+    export_dir = getattr(args, "export_scores", None)
+    if export_dir is not None:  # refused before any work: files of an earlier export
+        check_export_targets(export_dir, spec.name, names, loader.dataset.samples, args.overwrite)
+    observer = observer_given(args)
+    if "obsnet" in names:
+        observer = merge_observer_flags(observer, args.obsnet_file)
+    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
+                                   args.segnet_file, args.obsnet_file if "obsnet" in names else None,
+                                   rt.device, head=observer["head"] or DEFAULT_HEAD,
+                                   layers=observer["layers"])
+    refuse_missing_dropout(segnet, args.model,
+                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
+    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
+    obsnet = obsnet if "obsnet" in names else None
+    export = None
+    if export_dir is not None and rt.is_main:
+        export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
+    try:
+        results, preview, meters = evaluate(
+            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer),
+            args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
+            ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
+        if getattr(loader.dataset, "labelled", True):
+            report_test(args, rt, writer, results, preview, meters, spec)
+        else:  # nothing scored: the results files of a labelled run stay as they are
+            log(rt, f"--test_split {args.test_split}: no labels, nothing scored; "
+                    f"results.json and results.csv not written")
+        if export is not None:
+            files = export.finish()
+            log(rt, f"--export_scores: {len(files)} file(s) written under "
+                    f"{Path(export_dir) / 'anomaly_p'}")
+    finally:
+        if export is not None:
+            export.discard()
+
+
+def report_test(args, rt, writer, results, preview, meters, spec) -> None:
+    """The test results: printed table, TensorBoard, results.json and results.csv."""
+    log(rt, format_table(results))  # first: a file that cannot be written must not hide it
+    log_scalars(writer, results, "Test", 0)
+    log_pr_curves(writer, meters, "Test", 0)
+    log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
+    if rt.is_main:
+        write_json(Path(args.tboard) / "results.json", results, "--tboard")
+        write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
+    log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")

@@ -1,0 +1,94 @@
+"""What main.py checks and locks before a stage starts: earlier checkpoints (--resume /
+--overwrite), the dataset folder, and the outputs it will write."""
+from pathlib import Path
+
+import torch
+
+from obsnet.cli_common import UsageError
+from obsnet.data.synthetic import UNTOUCHED, ensure_synthetic, is_complete
+from obsnet.data.synthetic import refusal as synthetic_refusal
+from obsnet.outputs import Output, OutputLock
+from obsnet.runtime import segnet_last
+from obsnet.stats import stats_path
+
+
+def stage_outputs(args) -> list[Output]:
+    """The locations the stage of ``args`` writes: probed and locked before it starts."""
+    outputs = [Output("--tboard", Path(args.tboard), folder=True)]
+    if getattr(args, "fit_stats", False):
+        return [Output("--fit_stats", stats_path(args.segnet_file), folder=False), *outputs]
+    if args.test_only:
+        return outputs
+    if args.train_segnet:
+        return [Output("--segnet_file", Path(args.segnet_file), folder=False), *outputs]
+    return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]
+
+
+def earlier_checkpoints(args) -> tuple[str, Path, Path, list[Path]]:
+    """(flag, location, resume file, checkpoint files already there) of a training stage."""
+    if args.train_segnet:
+        last = segnet_last(args.segnet_file)
+        files = [Path(args.segnet_file), last]
+        return "--segnet_file", Path(args.segnet_file), last, [f for f in files if f.is_file()]
+    folder = Path(args.obsnet_file)
+    names = ["best.pth", "last.pth"] + sorted(p.name for p in folder.glob("epoch[0-9]*.pth")) \
+        if folder.is_dir() else []
+    return "--obsnet_file", folder, folder / "last.pth", [folder / n for n in names
+                                                          if (folder / n).is_file()]
+
+
+def check_earlier_run(args) -> None:
+    """UsageError, before any work, when a training run would replace the checkpoints of an
+    earlier run without --resume or --overwrite, or --resume has nothing to continue."""
+    if getattr(args, "fit_stats", False):
+        path = stats_path(args.segnet_file)
+        if path.is_file() and not args.overwrite:
+            raise UsageError(f"--fit_stats: {path} already exists; add --overwrite to replace it")
+        return
+    if args.test_only:
+        return
+    flag, where, last, existing = earlier_checkpoints(args)
+    if args.resume and args.overwrite:
+        raise UsageError(f"--resume continues the run in {where}, --overwrite starts it over: "
+                         f"give one of them")
+    if args.resume and not last.is_file():
+        raise UsageError(f"--resume: {last} not found (no earlier run to continue); run "
+                         f"without --resume to start")
+    if existing and not (args.resume or args.overwrite):
+        names = ", ".join(p.name for p in existing)
+        raise UsageError(f"{flag} {where}: checkpoints of an earlier run are there ({names}); "
+                         f"add --resume to continue that run or --overwrite to replace them")
+
+
+def check_dataset_folder(args) -> None:
+    """--data Synthetic writes its data only where that loses nothing (UsageError)."""
+    if args.data != "Synthetic":
+        return
+    reason = synthetic_refusal(args.dset_folder)
+    if reason is not None:
+        raise UsageError(f"--dset_folder {args.dset_folder}: {reason}; {UNTOUCHED}")
+
+
+def start_run(args, rt) -> OutputLock:
+    """Rank 0 checks the flags against what is on disk, probes and locks the outputs and
+    generates synthetic data, all before any training; then every rank learns whether that
+    went well, so no rank waits for one that stopped. Returns the held lock."""
+    lock, failure = OutputLock(stage_outputs(args) if rt.is_main else []), None
+    try:
+        if rt.is_main:
+            check_earlier_run(args)
+            check_dataset_folder(args)
+            lock.acquire()
+            if args.data == "Synthetic" and not is_complete(args.dset_folder):
+                ensure_synthetic(args.dset_folder, seed=0)
+    except BaseException as exc:
+        lock.release()
+        failure = exc
+    if rt.distributed:  # also the barrier the other ranks wait at for the generated data
+        ok = torch.tensor([0 if failure else 1], device=rt.device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if not ok.item() and failure is None:
+            failure = UsageError("rank 0 could not start the run (see its message)")
+    if failure is not None:
+        raise failure
+    return lock
