@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width_mult", type=float, default=0.25)
     p.add_argument("--seg_epochs", type=int, default=50)
     p.add_argument("--seg_lr", type=float, default=0.003)
-    p.add_argument("--seg_class_weights", choices=WEIGHTINGS, default="median_freq",
+    p.add_argument("--seg_class_weights", choices=WEIGHTINGS, default="sqrt_median_freq",
                    help="the SegNet's cross-entropy class weights")
     p.add_argument("--adv", default="min_random_patch")
     p.add_argument("--epsilon", type=float, default=0.025)

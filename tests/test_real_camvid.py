@@ -128,8 +128,8 @@ def test_an_interrupted_training_stage_is_resumed(tmp_path):
 
 def test_segnet_class_weights_option_reaches_its_stage(tmp_path):
     parse = real_camvid.build_parser().parse_args
-    for given, expected in (([], "median_freq"), (["--seg_class_weights", "none"], "none"),
-                            (["--seg_class_weights", "sqrt_median_freq"], "sqrt_median_freq")):
+    for given, expected in (([], "sqrt_median_freq"), (["--seg_class_weights", "none"], "none"),
+                            (["--seg_class_weights", "median_freq"], "median_freq")):
         stages = real_camvid.recipe(parse(["--camvid", "x", "--out", str(tmp_path), *given]))
         command = dict((name, cmd) for name, cmd, _ in stages)["train SegNet"]
         assert command[command.index("--class_weights") + 1] == expected
