@@ -2,12 +2,14 @@
 or evaluate uncertainty methods. ``python main.py`` alone runs the CPU demo.
 
 The same command line runs as ``python main.py``, ``python -m obsnet`` and the ``obsnet``
-console script; only the program name in usage and error lines differs."""
+console script; only the program name in usage and error lines differs, and the demo (which
+writes into the current folder) must be asked for by name there: ``obsnet demo``."""
 import argparse
 import os
 import sys
 from pathlib import Path
 
+from obsnet import __version__
 from obsnet.attacks import ATTACK_CHOICES
 from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
                                explicit_flags, parse_checked, run_friendly)
@@ -87,6 +89,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _add_method_flags(a)
     _add_evaluation_flags(a)
     a("--debug", action="store_true", help="show tracebacks")
+    a("--version", action="version", version=f"obsnet {__version__}")
     return p
 
 
@@ -149,10 +152,23 @@ def check_args(args, spec) -> None:
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     check_nclass_and_size(args, spec)
+    check_observer_ablations(args)
     if not -1 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be -1 (not seeded) or in 0..{MAX_SEED} (got {args.seed})")
     if args.num_workers < 0:
         raise UsageError("--num_workers must be >= 0")
+
+
+def check_observer_ablations(args) -> None:
+    """UsageError for ablations that leave the observer nothing to see, or that its light
+    variant (--obs_mlp, which reads the SegNet's up4 map alone) would silently ignore."""
+    if args.no_img and args.no_residual:
+        raise UsageError("--no_img with --no_residual: the observer would see neither the image "
+                         "nor the segmenter's maps; give one of them")
+    ignored = [flag for flag in ("no_img", "no_residual") if getattr(args, flag)]
+    if args.obs_mlp and ignored:
+        raise UsageError(f"--obs_mlp with --{ignored[0]}: the light observer reads the SegNet's up4 "
+                         f"map alone, so --{ignored[0]} cannot apply to it; leave one of them out")
 
 
 def resolve_args(args, explicit=frozenset()):
@@ -221,16 +237,34 @@ def run_demo(prog: str = "main.py") -> int:
         if "--train_segnet" in stage and Path(DEMO_COMMON[5]).is_file():
             print(f"[demo] {DEMO_COMMON[5]} exists: SegNet training skipped")
             continue
-        print("[demo] python main.py " + " ".join(argv), flush=True)
+        print(f"[demo] {command_name(prog)} " + " ".join(argv), flush=True)
         run(argv, prog)
     return 0
 
 
+def command_name(prog: str) -> str:
+    """How a user types the program ``prog`` names: ``python main.py`` for the root script."""
+    return f"python {prog}" if prog.endswith(".py") else prog
+
+
+def run_command(argv, prog: str = "main.py") -> int:
+    """One command: the demo (``demo`` alone; also no argument at all for ``python main.py``,
+    the original project's way), else a stage. The package's faces (``obsnet``, ``python -m
+    obsnet``) refuse an empty command line rather than start the demo in the current folder."""
+    if list(argv) == ["demo"] or (not argv and prog == "main.py"):
+        return run_demo(prog)
+    if not argv:
+        raise UsageError(f"no flags given: '{command_name(prog)} demo' runs the demo (it writes "
+                         f"data/, ckpt/ and logs/ in the current folder); "
+                         f"'{command_name(prog)} --help' lists the flags")
+    return run(argv, prog)
+
+
 def main(argv=None, prog: str = "main.py") -> int:
-    """Entry point: friendly one-line errors (``prog: error: ...``) unless --debug; no
-    argument runs the demo."""
+    """Entry point: friendly one-line errors (``prog: error: ...``) unless --debug; see
+    ``run_command`` for the demo."""
     argv = sys.argv[1:] if argv is None else argv
-    return run_friendly(prog, lambda a: run(a, prog) if a else run_demo(prog), argv)
+    return run_friendly(prog, lambda a: run_command(a, prog), argv)
 
 
 def console_main() -> int:

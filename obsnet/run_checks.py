@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from obsnet.cli_common import UsageError
-from obsnet.data.synthetic import UNTOUCHED, ensure_synthetic, is_complete
+from obsnet.data.synthetic import UNTOUCHED, claim, ensure_synthetic, is_complete
 from obsnet.data.synthetic import refusal as synthetic_refusal
 from obsnet.outputs import Output, OutputLock
 from obsnet.runtime import segnet_last
@@ -61,12 +61,14 @@ def check_earlier_run(args) -> None:
 
 
 def check_dataset_folder(args) -> None:
-    """--data Synthetic writes its data only where that loses nothing (UsageError)."""
-    if args.data != "Synthetic":
+    """--data Synthetic writes its data only where that loses nothing (UsageError); a folder it
+    may write is claimed now, before the run's own outputs (which may lie inside it) exist."""
+    if args.data != "Synthetic" or is_complete(args.dset_folder):
         return
     reason = synthetic_refusal(args.dset_folder)
     if reason is not None:
         raise UsageError(f"--dset_folder {args.dset_folder}: {reason}; {UNTOUCHED}")
+    claim(args.dset_folder)
 
 
 def start_run(args, rt) -> OutputLock:

@@ -96,8 +96,10 @@ def _left_by_earlier_version(root: Path, entries: list[str]) -> bool:
     return True
 
 
-def _claim(root: Path) -> None:
-    """Refuse a folder that is not ours (DatasetError), else mark it as ours."""
+def claim(root) -> None:
+    """Refuse a folder that is not ours (DatasetError), else mark it as ours (creating it):
+    main.py claims it before it creates its own outputs, which may lie inside it."""
+    root = Path(root)
     reason = refusal(root)
     if reason is not None:
         raise DatasetError(f"{root}: {reason}; {UNTOUCHED}")
@@ -136,7 +138,7 @@ def generate(root, seed: int = 0, n_train: int = DEFAULT_COUNTS["train"],
     params = _params(seed, n_train, n_val, n_test, size)
     if not overwrite and _read_marker(root) == params:
         return root
-    _claim(root)
+    claim(root)
     _clear(root)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     jobs = [(split, i) for split, n in counts.items() for i in range(n)]
