@@ -1,9 +1,13 @@
 """The evaluation stages of main.py: --fit_stats (class statistics for sml and mahalanobis)
 and --test_only (every method of --test_multi, its table and files)."""
+import warnings
 from pathlib import Path
 
 from obsnet.cli_common import UsageError
 from obsnet.component_eval import wants_components
+from obsnet.data.errors import DatasetError
+from obsnet.data.specs import DatasetSpec
+from obsnet.errors import ObsnetWarning
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig, parse_methods
 from obsnet.models.registry import DEFAULT_HEAD, load_networks, merge_observer_flags
@@ -102,6 +106,7 @@ def stage_test(args, spec, rt, writer) -> None:
 
 def report_test(args, rt, writer, results, preview, meters, spec) -> None:
     """The test results: printed table, TensorBoard, results.json and results.csv."""
+    check_scorable(results, spec, rt.is_main)
     log(rt, format_table(results))  # first: a file that cannot be written must not hide it
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
@@ -110,3 +115,22 @@ def report_test(args, rt, writer, results, preview, meters, spec) -> None:
         write_json(Path(args.tboard) / "results.json", results, "--tboard")
         write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
     log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
+
+
+def check_scorable(results: dict, spec: DatasetSpec, warn: bool = True) -> None:
+    """A DatasetError when the labelled split gives no metric at all: every label pixel void
+    or ignored, or no anomaly pixel on a preset whose metrics are all OOD ones (the anomaly
+    benchmarks); an ObsnetWarning (when ``warn``) when only the OOD metrics are undefined."""
+    split, images = f"--test_split {results['split']}", f"{results['n_images']} image(s)"
+    pixels = results["pixels"]
+    if pixels["scored"] == 0:
+        raise DatasetError(f"{split}: nothing to score: every label pixel of its {images} is "
+                           f"void or ignored; nothing written")
+    if pixels["anomaly"] or not spec.anomaly_ids:  # Cityscapes: no anomaly class, OOD n/a
+        return
+    if spec.inlier_id is not None:  # no class ground truth: only OOD metrics
+        raise DatasetError(f"{split}: nothing to score: its {images} hold no anomaly pixel "
+                           f"(label 1), and {spec.name}'s metrics are all OOD ones; nothing written")
+    if warn:
+        warnings.warn(f"{split}: its {images} hold no anomaly pixel: the OOD metrics are "
+                      f"undefined (n/a); the error-detection metrics are scored", ObsnetWarning)

@@ -79,6 +79,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
+    ``pixels`` (with a method) counts the pixels scored and the anomaly ones among them.
     ``ood`` and ``error`` pool the pixels of the whole split, ``ood_per_image`` averages over
     the images (anomaly-seg's protocol); meters are summed across DDP ranks. For the
     SegmentMeIfYouCan / Fishyscapes presets each method also gets ``components`` (sIoU, PPV,
@@ -172,4 +173,7 @@ def _results(split, confusion, meters, n_images, spec, device):
             per_image = m.ood_image.compute()
             entry["ood_per_image"] = {k: per_image[k] for k in ("auroc", "aupr", "fpr95")}
         out["methods"][name] = entry
+        # every method scores the same pixels: those a protocol counts, and the anomaly ones
+        out["pixels"] = {"scored": max(err["n_pos"] + err["n_neg"], ood["n_pos"] + ood["n_neg"]),
+                         "anomaly": ood["n_pos"]}
     return out

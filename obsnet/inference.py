@@ -22,7 +22,7 @@ from obsnet.data.specs import SPECS
 from obsnet.models.registry import load_networks, merge_observer_flags
 from obsnet.visual import colorize_labels, viridis
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}  # any letter case; .webp: RoadObstacle21's
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
     p.add_argument("--segnet_file", required=True, help="SegNet checkpoint")
     p.add_argument("--obsnet_file", required=True, help="ObsNet checkpoint, or a folder (its best.pth)")
-    p.add_argument("--img_folder", required=True, help="folder of images (png, jpg, bmp)")
+    p.add_argument("--img_folder", required=True, help="folder of images (png, jpg, jpeg, bmp, webp)")
     p.add_argument("--out", required=True, help="output folder")
     add_model_flags(p, "channel width of the checkpoints")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,

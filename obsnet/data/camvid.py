@@ -241,6 +241,11 @@ class PairDataset(Dataset):
         return label
 
     @classmethod
+    def check_raw(cls, raw: tv_tensors.Mask, pair: Pair) -> None:
+        """DatasetError for label file values the loader accepts but the dataset cannot hold
+        (``python -m obsnet.check`` only; the benchmarks' 0/1/255). Nothing here."""
+
+    @classmethod
     def decode_pair(cls, label: tv_tensors.Mask, spec: DatasetSpec,
                     pair: Pair) -> tv_tensors.Mask:
         """Label file values of ``pair`` -> dataset ids: ``decode``, unless the decoding

@@ -3,10 +3,12 @@
     python -m obsnet.check --data NAME --dset_folder PATH [--splits S ...] [--workers N]
 
 Reports, per split: the split file and its image count; missing or unreadable files;
-image / label size mismatches; label values the dataset cannot have; labels with every
-pixel ignored; anomaly and ignore pixel counts; per-class pixel shares (%). The listing, path
-resolution and label decoding are the loaders' own (``obsnet.data.loaders.DATASETS``); no
-transform or resize is applied.
+image / label size mismatches; label values the dataset cannot have (the benchmarks': raw
+values other than 0, 1, 255, which the loader reads as void); labels with every pixel ignored;
+frames a benchmark's loader refuses (one frame in two files) or leaves out (images of a format
+its layout does not name); anomaly and ignore pixel counts; per-class pixel shares (%). The
+listing, path resolution and label decoding are the loaders' own
+(``obsnet.data.loaders.DATASETS``); no transform or resize is applied.
 Exit status: 0 when nothing is wrong, 1 when a problem was found, 2 for a usage error.
 """
 import argparse
@@ -70,6 +72,7 @@ def inspect_pair(builder: type[PairDataset], spec: DatasetSpec,
     raw = _attempt(problems, read_label, pair.label, pair.source)
     if raw is None:
         return None, problems
+    _attempt(problems, builder.check_raw, raw, pair)
     label = _attempt(problems, builder.decode_pair, raw, spec, pair)
     if label is None:
         return None, problems
