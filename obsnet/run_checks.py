@@ -89,8 +89,8 @@ def dataset_inputs(args, planned: list[Planned]) -> list[Input]:
     """The list files, images and labels the stage reads, when a planned file lies in
     --dset_folder (nothing to compare otherwise). A split that cannot be read is left to its
     loader, which says so before anything is written."""
-    root = Path(args.dset_folder).expanduser().resolve()
-    if not any(Path(p.path).expanduser().resolve().is_relative_to(root) for p in planned):
+    root = Path(args.dset_folder).expanduser()
+    if not any(Path(p.path).expanduser().resolve().is_relative_to(root.resolve()) for p in planned):
         return []
     inputs = []
     for split in stage_splits(args):
