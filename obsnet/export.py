@@ -23,9 +23,10 @@ from obsnet.cli_common import (MIN_SIDE, add_model_flags, check_model_flags, che
 from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
 from obsnet.models.generic import logits_of
-from obsnet.models.registry import load_networks, merge_observer_flags
+from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
 from obsnet.models.segnet import freeze
-from obsnet.outputs import Output, OutputLock, atomic_write
+from obsnet.outputs import (Input, Output, OutputLock, Planned, atomic_write,
+                            check_outputs_not_inputs)
 
 PROG = "python -m obsnet.export"
 INPUT_NAME = "image"
@@ -179,10 +180,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def check_args(args, spec) -> None:
-    """UsageError for flag values that cannot work, before any heavy work."""
+    """UsageError for flag values that cannot work, and for an --out that is one of the
+    checkpoints, before any heavy work."""
     check_model_flags(args)
     check_nclass_and_size(args, spec)
     out = Path(args.out)
+    check_outputs_not_inputs([Planned("--out", out, out)],
+                             [Input("--segnet_file", Path(args.segnet_file)),
+                              Input("--obsnet_file", observer_path(args.obsnet_file))])
     if out.is_file() and not args.overwrite:
         raise UsageError(f"--out {out}: the file exists; add --overwrite to replace it")
 

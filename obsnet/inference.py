@@ -3,8 +3,12 @@ probability map (float16 .npy, input resolution) per image.
 
     python inference.py --data CamVid --segnet_file ckpt/camvid/segnet.pth \\
         --obsnet_file ckpt/camvid/best.pth --img_folder photos/ --out out/
+
+--out is locked while the run writes; each file is written atomically. Its files are listed in
+``MARKER``: an existing output is replaced only with --overwrite and only when listed there.
 """
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -19,10 +23,13 @@ from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, c
                                model_flags, parse_checked, run_friendly)
 from obsnet.data.camvid import read_image
 from obsnet.data.specs import SPECS
-from obsnet.models.registry import load_networks, merge_observer_flags
+from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
+from obsnet.outputs import (Input, Output, OutputLock, atomic_write, check_outputs_not_inputs,
+                            exists, listed_files, planned_in, same_file, unlisted, write_listing)
 from obsnet.visual import colorize_labels, viridis
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}  # any letter case; .webp: RoadObstacle21's
+MARKER = ".written_by_obsnet_inference"  # in --out: the files inference.py wrote there
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -34,6 +41,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--obsnet_file", required=True, help="ObsNet checkpoint, or a folder (its best.pth)")
     p.add_argument("--img_folder", required=True, help="folder of images (png, jpg, jpeg, bmp, webp)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out (never other files)")
     add_model_flags(p, "channel width of the checkpoints")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="network input size (default: the preset)")
@@ -64,6 +73,46 @@ def output_name(image: Path) -> str:
     return image.name
 
 
+def output_files(images: list[Path]) -> list[str]:
+    """The files a run writes in --out for ``images``: a triptych and a map per image."""
+    return [f"{output_name(image)}{ext}" for image in images for ext in (".png", ".npy")]
+
+
+def check_out(args, images: list[Path]) -> None:
+    """UsageError when --out is --img_folder (a rerun would take the outputs as images), or
+    when an output would replace an input (an image or a checkpoint), before any work."""
+    out, folder = Path(args.out), Path(args.img_folder)
+    if same_file(out, folder):
+        raise UsageError(f"--out {out}: the same folder as --img_folder {folder} (a rerun would "
+                         f"read the outputs as images); choose another --out")
+    inputs = [Input("--img_folder image", image) for image in images]
+    inputs += [Input("--segnet_file", Path(args.segnet_file)),
+               Input("--obsnet_file", observer_path(args.obsnet_file))]
+    check_outputs_not_inputs(planned_in("--out", out, [*output_files(images), MARKER]), inputs)
+
+
+def claim_out(out: Path, names: list[str], overwrite: bool) -> None:
+    """UsageError when a file of ``names`` is in ``out`` and inference.py did not write it
+    (not listed in ``MARKER``, even with ``overwrite``), or wrote it and ``overwrite`` is off.
+    Then ``MARKER`` lists ``names`` too, before any of them is written."""
+    marker = out / MARKER
+    listed = listed_files(marker)
+    if listed is None and exists(marker):
+        raise UsageError(f"--out {out}: {MARKER} there is not inference.py's list of its outputs; "
+                         f"not replaced; choose another --out")
+    foreign = unlisted(out, names, listed or [])
+    if foreign:
+        raise UsageError(f"--out {out}: {foreign[0]} there was not written by inference.py (not "
+                         f"listed in {MARKER}); not replaced, even with --overwrite; choose "
+                         f"another --out")
+    earlier = [name for name in names if exists(out / name)]
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise UsageError(f"--out {out}: outputs of an earlier run are there ({shown}); add "
+                         f"--overwrite to replace them")
+    write_listing(marker, [*(listed or []), *names], "--out", written_by="inference.py")
+
+
 def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
     """uint8 images of any sizes -> one normalised batch at the network size."""
     batch = [TF.resize(img, list(size), antialias=True) for img in images]
@@ -88,12 +137,16 @@ def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) 
     pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
     rgb = image.float() / 255
     overlay = 0.5 * rgb + 0.5 * colorize_labels(pred[None], colors)[0]
-    save_image(torch.cat([rgb, overlay, viridis(prob[None], 0.0, 1.0)[0]], dim=2), out / f"{stem}.png")
-    np.save(out / f"{stem}.npy", prob.cpu().numpy().astype(np.float16))
+    triptych, raw = io.BytesIO(), io.BytesIO()
+    save_image(torch.cat([rgb, overlay, viridis(prob[None], 0.0, 1.0)[0]], dim=2), triptych,
+               format="png")
+    np.save(raw, prob.cpu().numpy().astype(np.float16))
+    for data, path in ((triptych, out / f"{stem}.png"), (raw, out / f"{stem}.npy")):
+        atomic_write(path, lambda f, data=data: f.write(data.getbuffer()), "--out")
 
 
 def run(argv, prog: str | None = None) -> int:
-    """Parse the flags, load the networks and process the folder in batches (``prog``: see
+    """Parse and check the flags, lock and claim --out, then ``infer`` (``prog``: see
     ``build_parser``)."""
     args = parse_checked(build_parser(prog), argv)
     spec = SPECS[args.data]
@@ -102,6 +155,14 @@ def run(argv, prog: str | None = None) -> int:
         raise UsageError("--bsize must be at least 1")
     check_model_flags(args)
     files = list_images(Path(args.img_folder))
+    check_out(args, files)
+    with OutputLock([Output("--out", Path(args.out), folder=True)]):
+        claim_out(Path(args.out), output_files(files), args.overwrite)
+        return infer(args, spec, files)
+
+
+def infer(args, spec, files: list[Path]) -> int:
+    """Load the networks and process the images ``files`` in batches into --out."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = merge_observer_flags(model_flags(args), args.obsnet_file)
     nclass = spec.nclass if args.nclass is None else args.nclass
@@ -110,7 +171,6 @@ def run(argv, prog: str | None = None) -> int:
                                    device, head=flags["head"], layers=flags.get("layers"))
     obsnet.eval()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     size = tuple(args.size or spec.size)
     for start in tqdm(range(0, len(files), args.bsize), desc="Inference", unit="batch"):
         chunk = files[start:start + args.bsize]

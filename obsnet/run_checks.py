@@ -1,15 +1,20 @@
-"""What main.py checks and locks before a stage starts: earlier checkpoints (--resume /
---overwrite), the dataset folder, and the outputs it will write."""
+"""What main.py checks and locks before a stage starts: no output is an input, earlier
+checkpoints (--resume / --overwrite), the dataset folder, and the outputs it will write."""
 from pathlib import Path
 
 import torch
 
 from obsnet.cli_common import UsageError
+from obsnet.data.errors import DatasetError
+from obsnet.data.loaders import dataset_builder
+from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import UNTOUCHED, claim, ensure_synthetic, is_complete
 from obsnet.data.synthetic import refusal as synthetic_refusal
-from obsnet.outputs import Output, OutputLock
+from obsnet.methods import parse_methods
+from obsnet.models.registry import observer_path
+from obsnet.outputs import Input, Output, OutputLock, Planned, check_outputs_not_inputs, planned_in
 from obsnet.runtime import segnet_last
-from obsnet.stats import stats_path
+from obsnet.stats import FITTED_METHODS, stats_path
 
 
 def stage_outputs(args) -> list[Output]:
@@ -22,6 +27,87 @@ def stage_outputs(args) -> list[Output]:
     if args.train_segnet:
         return [Output("--segnet_file", Path(args.segnet_file), folder=False), *outputs]
     return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]
+
+
+def tboard_files(args) -> list[str]:
+    """The names of the files the stage writes in --tboard (TensorBoard's event files aside:
+    each run gives its own a new name)."""
+    return ["config.json", *(["results.json", "results.csv"] if args.test_only else [])]
+
+
+def observer_files(args) -> list[str]:
+    """The checkpoints an observer training run writes in --obsnet_file: best.pth, last.pth
+    and epochNNN.pth every 5 epochs (``stages.save_observer``)."""
+    return ["best.pth", "last.pth", *(f"epoch{e:03d}.pth" for e in range(5, args.epoch + 1, 5))]
+
+
+def planned_files(args) -> list[Planned]:
+    """Every file the stage of ``args`` writes (what ``check_inputs`` compares with its inputs)."""
+    planned = planned_in("--tboard", args.tboard, tboard_files(args))
+    segnet = Path(args.segnet_file)
+    if getattr(args, "fit_stats", False):
+        return [Planned("--segnet_file", segnet, stats_path(segnet)), *planned]
+    if args.test_only:
+        return planned
+    if args.train_segnet:
+        return [Planned("--segnet_file", segnet, segnet),
+                Planned("--segnet_file", segnet, segnet_last(segnet)), *planned]
+    return [*planned_in("--obsnet_file", args.obsnet_file, observer_files(args)), *planned]
+
+
+def model_inputs(args) -> list[Input]:
+    """The checkpoint and weight files the stage of ``args`` reads (--resume's file aside: it
+    is the run's own output, read to continue it)."""
+    if getattr(args, "fit_stats", False):
+        return [Input("--segnet_file", Path(args.segnet_file))]
+    if args.train_segnet:
+        weights = [(flag, getattr(args, flag.lstrip("-"), None))
+                   for flag in ("--vgg_weights", "--backbone_weights")]
+        return [Input(flag, Path(value)) for flag, value in weights
+                if value and value != "imagenet"]
+    inputs = [Input("--segnet_file", Path(args.segnet_file))]
+    if not args.test_only:
+        return inputs
+    names = parse_methods(args.test_multi)
+    if "obsnet" in names:
+        inputs.append(Input("--obsnet_file", observer_path(args.obsnet_file)))
+    if any(name in FITTED_METHODS for name in names):
+        inputs.append(Input("--segnet_file's statistics", stats_path(args.segnet_file)))
+    members = [m.strip() for m in (args.ensemble or "").split(",") if m.strip()]
+    return inputs + [Input("--ensemble member", Path(m)) for m in members]
+
+
+def stage_splits(args) -> list[str]:
+    """The dataset splits the stage of ``args`` reads."""
+    spec = SPECS[args.data]
+    if getattr(args, "fit_stats", False):
+        return [spec.train_split]
+    return [args.test_split] if args.test_only else [spec.train_split, spec.val_split]
+
+
+def dataset_inputs(args, planned: list[Planned]) -> list[Input]:
+    """The list files, images and labels the stage reads, when a planned file lies in
+    --dset_folder (nothing to compare otherwise). A split that cannot be read is left to its
+    loader, which says so before anything is written."""
+    root = Path(args.dset_folder).expanduser()
+    if not any(Path(p.path).expanduser().resolve().is_relative_to(root.resolve()) for p in planned):
+        return []
+    inputs = []
+    for split in stage_splits(args):
+        try:
+            split_file, pairs = dataset_builder(args.data).read_pairs(root, split)
+        except (DatasetError, OSError):
+            continue
+        files = [split_file, *(f for pair in pairs for f in (pair.image, pair.label) if f)]
+        inputs += [Input("--dset_folder file", Path(f)) for f in files]
+    return inputs
+
+
+def check_inputs(args) -> None:
+    """UsageError, before any work and whatever --overwrite says, when a file the stage would
+    write is, or would replace, one of its inputs (``outputs.check_outputs_not_inputs``)."""
+    planned = planned_files(args)
+    check_outputs_not_inputs(planned, model_inputs(args) + dataset_inputs(args, planned))
 
 
 def earlier_checkpoints(args) -> tuple[str, Path, Path, list[Path]]:
@@ -78,6 +164,7 @@ def start_run(args, rt) -> OutputLock:
     lock, failure = OutputLock(stage_outputs(args) if rt.is_main else []), None
     try:
         if rt.is_main:
+            check_inputs(args)
             check_earlier_run(args)
             check_dataset_folder(args)
             lock.acquire()

@@ -432,8 +432,8 @@ def test_inference_writes_maps(trained):
                           "--img_folder", str(images), "--out", str(out), "--size", "32", "48",
                           "--width_mult", str(WIDTH))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["a.png.npy", "a.png.png", "b.png.npy",
-                                                     "b.png.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".written_by_obsnet_inference", "a.png.npy",
+                                                     "a.png.png", "b.png.npy", "b.png.png"]
     for name, (h, w) in sizes.items():
         prob = np.load(out / f"{name}.npy")
         assert prob.shape == (h, w) and 0 <= prob.min() and prob.max() <= 1

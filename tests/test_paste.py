@@ -270,7 +270,7 @@ def test_overwrite_own_output_keeps_foreign_files(root, capsys):
     assert ood_files(root) == other
 
 
-def test_interrupted_run_leaves_no_list_file(root, monkeypatch):
+def test_interrupted_run_leaves_nothing(root, monkeypatch):
     calls = []
 
     def interrupt(*args, **kwargs):
@@ -279,12 +279,14 @@ def test_interrupted_run_leaves_no_list_file(root, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
+    before = files_of(root)
     real = paste.paste_objects
     monkeypatch.setattr(paste, "paste_objects", interrupt)
     assert main(["--root", str(root), "--split", "val"]) == 130
-    assert (root / "val_ood" / NAMES[0]).is_file() and not (root / "val_ood.txt").exists()
+    assert files_of(root) == before  # frames were written aside, then removed with their folder
+    assert sorted(p.name for p in root.iterdir()) == ["val", "val.txt", "valannot"]
     monkeypatch.setattr(paste, "paste_objects", real)
-    run_ok("--root", root, "--split", "val", "--overwrite")
+    run_ok("--root", root, "--split", "val")  # nothing to overwrite
     assert (root / "val_ood.txt").is_file()
 
 

@@ -26,7 +26,11 @@ seed gives byte-identical files, and a frame does not depend on the others.
 
 Nothing the tool did not write is overwritten: existing outputs are refused unless
 ``--overwrite`` is given and the folders carry this tool's marker (``MARKER``), which lists
-the files it wrote; only those are replaced.
+the files it wrote; only those are replaced, and a file of the new split that the marker does
+not list is refused. No output may be one of the inputs (the split's list, images and labels,
+the cut-outs). The new split is written aside, in temporary folders next to the outputs
+(``.{split}_ood.PID.HEX8.tmp``), and moved in only once every frame is done: a failure leaves
+the previous output as it was and no temporary folder. ``--out`` is locked while the run writes.
 
 Tune on val_ood, never on the test split: a pasted val split is for choosing thresholds,
 hyper-parameters and checkpoints; the test split (CamVid-OOD's test_ood) is for the final
@@ -34,9 +38,9 @@ numbers only.
 """
 import argparse
 import colorsys
-import json
 import math
 import os
+import shutil
 import sys
 import zlib
 from collections.abc import Sequence
@@ -51,6 +55,9 @@ from tqdm import tqdm
 from obsnet.cli_common import UsageError, run_friendly
 from obsnet.data.camvid import Pair, check_size, read_image, read_label, read_list
 from obsnet.data.errors import DatasetError
+from obsnet.outputs import (Input, Output, OutputError, OutputLock, Planned, atomic_write,
+                            check_outputs_not_inputs, exists, listed_files, temp_folder, unlisted,
+                            write_listing)
 
 PROG = "python -m obsnet.paste"
 MARKER = ".written_by_obsnet_paste"
@@ -351,24 +358,6 @@ def output_names(pairs: Sequence[Pair]) -> list[str]:
     return list(seen)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _marker_files(folder: Path) -> list[str] | None:
-    """The file names this tool's marker in ``folder`` lists; None when there is no marker."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-        files = marker["files"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    # Only plain names are trusted: a hand-edited marker must not reach outside the folder.
-    return [f for f in files if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")]
-
-
 def _list_is_ours(outputs: Outputs) -> bool:
     """True when every line of the existing list file names files in the two output folders."""
     try:
@@ -380,33 +369,53 @@ def _list_is_ours(outputs: Outputs) -> bool:
     return all(len(f) == 2 and all(p.startswith(q) for p, q in zip(f, prefixes)) for f in fields)
 
 
-def claim_outputs(outputs: Outputs, names: Sequence[str], overwrite: bool,
-                  info: dict | None = None) -> None:
-    """Make the output folders this run's: FileExistsError (one line, naming the path) when an
-    output exists and ``overwrite`` is off or it is not this tool's; with ``overwrite``, the
-    previous run's listed files and list file are removed. Writes the markers."""
-    existing = [p for p in outputs if p.exists() or p.is_symlink()]
+def previous_files(outputs: Outputs) -> dict[Path, list[str]]:
+    """The files this tool's marker lists in each output folder that has one."""
+    listed = {folder: listed_files(folder / MARKER) for folder in outputs[:2]}
+    return {folder: files for folder, files in listed.items() if files is not None}
+
+
+def check_previous(outputs: Outputs, names: Sequence[str], overwrite: bool) -> None:
+    """FileExistsError (one line, naming the path) when an output exists and ``overwrite`` is
+    off, when it is not this tool's, or when a file the new split would write is in an output
+    folder without being listed in its marker (even with ``overwrite``)."""
+    existing = [p for p in outputs if exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; not overwritten "
                               f"(--overwrite replaces this tool's own output)")
-    previous = {}
-    for folder in outputs[:2]:
-        if folder.exists() or folder.is_symlink():
-            previous[folder] = _marker_files(folder)
-            if previous[folder] is None or folder.is_symlink():
-                raise FileExistsError(f"{folder}: exists and has no {MARKER} marker (not written by "
-                                      f"{PROG}); not overwritten, even with --overwrite")
+    previous = previous_files(outputs)
+    for folder in (f for f in outputs[:2] if exists(f)):
+        if folder not in previous or folder.is_symlink():
+            raise FileExistsError(f"{folder}: exists and has no {MARKER} marker (not written by "
+                                  f"{PROG}); not overwritten, even with --overwrite")
+        foreign = unlisted(folder, names, previous[folder])
+        if foreign:
+            raise FileExistsError(f"{folder / foreign[0]}: exists and is not listed in {MARKER} "
+                                  f"(not written by {PROG}); not overwritten, even with --overwrite")
     if outputs.list_file.exists() and (len(previous) < 2 or not _list_is_ours(outputs)):
         raise FileExistsError(f"{outputs.list_file}: exists and was not written by {PROG}; "
                               "not overwritten, even with --overwrite")
-    outputs.list_file.unlink(missing_ok=True)
-    for folder, files in previous.items():
-        for name in files:
-            (folder / name).unlink(missing_ok=True)
-    marker = json.dumps({"written_by": PROG, **(info or {}), "files": list(names)}, indent=1)
+
+
+def planned_files(outputs: Outputs, names: Sequence[str]) -> list[Planned]:
+    """Every file the run writes, or removes (the previous output's)."""
+    out, previous = outputs.list_file.parent, previous_files(outputs)
+    files = [outputs.list_file]
     for folder in outputs[:2]:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / MARKER, marker)
+        files += [folder / MARKER, *(folder / n for n in (*names, *previous.get(folder, ())))]
+    return [Planned("--out", out, f) for f in files]
+
+
+def paste_inputs(split: str, list_file: Path, pairs: Sequence[Pair],
+                 objects: Path | None) -> list[Input]:
+    """The files a run reads: the split's list, images and labels, the cut-outs' files."""
+    inputs = [Input(f"--split {split} list", list_file)]
+    inputs += [Input(f"--split {split} {kind}", path) for pair in pairs
+               for kind, path in (("image", pair.image), ("label", pair.label))]
+    if objects is not None and objects.is_dir():
+        inputs += [Input("--objects file", p) for p in sorted(objects.iterdir())
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return inputs
 
 
 def check_free_id(pairs: Sequence[Pair], anomaly_id: int, allow: bool) -> int:
@@ -423,39 +432,92 @@ def check_free_id(pairs: Sequence[Pair], anomaly_id: int, allow: bool) -> int:
     return len(used)
 
 
-def paste_frame(pair: Pair, name: str, outputs: Outputs, config: PasteConfig,
-                cutouts: Sequence[Cutout] | None) -> str:
-    """Read one pair, paste, write both PNGs; returns its list-file line."""
+def paste_frame(pair: Pair, name: str, config: PasteConfig,
+                cutouts: Sequence[Cutout] | None) -> Pasted:
+    """Read one pair and paste objects into it (the generator of the output file ``name``)."""
     image = read_image(pair.image, pair.source)
     label = read_label(pair.label, pair.source)
     check_size(image, label, pair)
-    pasted = paste_objects(image.permute(1, 2, 0).numpy(), label.numpy(),
-                           frame_rng(config.seed, name), config, cutouts)
-    Image.fromarray(pasted.image).save(outputs.image_dir / name)
-    Image.fromarray(pasted.label).save(outputs.label_dir / name)
-    return f"{outputs.image_dir.name}/{name} {outputs.label_dir.name}/{name}\n"
+    return paste_objects(image.permute(1, 2, 0).numpy(), label.numpy(),
+                         frame_rng(config.seed, name), config, cutouts)
+
+
+def save_png(array: np.ndarray, path: Path, what: str) -> None:
+    """Write ``array`` as a PNG file; an OutputError naming ``what`` when it cannot be."""
+    try:
+        Image.fromarray(array).save(path, format="PNG")
+    except OSError as exc:
+        raise OutputError(f"{what} cannot be written ({exc.strerror or exc}); the previous "
+                          f"output is unchanged") from None
+
+
+def write_aside(outputs: Outputs, pairs: Sequence[Pair], names: Sequence[str],
+                config: PasteConfig, cutouts: Sequence[Cutout] | None,
+                progress: bool) -> tuple[Path, Path]:
+    """Paste every frame into two new temporary folders next to the output folders; returns
+    them. On any failure (a bad image, a full disk, a stop) they are removed."""
+    temps, out = [], outputs.list_file.parent
+    try:
+        temps = [temp_folder(folder) for folder in outputs[:2]]
+        for pair, name in tqdm(list(zip(pairs, names)), desc=f"paste {outputs.image_dir.name}",
+                               unit="img", file=sys.stderr, disable=not progress):
+            pasted = paste_frame(pair, name, config, cutouts)
+            for array, folder, temp in zip(pasted[:2], outputs[:2], temps):
+                save_png(array, temp / name, f"--out {out}: {folder.name}/{name}")
+    except BaseException:
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return temps[0], temps[1]
+
+
+def swap_in(outputs: Outputs, temps: tuple[Path, Path], names: Sequence[str],
+            info: dict) -> None:
+    """Replace the previous output by the split written aside in ``temps``: its list file goes
+    first, then per folder the previous files (listed, with the new ones, in the marker while
+    they change), then the new files move in; the list file is written last."""
+    previous = previous_files(outputs)
+    outputs.list_file.unlink(missing_ok=True)  # from here on the split is incomplete
+    for folder, temp in zip(outputs[:2], temps):
+        old = previous.get(folder, [])
+        folder.mkdir(parents=True, exist_ok=True)
+        write_listing(folder / MARKER, [*old, *names], "--out", **info)
+        for name in set(old) - set(names):
+            (folder / name).unlink(missing_ok=True)
+        for name in names:
+            os.replace(temp / name, folder / name)
+        write_listing(folder / MARKER, names, "--out", **info)
+    lines = "".join(f"{outputs.image_dir.name}/{n} {outputs.label_dir.name}/{n}\n" for n in names)
+    atomic_write(outputs.list_file, lambda f: f.write(lines.encode()), "--out")
 
 
 def paste_split(root: Path, split: str, config: PasteConfig, out: Path | None = None,
                 objects: Path | None = None, overwrite: bool = False,
                 allow_existing_id: bool = False, progress: bool = True) -> Path:
     """Write the ``{split}_ood`` version of ``root/{split}.txt`` under ``out`` (default
-    ``root``); returns its list file, written last (an interrupted run leaves none)."""
+    ``root``), aside first, then swapped in; returns its list file, written last (a run that
+    fails or is stopped leaves the previous output as it was)."""
     check_config(config)
     root = Path(root).expanduser().absolute()
     out = root if out is None else Path(out).expanduser().absolute()
+    objects = None if objects is None else Path(objects).expanduser()
     list_file, pairs = read_list(root, split)
     names = output_names(pairs)
-    cutouts = load_cutouts(Path(objects).expanduser()) if objects is not None else None
+    cutouts = load_cutouts(objects) if objects is not None else None
     check_free_id(pairs, config.anomaly_id, allow_existing_id)
     outputs = output_paths(out, split)
-    info = {"source": str(list_file), "objects": str(objects) if objects else "procedural",
-            "config": asdict(config)}
-    claim_outputs(outputs, names, overwrite, info)
-    lines = [paste_frame(pair, name, outputs, config, cutouts)
-             for pair, name in tqdm(list(zip(pairs, names)), desc=f"paste {split}", unit="img",
-                                    file=sys.stderr, disable=not progress)]
-    write_atomic(outputs.list_file, "".join(lines))
+    check_outputs_not_inputs(planned_files(outputs, names),
+                             paste_inputs(split, list_file, pairs, objects))
+    info = {"written_by": PROG, "source": str(list_file),
+            "objects": str(objects) if objects else "procedural", "config": asdict(config)}
+    with OutputLock([Output("--out", out, folder=True)]):
+        check_previous(outputs, names, overwrite)
+        temps = write_aside(outputs, pairs, names, config, cutouts, progress)
+        try:
+            swap_in(outputs, temps, names, info)
+        finally:
+            for temp in temps:
+                shutil.rmtree(temp, ignore_errors=True)
     return outputs.list_file
 
 
