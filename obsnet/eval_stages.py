@@ -44,7 +44,7 @@ def stage_fit_stats(args, spec, rt, writer) -> None:
         raise UsageError("--fit_stats runs in one process: run it without torchrun")
     loader = loader_for(args, spec, spec.train_split, False, rt)
     segnet = load_networks(args.model, args.nclass, args.width_mult, False, args.segnet_file,
-                           device=rt.device, layers=args.observe_layers)[0]
+                           device=rt.device, layers=args.observe_layers, probe_size=args.size)[0]
     stats = fit_class_stats(segnet, loader, args.nclass, rt.device, spec.ignore_id,
                             progress=rt.is_main)
     path = stats_path(args.segnet_file)
@@ -57,7 +57,8 @@ def load_ensemble(args, device) -> list:
     """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
     files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
     return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
-                          device=device, segnet_label="--ensemble member")[0] for f in files]
+                          device=device, segnet_label="--ensemble member",
+                          probe_size=args.size)[0] for f in files]
 
 
 def stage_test(args, spec, rt, writer) -> None:
@@ -77,7 +78,7 @@ def stage_test(args, spec, rt, writer) -> None:
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
                                    args.segnet_file, args.obsnet_file if "obsnet" in names else None,
                                    rt.device, head=observer["head"] or DEFAULT_HEAD,
-                                   layers=observer["layers"])
+                                   layers=observer["layers"], probe_size=args.size)
     refuse_missing_dropout(segnet, args.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))

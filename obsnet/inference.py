@@ -166,12 +166,13 @@ def infer(args, spec, files: list[Path]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = merge_observer_flags(model_flags(args), args.obsnet_file)
     nclass = spec.nclass if args.nclass is None else args.nclass
+    size = tuple(args.size or spec.size)
     segnet, obsnet = load_networks(args.model, nclass, args.width_mult,
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
-                                   device, head=flags["head"], layers=flags.get("layers"))
+                                   device, head=flags["head"], layers=flags.get("layers"),
+                                   probe_size=size)
     obsnet.eval()
     out = Path(args.out)
-    size = tuple(args.size or spec.size)
     for start in tqdm(range(0, len(files), args.bsize), desc="Inference", unit="batch"):
         chunk = files[start:start + args.bsize]
         images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]

@@ -169,7 +169,8 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
     weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
     segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                          backbone_weights=weights, layers=args.observe_layers)[0]
+                          backbone_weights=weights, layers=args.observe_layers,
+                          probe_size=args.size)[0]
     segnet = segnet.to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
     run = SegNetRun(net=segnet, model=segnet, train_loader=train_loader, val_loader=val_loader,
@@ -256,7 +257,8 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
         args.obs_head, args.observe_layers = recorded["head"], recorded["layers"]
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
                                    args.segnet_file, device=rt.device,
-                                   head=args.obs_head or DEFAULT_HEAD, layers=args.observe_layers)
+                                   head=args.obs_head or DEFAULT_HEAD, layers=args.observe_layers,
+                                   probe_size=args.size)
     refuse_missing_dropout(segnet, args.model, ["--drop"] if args.drop else [])
     args.observe_layers = getattr(segnet, "layers", None)  # recorded in the checkpoints
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))

@@ -65,13 +65,14 @@ class NonFinite:
     and at the end of the epoch, before anything is saved) and raises FloatingPointError.
 
     Under DDP the end-of-epoch check takes the earliest step over the ranks, so that every
-    rank stops together.
+    rank stops together. ``lr_name``: how the message names the learning rate (the command
+    line's flag, or the Python API's setting).
     """
 
     NONE = 2 ** 62  # no non-finite loss yet
 
-    def __init__(self, tag: str, epoch: int, device):
-        self.tag, self.epoch = tag, epoch
+    def __init__(self, tag: str, epoch: int, device, lr_name: str = "--lr"):
+        self.tag, self.epoch, self.lr_name = tag, epoch, lr_name
         self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
         self.value = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -94,7 +95,7 @@ class NonFinite:
         value = self.value.item() if step == int(self.first.item()) else "not finite"
         raise FloatingPointError(
             f"{self.tag} training diverged: the loss is {value} at epoch {self.epoch}, step "
-            f"{step}; nothing of epoch {self.epoch} was saved (lower --lr)")
+            f"{step}; nothing of epoch {self.epoch} was saved (lower {self.lr_name})")
 
 
 def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig):
@@ -139,7 +140,8 @@ def attack_counts(attack, pred, error, valid) -> torch.Tensor:
 
 
 def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scaler, amp: bool,
-               writer, progress: bool, log_every: int, stop, has_target) -> dict:
+               writer, progress: bool, log_every: int, stop, has_target,
+               lr_name: str = "--lr") -> dict:
     """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and a
     tensor of counts (observer correct, SegNet correct, pixels, then the attack's counts of
     ``observer_step`` for the observer); backward through the GradScaler, sums
@@ -149,10 +151,11 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
     A batch where ``has_target(labels)`` (on the CPU labels: no device sync) is false, every
     pixel ignored, is skipped (its loss would be NaN) and counted (``unlabelled_batches``);
     under DDP it still takes part in the step, with zero gradients from this rank. An epoch
-    without any optimizer step is a DatasetError, raised before anything is saved."""
+    without any optimizer step is a DatasetError, raised before anything is saved.
+    ``lr_name``: see ``NonFinite``."""
     # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
-    nonfinite = NonFinite(tag, epoch, device)
+    nonfinite = NonFinite(tag, epoch, device, lr_name)
     skipped: list[str] = []
     bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
     clock = {"data_wait": 0.0, "start": time.perf_counter()}
@@ -217,11 +220,12 @@ def _timed_batches(batches, clock: dict):
 
 def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,
                          cfg: ObserverConfig, writer=None, progress=True, scaler=None,
-                         amp: bool = False, stop=None) -> dict:
+                         amp: bool = False, stop=None, lr_name: str = "--lr") -> dict:
     """Train the observer for one epoch; returns mean loss, accuracies and ``skipped`` (the
     messages of unreadable samples left out by ``--skip_bad_samples``).
 
     ``stop``: a callable checked after every optimizer step; when true, TrainingStopped.
+    ``lr_name``: how a divergence message names the learning rate (``NonFinite``).
     """
     obsnet.train()
     segnet.eval()
@@ -236,7 +240,7 @@ def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, de
 
     return _run_epoch("ObsNet", epoch, loader, device, batch_loss, optimizer,
                       scaler or make_scaler(device, False), amp, writer, progress, cfg.log_every,
-                      stop, partial(_has_pixel_besides, cfg.ignore_id))
+                      stop, partial(_has_pixel_besides, cfg.ignore_id), lr_name)
 
 
 def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,

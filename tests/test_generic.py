@@ -11,6 +11,10 @@ what the checkpoints record, --test_only (and its refusals: mc_dropout without d
 layers, other --observe_layers or --model than the checkpoint's), bad model flags, inference.py,
 ``python -m obsnet.export`` and onnxruntime parity of its file at two sizes and batch sizes,
 and a user factory trained and tested end to end.
+Flawed user factories (``tests/toy_segmenter.py``: a dict output without "out", float16
+weights, a fixed input size, TorchScript, a classifier, NaN outputs) are one line naming
+--model; a network that takes only --size's images is probed at --size, and one that changes
+its input in place trains with the attack.
 
 An lraspp export takes about 30 s on 2 cores: it is done once, by the CLI, and the parity
 test compares that file with an ExportGraph(tap, observer) built here from the checkpoints.
@@ -33,7 +37,8 @@ from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
-from obsnet.models.generic import auto_layers, build_generic, family_layers, resolve_factory
+from obsnet.models.generic import (FeatureTap, auto_layers, build_generic, family_layers,
+                                   probe_maps, resolve_factory)
 from tests import toy_segmenter
 
 LRASPP = "torchvision:lraspp_mobilenet_v3_large"
@@ -530,3 +535,128 @@ def test_failing_factory_is_one_value_error():
     with pytest.raises(ValueError, match=r"--model tests.toy_segmenter:broken: the factory failed "
                                          r"\(TypeError: cannot build 5 classes\)"):
         build_generic(f"{TOY}:broken", 5, WIDTH)
+
+
+# ----------------------------------------------------------------------------- flawed factories
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """Synthetic data at 32x48 (8 train, 4 val, 4 test) for the toy factories' runs."""
+    root = tmp_path_factory.mktemp("toy-data")
+    generate(root, seed=0, n_train=8, n_val=4, n_test=4, size=(32, 48))
+    return root
+
+
+def toy_run(toy_data, root, factory, *flags, script=main_py):
+    """main.py (or ``script``) with --model tests.toy_segmenter:``factory`` on ``toy_data``,
+    its files in ``root``; ``flags`` last (a --size there wins)."""
+    return script(*CLI_TINY, "--model", f"{TOY}:{factory}", "--dset_folder", str(toy_data),
+                  "--segnet_file", str(root / "segnet.pth"), "--obsnet_file", str(root / "obsnet"),
+                  "--tboard", str(root / "logs"), "--epoch", "1", *flags)
+
+
+FLAWED_FACTORIES = [
+    pytest.param("dict_without_out", [], 'its output is a dict without "out" (keys: logits, aux); '
+                 "return the logits, or {\"out\": logits} as torchvision's models do",
+                 id="dict-without-out"),
+    pytest.param("half", [], "its weights are float16 (first: stem.0.weight), and segmenters run "
+                 "in float32 here; convert it with .float() (--amp gives mixed precision)",
+                 id="half-precision"),
+    pytest.param("fixed_size", ["--size", "64", "64"], "the probe pass at --size 64 64 failed "
+                 "(RuntimeError: The size of tensor a (64) must match the size of tensor b (48) "
+                 "at non-singleton dimension 3): one random image through the network, before "
+                 "the run, to find the maps to observe; give --size a size the network takes",
+                 id="probe-fails-at-size"),
+    pytest.param("scripted", [], "a TorchScript module (torch.jit.script or torch.jit.trace), "
+                 "whose layers cannot be observed (forward hooks do not run inside TorchScript); "
+                 "give the nn.Module it was made from", id="torchscript"),
+    pytest.param("traced", [], "a TorchScript module (torch.jit.script or torch.jit.trace), "
+                 "whose layers cannot be observed (forward hooks do not run inside TorchScript); "
+                 "give the nn.Module it was made from", id="torchscript-traced"),
+    pytest.param("classifier", [], "not a segmentation network: its output is 1×12 (B×C, a "
+                 "classifier's), and B×C×H×W class logits are needed", id="classifier"),
+    pytest.param("nan_output", [], "gives NaN or infinite values for a random image at --size 32 "
+                 "48 (first: layer head) before anything was trained; check how it is built (its "
+                 "weights)", id="nan-output"),
+]
+
+
+@pytest.mark.parametrize("factory,flags,message", FLAWED_FACTORIES)
+def test_flawed_factory_is_one_line(factory, flags, message, toy_data, tmp_path):
+    """A user factory whose network cannot be observed: exit 1, one line naming --model and
+    what is wrong (not a traceback, not a misleading flag), no segmenter written."""
+    result = toy_run(toy_data, tmp_path, factory, "--train_segnet", *flags)
+    assert error_line(result, code=1) == f"main.py: error: --model {TOY}:{factory}: {message}"
+    assert not (tmp_path / "segnet.pth").exists()
+
+
+def test_fixed_size_network_is_probed_at_the_runs_size(toy_data, tmp_path):
+    """A network that takes only 32x48 images trains its segmenter, tests and runs
+    inference.py at --size 32 48 (the probe pass is made at --size, not 64x64)."""
+    segmenter = toy_run(toy_data, tmp_path, "fixed_size", "--train_segnet")
+    assert segmenter.returncode == 0, segmenter.stderr[-3000:]
+    observer = toy_run(toy_data, tmp_path, "fixed_size")
+    assert observer.returncode == 0, observer.stderr[-3000:]
+    tested = toy_run(toy_data, tmp_path, "fixed_size", "--test_only", "--test_multi", "obsnet,mcp")
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    inferred = inference_py("--data", "Synthetic", "--model", f"{TOY}:fixed_size", "--segnet_file",
+                            str(tmp_path / "segnet.pth"), "--obsnet_file", str(tmp_path / "obsnet"),
+                            "--img_folder", str(toy_data / "test"), "--out",
+                            str(tmp_path / "inference"), "--size", "32", "48", "--width_mult",
+                            str(WIDTH))
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    assert len(list((tmp_path / "inference").glob("*.npy"))) == 4
+
+
+def test_network_changing_its_input_in_place_trains_with_the_attack(toy_data, tmp_path):
+    """A network that clamps its input in place trains as a segmenter, then its observer with
+    the attack (whose image requires grad): the tap gives the network a copy of the image."""
+    segmenter = toy_run(toy_data, tmp_path, "in_place_input", "--train_segnet")
+    assert segmenter.returncode == 0, segmenter.stderr[-3000:]
+    observer = toy_run(toy_data, tmp_path, "in_place_input", "--adv", "min_random_patch")
+    assert observer.returncode == 0, observer.stderr[-3000:]
+    assert (tmp_path / "obsnet" / "best.pth").is_file()
+
+
+def test_tap_leaves_the_callers_image_alone():
+    """The tap of a network that changes its input in place leaves the caller's image as it
+    was, and the network sees the same values as without the tap."""
+    tap, _ = build_generic(f"{TOY}:in_place_input", NCLASS, WIDTH)
+    tap.eval()
+    x = 4 * torch.randn(2, 3, 32, 48)
+    before = x.clone()
+    with torch.no_grad():
+        logits = tap(x)
+        assert torch.equal(logits, tap.net(before.clone()))
+    assert torch.equal(x, before) and x._version == before._version
+
+
+def probed_tap(net, layers, given: bool, spec=f"{TOY}:with_unused"):
+    """The probe pass of a FeatureTap of ``net`` observing ``layers`` (``given``: named by the
+    user, else a default)."""
+    return probe_maps(FeatureTap(net, layers, spec, given=given))
+
+
+def test_default_layers_are_not_blamed_on_the_flag():
+    """A default layer the network never runs is named as the network's, with the flag that
+    would change it, not as an --observe_layers the user never gave."""
+    net = toy_segmenter.with_unused()
+    with pytest.raises(ValueError) as error:
+        probed_tap(net, ["body", "spare"], given=False)
+    assert str(error.value) == (f"--model {TOY}:with_unused: never runs that layer in its forward "
+                                f"pass (layer spare, observed by default); name the layers to "
+                                f"observe (--observe_layers)")
+
+
+def test_torchscript_part_is_named():
+    """An observed layer inside a TorchScript part of an eager network is one line naming the
+    layer and the part; auto_layers leaves a TorchScript child out."""
+    net = nn.Sequential(torch.jit.script(toy_segmenter.build(NCLASS)), nn.Identity())
+    with pytest.raises(ValueError) as error:
+        probed_tap(net, ["0.stem"], given=True, spec=f"{TOY}:scripted_child")
+    assert str(error.value) == (f"--observe_layers 0.stem: --model {TOY}:scripted_child runs that "
+                                f"layer as TorchScript (inside 0), where forward hooks do not "
+                                f"run; observe layers outside it, or give the nn.Module it was "
+                                f"made from")
+    with pytest.raises(ValueError, match="no top-level layer gives a B×C×H×W map"):
+        auto_layers(net, f"{TOY}:scripted_child")

@@ -1,7 +1,9 @@
 """Tiny user segmenters for ``--model tests.toy_segmenter:<factory>`` (tests/test_generic.py).
 
 Each factory builds a network of a few thousand weights that takes B×3×H×W images; ``build``
-and ``build_dict`` are valid segmenters, the others each have one flaw a test looks at.
+and ``build_dict`` are valid segmenters, the others each have one flaw a test looks at (those
+under "flawed factories": tests/test_generic.py through main.py, tests/test_api_inputs.py
+through the Python API).
 """
 from collections import OrderedDict
 
@@ -97,3 +99,96 @@ def not_a_module(num_classes: int) -> dict:
 def broken(num_classes):
     """A factory that fails, as user code may."""
     raise TypeError(f"cannot build {num_classes} classes")
+
+
+# ----------------------------------------------------------------------------- flawed factories
+
+class DictWithoutOut(nn.Module):
+    """Answers a dict, as torchvision's models do, but names its logits "logits", not "out"."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = _block(3, WIDTH)
+        self.head = nn.Conv2d(WIDTH, num_classes, 1)
+
+    def forward(self, x):
+        return {"logits": self.head(self.body(x)), "aux": x}
+
+
+def dict_without_out(num_classes: int) -> DictWithoutOut:
+    return DictWithoutOut(num_classes)
+
+
+class InPlaceInput(nn.Module):
+    """Changes its input in place (``x.clamp_``) before segmenting it."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = _block(3, WIDTH)
+        self.head = nn.Conv2d(WIDTH, num_classes, 1)
+
+    def forward(self, x):
+        x.clamp_(-3.0, 3.0)
+        return self.head(self.body(x))
+
+
+def in_place_input(num_classes: int) -> InPlaceInput:
+    return InPlaceInput(num_classes)
+
+
+def half(num_classes: int) -> nn.Sequential:
+    """A valid segmenter in half precision (float16 weights)."""
+    return build(num_classes).half()
+
+
+class FixedSize(nn.Module):
+    """Adds a learned position map of a fixed size (32×48, the tests' --size): other image
+    sizes fail inside forward."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = _block(3, WIDTH)
+        self.position = nn.Parameter(torch.zeros(1, WIDTH, 32, 48))
+        self.head = nn.Conv2d(WIDTH, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x) + self.position)
+
+
+def fixed_size(num_classes: int) -> FixedSize:
+    return FixedSize(num_classes)
+
+
+def scripted(num_classes: int) -> torch.jit.ScriptModule:
+    """A valid segmenter compiled with TorchScript (torch.jit.script)."""
+    return torch.jit.script(build(num_classes))
+
+
+def traced(num_classes: int) -> torch.jit.ScriptModule:
+    """A valid segmenter traced with TorchScript (torch.jit.trace, at 32×48)."""
+    return torch.jit.trace(build(num_classes).eval(), torch.rand(1, 3, 32, 48))
+
+
+class Classifier(nn.Module):
+    """An image classifier: B×C scores, no map."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = _block(3, WIDTH)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(WIDTH, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.body(x)))
+
+
+def classifier(num_classes: int) -> Classifier:
+    return Classifier(num_classes)
+
+
+def nan_output(num_classes: int) -> nn.Sequential:
+    """A segmenter whose weights hold NaN (as a bad initialisation or a diverged load gives)."""
+    net = build(num_classes)
+    with torch.no_grad():
+        net.head.weight.fill_(float("nan"))
+    return net

@@ -6,6 +6,12 @@ takes no ``num_classes``), which returns an ``nn.Module`` whose output is B×C×
 torchvision's ``{"out": logits}``. ``FeatureTap`` wraps the network so that it answers like this
 project's SegNet (``return_feat=True`` gives the observed maps, logits last; ``mc_drop=True``
 keeps its dropout layers active), and ``LayerObserver`` is the observer that reads those maps.
+
+One probe pass (a random image at the run's size) finds the observed maps' channels and checks
+the network first: what cannot be observed (TorchScript, weights other than float32, an output
+that is not B×C×H×W logits, NaN or infinite values, a forward pass that fails) is one
+``SegmenterError`` line, naming what the user gave as ``Naming`` says (the command line's flags,
+or the Python API's arguments).
 """
 import importlib
 import inspect
@@ -13,6 +19,8 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import torch.nn as nn
@@ -29,7 +37,34 @@ FAMILY_LAYERS = {
     "resnet": ("backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"),
     "mobilenet_v3": ("backbone.3", "backbone.6", "backbone.12", "backbone.16"),
 }
-PROBE_SIDE = 64  # the image side of the one forward pass that finds the observed maps' channels
+PROBE_SIZE = (64, 64)  # the probe pass's image size when the run's is not known (H, W)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class SegmenterError(ValueError):
+    """A network that cannot be observed as it is: one line naming what the user gave (the
+    command line's flag or the API's argument, see ``Naming``)."""
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How messages name what the user gave: the command line's flags (``Naming.flags``) or
+    the Python API's arguments."""
+
+    model: str  # the network, e.g. "--model pkg.mod:build" or "segmenter (MyNet)"
+    layers: str = "--observe_layers"  # the option naming the observed layers
+    size: str = "--size"  # the option giving the image size of the probe pass
+    amp: str = "--amp"  # what gives mixed precision
+
+    @classmethod
+    def flags(cls, spec: str) -> "Naming":
+        """The command line's names for ``--model spec``."""
+        return cls(f"--model {spec}")
+
+    def size_value(self, size) -> str:
+        """How the user would write the image size ``size`` (H, W)."""
+        h, w = size
+        return f"{self.size} {h} {w}" if self.size.startswith("--") else f"{self.size}=({h}, {w})"
 
 
 def is_generic(model: str) -> bool:
@@ -129,14 +164,60 @@ def active_dropout(net: nn.Module, active: bool):
             m.train(mode)
 
 
-def logits_of(output) -> torch.Tensor:
+def logits_of(output, naming: Naming | None = None) -> torch.Tensor:
     """The class logits of a network's output: a tensor, a list of maps (logits last, this
-    project's ``return_feat=True``) or a dict with ``"out"`` (torchvision's)."""
+    project's ``return_feat=True``) or a dict with ``"out"`` (torchvision's). SegmenterError
+    (naming the network as ``naming`` says) for a dict without ``"out"`` and for anything
+    that is not B×C×H×W, a classifier's B×C scores included."""
+    who = naming.model if naming is not None else "the segmenter"
     if isinstance(output, Mapping):
-        return output["out"]
-    if isinstance(output, (list, tuple)):
-        return output[-1]
+        if "out" not in output:
+            keys = ", ".join(map(str, output)) or "none"
+            raise SegmenterError(f"{who}: its output is a dict without \"out\" (keys: {keys}); "
+                                 f"return the logits, or {{\"out\": logits}} as torchvision's "
+                                 f"models do")
+        output = output["out"]
+    elif isinstance(output, (list, tuple)) and output:
+        output = output[-1]
+    if not (torch.is_tensor(output) and output.dim() == 4):
+        raise SegmenterError(f"{who}: {_not_logits(output)}")
     return output
+
+
+def _not_logits(output) -> str:
+    """What is wrong with a network output that is not B×C×H×W logits."""
+    if not torch.is_tensor(output):
+        return f"its output is a {type(output).__name__}, not B×C×H×W class logits"
+    shape = "×".join(map(str, output.shape))
+    if output.dim() == 2:
+        return (f"not a segmentation network: its output is {shape} (B×C, a classifier's), and "
+                f"B×C×H×W class logits are needed")
+    return f"its output is a {output.dim()}-D tensor ({shape}), not B×C×H×W class logits"
+
+
+def refuse_torchscript(net: nn.Module, naming: Naming) -> None:
+    """SegmenterError for a TorchScript network: forward hooks never run inside one, so none
+    of its layers can be observed."""
+    if isinstance(net, torch.jit.ScriptModule):
+        raise SegmenterError(f"{naming.model}: a TorchScript module (torch.jit.script or "
+                             f"torch.jit.trace), whose layers cannot be observed (forward hooks "
+                             f"do not run inside TorchScript); give the nn.Module it was made "
+                             f"from")
+
+
+def refuse_other_precision(net: nn.Module, naming: Naming) -> None:
+    """SegmenterError for a network with floating-point weights other than float32, or half
+    buffers (a ``.half()`` one): images, the attack and the observer are float32. (A float64
+    buffer may be meant: the probe pass tells whether the network runs.)"""
+    params = ((name, t) for name, t in net.named_parameters() if t.dtype != torch.float32)
+    buffers = ((name, t) for name, t in net.named_buffers() if t.dtype in HALF_DTYPES)
+    other = next(((name, t.dtype) for name, t in chain(params, buffers)
+                  if t.is_floating_point()), None)
+    if other is not None:
+        name, dtype = other
+        raise SegmenterError(f"{naming.model}: its weights are {str(dtype).removeprefix('torch.')} "
+                             f"(first: {name}), and segmenters run in float32 here; convert it "
+                             f"with .float() ({naming.amp} gives mixed precision)")
 
 
 class FeatureTap(nn.Module):
@@ -146,24 +227,51 @@ class FeatureTap(nn.Module):
     smaller); ``tap(x, return_feat=True)`` the outputs of ``layers`` (module names), then the
     logits; ``mc_drop=True`` keeps the network's dropout layers active (Monte Carlo dropout).
     Its state_dict is the network's own (no prefix), so a user's checkpoint loads as it is.
-    Observed maps are copies (an in-place activation after a layer cannot change them), and
-    ``fold_batchnorm`` leaves observed layers alone (they have forward hooks).
+    Observed maps are copies (an in-place activation after a layer cannot change them), the
+    network is given a copy of the image (one that changes its input in place cannot change
+    the caller's: the attack's leaf, the observer's input), and ``fold_batchnorm`` leaves
+    observed layers alone (they have forward hooks).
+
+    ``naming``: how messages name the network and its options (default: ``--model spec``'s
+    flags); ``given``: whether the user named ``layers`` (else messages say they are the
+    default ones).
     """
 
-    def __init__(self, net: nn.Module, layers: Sequence[str], spec: str):
+    def __init__(self, net: nn.Module, layers: Sequence[str], spec: str,
+                 naming: Naming | None = None, given: bool = True):
         super().__init__()
         self.net, self.spec = net, spec
+        self.naming, self.given = naming or Naming.flags(spec), given
         self.layers = tuple(dict.fromkeys(layers))
+        refuse_torchscript(net, self.naming)
         names = {name for name, _ in net.named_modules() if name}
         unknown = [name for name in self.layers if name not in names]
         if unknown:
             examples = ", ".join(name for name, _ in net.named_children())
-            raise ValueError(f"--observe_layers {','.join(unknown)}: not a layer of --model {spec} "
-                             f"(module names, e.g. {examples})")
+            raise SegmenterError(f"{self.naming.layers} {','.join(unknown)}: not a layer of "
+                                 f"{self.naming.model} (module names, e.g. {examples})")
+        for name in self.layers:
+            scripted = _scripted_part(net, name)
+            if scripted is not None:
+                raise self.layer_error([name], f"runs that layer as TorchScript (inside "
+                                       f"{scripted}), where forward hooks do not run",
+                                       "observe layers outside it, or give the nn.Module it "
+                                       "was made from")
         self.has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules())
         self._maps, self._hooked = {}, {}
         self.register_state_dict_post_hook(_drop_net_prefix)
         self.register_load_state_dict_pre_hook(_add_net_prefix)
+
+    def layer_error(self, names, problem: str, advice: str | None = None) -> SegmenterError:
+        """The error for the observed layers ``names``, whose ``problem`` is said of "that
+        layer": named by the option that gave them or, for default layers, by the network."""
+        joined = ",".join(names)
+        if self.given:
+            tail = f"; {advice}" if advice else ""
+            return SegmenterError(f"{self.naming.layers} {joined}: {self.naming.model} "
+                                  f"{problem}{tail}")
+        return SegmenterError(f"{self.naming.model}: {problem} (layer {joined}, observed by "
+                              f"default); name the layers to observe ({self.naming.layers})")
 
     def _attach(self) -> None:
         """Hook each observed layer; again when a layer was replaced (fold_batchnorm)."""
@@ -177,18 +285,22 @@ class FeatureTap(nn.Module):
                     lambda _m, _i, out, name=name: self._maps.__setitem__(name, _kept(out)))
                 self._hooked[name] = (module, handle)
 
-    def forward(self, x, mc_drop: bool = False, return_feat: bool = False):
+    def observed(self, x, mc_drop: bool = False) -> tuple[dict, torch.Tensor]:
+        """(the outputs of the observed layers the forward pass ran, by name; the logits)."""
         self._attach()
         self._maps.clear()
         with active_dropout(self.net, mc_drop):
-            logits = resize(logits_of(self.net(x)), x.shape[-2:])
+            logits = resize(logits_of(self.net(x.clone()), self.naming), x.shape[-2:])
         maps, self._maps = self._maps, {}
+        return maps, logits
+
+    def forward(self, x, mc_drop: bool = False, return_feat: bool = False):
+        maps, logits = self.observed(x, mc_drop)
         if not return_feat:
             return logits
         unused = [name for name in self.layers if name not in maps]
         if unused:
-            raise ValueError(f"--observe_layers {','.join(unused)}: --model {self.spec} never "
-                             f"runs that layer in its forward pass")
+            raise self.layer_error(unused, "never runs that layer in its forward pass")
         return [maps[name] for name in self.layers] + [logits]
 
     def detach(self) -> None:
@@ -196,6 +308,17 @@ class FeatureTap(nn.Module):
         for _, handle in self._hooked.values():
             handle.remove()
         self._hooked = {}
+
+
+def _scripted_part(net: nn.Module, name: str) -> str | None:
+    """The first module on the path to layer ``name`` (itself included) that is TorchScript,
+    or None."""
+    parts = name.split(".")
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        if isinstance(net.get_submodule(prefix), torch.jit.ScriptModule):
+            return prefix
+    return None
 
 
 def _kept(out):
@@ -216,42 +339,83 @@ def _add_net_prefix(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
 
 
-def probe_maps(tap: FeatureTap, side: int = PROBE_SIDE) -> list[torch.Tensor]:
-    """The observed maps and the logits for one random image (eval mode, no gradients);
-    ValueError naming the layer for an output that is not a B×C×H×W map."""
-    training = tap.training
-    tap.eval()
+def probe_pass(tap: FeatureTap, size=None) -> tuple[dict, torch.Tensor]:
+    """``tap.observed`` for one random 1×3×H×W image (``size`` (H, W); None: PROBE_SIZE), in
+    eval mode without gradients, every module's mode restored after. A failure of the user's
+    network is a SegmenterError saying it was this probe pass and at which size.
+
+    The image comes from a generator of its own: the run's random stream (weights, data order)
+    is the same whatever the probe's size."""
+    size = tuple(size or PROBE_SIZE)
     device = next((p.device for p in tap.parameters()), torch.device("cpu"))
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    modes = [(m, m.training) for m in tap.modules()]
+    tap.eval()
     try:
         with torch.no_grad():
-            maps = tap(torch.rand(1, 3, side, side, device=device), return_feat=True)
+            return tap.observed(image)
+    except SegmenterError:
+        raise
+    except Exception as exc:  # the user's network may fail in any way
+        raise SegmenterError(f"{tap.naming.model}: the probe pass at {tap.naming.size_value(size)} "
+                             f"failed ({_first_line(exc)}): one random image through the network, "
+                             f"before the run, to find the maps to observe; give "
+                             f"{tap.naming.size} a size the network takes") from None
     finally:
-        tap.train(training)
-    for name, out in zip(tap.layers + ("(the output)",), maps):
+        for m, mode in modes:
+            m.training = mode
+
+
+def _first_line(exc: Exception) -> str:
+    """``Type: message`` of an exception, its message cut at the first line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def probe_maps(tap: FeatureTap, size=None) -> list[torch.Tensor]:
+    """The observed maps and the logits of one probe pass (``probe_pass``); SegmenterError naming
+    the layer for one the network never runs or whose output is not a B×C×H×W map, and for
+    NaN or infinite values anywhere (a network broken before anything was trained)."""
+    size = tuple(size or PROBE_SIZE)
+    found, logits = probe_pass(tap, size)
+    unused = [name for name in tap.layers if name not in found]
+    if unused:
+        raise tap.layer_error(unused, "never runs that layer in its forward pass")
+    for name in tap.layers:
+        out = found[name]
         if not (torch.is_tensor(out) and out.dim() == 4):
             kind = f"a {out.dim()}-D tensor" if torch.is_tensor(out) else f"a {type(out).__name__}"
-            raise ValueError(f"--observe_layers {name}: --model {tap.spec} gives {kind} there, "
-                             f"not a B×C×H×W map; name a layer inside it")
+            raise tap.layer_error([name], f"gives {kind} there, not a B×C×H×W map",
+                                  "name a layer inside it")
+    maps = [found[name] for name in tap.layers] + [logits]
+    finite = torch.stack([torch.isfinite(m).all() for m in maps]).cpu()
+    if not finite.all():
+        names = (*(f"layer {name}" for name in tap.layers), "the logits")
+        where = names[int((~finite).nonzero()[0])]
+        raise SegmenterError(f"{tap.naming.model}: gives NaN or infinite values for a random image "
+                             f"at {tap.naming.size_value(size)} (first: {where}) before anything "
+                             f"was trained; check how it is built (its weights)")
     return maps
 
 
-def auto_layers(net: nn.Module, spec: str) -> tuple[str, ...]:
-    """For a network of no known family: its top-level layers whose output is a B×C×H×W map,
-    but the last one (which gives the logits); ValueError when there is none."""
-    children = [name for name, _ in net.named_children()][:-1]
-    tap = FeatureTap(net, children, spec)
-    training = net.training
-    net.eval()
+def auto_layers(net: nn.Module, spec: str, naming: Naming | None = None,
+                size=None) -> tuple[str, ...]:
+    """For a network of no known family: its top-level layers whose output is a B×C×H×W map
+    in one probe pass (``probe_pass``, at ``size``), but the last one (which gives the logits) and
+    TorchScript ones (which cannot be hooked); SegmenterError when there is none."""
+    naming = naming or Naming.flags(spec)
+    children = [(name, m) for name, m in net.named_children()][:-1]
+    children = [name for name, m in children if not isinstance(m, torch.jit.ScriptModule)]
+    tap = FeatureTap(net, children, spec, naming, given=False)
     try:
-        with torch.no_grad():
-            maps = tap(torch.rand(1, 3, PROBE_SIDE, PROBE_SIDE), return_feat=True)[:-1]
+        maps, _ = probe_pass(tap, size)
     finally:
         tap.detach()
-        net.train(training)
-    layers = tuple(name for name, out in zip(children, maps) if torch.is_tensor(out) and out.dim() == 4)
+    layers = tuple(name for name in children
+                   if torch.is_tensor(maps.get(name)) and maps[name].dim() == 4)
     if not layers:
-        raise ValueError(f"--model {spec}: no top-level layer gives a B×C×H×W map to observe; "
-                         f"name the layers with --observe_layers")
+        raise SegmenterError(f"{naming.model}: no top-level layer gives a B×C×H×W map to "
+                             f"observe; name the layers to observe ({naming.layers})")
     return layers
 
 
@@ -288,23 +452,33 @@ class LayerObserver(nn.Module):
 
 
 def build_generic(model: str, nclass: int, width_mult: float, layers=None,
-                  backbone_weights=None) -> tuple[FeatureTap, LayerObserver]:
+                  backbone_weights=None, probe_size=None) -> tuple[FeatureTap, LayerObserver]:
     """(segmenter wrapped in a FeatureTap, its LayerObserver) for a generic spec.
 
-    ``layers``: module names to observe (None: see ``tap_and_observer``). One probe pass
-    finds their channels, and checks that the network gives ``nclass`` logits.
+    ``layers``: module names to observe (None: see ``tap_and_observer``). One probe pass, at
+    ``probe_size`` (the run's --size; None: PROBE_SIZE), finds their channels and checks that
+    the network gives ``nclass`` logits.
     """
     net = build_network(model, nclass, backbone_weights)
-    tap, observer, maps = tap_and_observer(net, model, layers, width_mult)
+    tap, observer, maps = tap_and_observer(net, model, layers, width_mult, probe_size=probe_size)
     if maps[-1].shape[1] != nclass:
         raise ValueError(f"--model {model}: gives {maps[-1].shape[1]} class maps, not the "
                          f"{nclass} of the dataset (--nclass)")
     return tap, observer
 
 
-def tap_and_observer(net: nn.Module, spec: str, layers=None, width_mult: float = 1.0):
+def tap_and_observer(net: nn.Module, spec: str, layers=None, width_mult: float = 1.0,
+                     naming: Naming | None = None, probe_size=None):
     """(FeatureTap of ``net`` observing ``layers``, its LayerObserver, the probe's maps);
-    ``layers`` None: the family's (``family_layers``), else the top-level ones (``auto_layers``)."""
-    tap = FeatureTap(net, layers or family_layers(net) or auto_layers(net, spec), spec)
-    maps = probe_maps(tap)
+    ``layers`` None: the family's (``family_layers``), else the top-level ones (``auto_layers``).
+
+    Refused in one line (SegmenterError, naming the network as ``naming`` says; default: the
+    flags of ``--model spec``): a TorchScript network, weights other than float32, and what
+    the probe pass at ``probe_size`` finds (``probe_maps``)."""
+    naming = naming or Naming.flags(spec)
+    refuse_torchscript(net, naming)
+    refuse_other_precision(net, naming)
+    chosen = layers or family_layers(net) or auto_layers(net, spec, naming, probe_size)
+    tap = FeatureTap(net, chosen, spec, naming, given=bool(layers))
+    maps = probe_maps(tap, probe_size)
     return tap, LayerObserver([m.shape[1] for m in maps], width_mult), maps

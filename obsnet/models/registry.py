@@ -29,14 +29,15 @@ OBSERVERS = {
 
 
 def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
-                 backbone_weights=None, head: str = "linear", layers=None):
+                 backbone_weights=None, head: str = "linear", layers=None, probe_size=None):
     """Return (segnet, obsnet) for a registry name or a generic spec (``torchvision:<name>``,
     ``package.module:factory``: see ``obsnet.models.generic``).
 
     ``backbone_weights``: None (random init), "imagenet" (torchvision download) or a
     torchvision state_dict file for the segmentation network's encoder (see SEGMENTERS).
     ``head``: the observer's last block (``obsnet.models.obsnet.HEADS``); ``layers``: the
-    layers a generic spec's observer reads (None: its default).
+    layers a generic spec's observer reads (None: its default); ``probe_size``: the image size
+    (H, W, the run's --size) of the one forward pass that checks a generic spec's network.
     """
     if model not in SEGMENTERS and not is_generic(model):
         raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))}, "
@@ -46,7 +47,7 @@ def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
         raise ValueError(f"--obs_mlp is not available with --model {model}: the light observer "
                          f"reads one SegNet map; use the default observer (drop --obs_mlp)")
     if is_generic(model):
-        return build_generic(model, nclass, width_mult, layers, backbone_weights)
+        return build_generic(model, nclass, width_mult, layers, backbone_weights, probe_size)
     segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
     obsnet = OBSERVERS[observer](width_mult, head)
     return segnet, obsnet
@@ -115,15 +116,16 @@ def merge_observer_flags(given: dict, obsnet_file) -> dict:
 
 def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
                   obsnet_file=None, device="cpu", head: str = DEFAULT_HEAD,
-                  segnet_label: str = "--segnet_file", layers=None):
+                  segnet_label: str = "--segnet_file", layers=None, probe_size=None):
     """(frozen SegNet loaded from ``segnet_file``, ObsNet with ``head``) on ``device``.
 
     ``obsnet_file``: a checkpoint file, or a folder whose ``best.pth`` is loaded; None leaves
     the observer freshly initialised (for training). ``segnet_label``: how messages name the
     SegNet file (the flag that gave it, e.g. "--ensemble member"). ``layers``: what a generic
-    model's observer reads (None: its default).
+    model's observer reads (None: its default); ``probe_size``: see ``build_models``.
     """
-    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head, layers=layers)
+    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head, layers=layers,
+                                  probe_size=probe_size)
     if not Path(segnet_file).is_file():
         hint = " (train one with --train_segnet)" if segnet_label == "--segnet_file" else ""
         raise CheckpointError(f"{segnet_label} {segnet_file}: file not found{hint}")
