@@ -29,6 +29,7 @@ from obsnet.models.registry import SEGMENTERS
 ARCHITECTURE = ("model", "width_mult", "nclass")  # flags the recorded network dictates
 MAX_NCLASS = 1024  # more classes than any segmentation dataset has: a recorded count above is junk
 MAX_SIDE = 16384  # the largest recorded image side taken (the ONNX graph's own limit)
+MAX_WIDTH = 8.0  # the widest recorded network built (8x the original's channels: GBs of weights)
 # package.module:factory, as data: dotted Python names, one colon
 USER_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -90,8 +91,8 @@ def preset_problem(preset: dict) -> tuple[str, str] | None:
             not model.startswith(TORCHVISION) and USER_FACTORY.fullmatch(model)))):
         return "model", (f"{', '.join(sorted(SEGMENTERS))}, torchvision:<name> of torchvision's "
                          f"segmentation models, or package.module:factory")
-    if not (_is_number(preset.get("width_mult")) and preset["width_mult"] > 0):
-        return "width_mult", "a finite number above 0"
+    if not (_is_number(preset.get("width_mult")) and 0 < preset["width_mult"] <= MAX_WIDTH):
+        return "width_mult", f"a number above 0, at most {MAX_WIDTH:g}"
     if not (_is_int(nclass) and SPECS[data].nclass <= nclass <= MAX_NCLASS):
         return "nclass", f"an integer in {SPECS[data].nclass}..{MAX_NCLASS}"
     size = preset.get("size")

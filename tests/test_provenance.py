@@ -154,7 +154,7 @@ def test_user_factory_runs_when_the_command_line_names_it(benchmark):
 HOSTILE = [  # (field, value): each one invalid
     ("data", "RoadAnomaly21"), ("data", ["CamVid"]), ("model", "torchvision:not_a_model"),
     ("model", "evil mod:x"), ("model", 5), ("nclass", 0), ("nclass", 10 ** 9), ("nclass", 12.0),
-    ("nclass", True), ("width_mult", float("nan")), ("width_mult", 0), ("width_mult", "1"),
+    ("nclass", True), ("width_mult", float("nan")), ("width_mult", 0), ("width_mult", "1"), ("width_mult", 1e6),
     ("size", [8, 8]), ("size", [32]), ("size", [32.0, 48]), ("size", "ab"),
     ("mean", [0.5, 0.5]), ("mean", [float("inf"), 0, 0]), ("std", [0.2, 0.0, 0.2]),
     ("std", ["a", 1, 1]), ("class_names", ["road"]), ("class_names", list(range(12)))]
@@ -294,11 +294,11 @@ def test_inference_refuses_data_that_contradicts_the_record(nets, tmp_path):
 def test_observer_of_another_segmenter_is_refused_by_export_and_inference(nets, tmp_path):
     where = f"--obsnet_file {nets / 'obs' / 'best.pth'}: belongs to another segmenter than " \
             f"--segnet_file {nets / 'b.pth'}"
-    result = python("-m", "obsnet.export", "--segnet_file", str(nets / "b.pth"),
-                    "--obsnet_file", str(nets / "obs"), "--out", str(tmp_path / "x.onnx"))
+    flags = ["--data", "Synthetic", "--width_mult", str(WIDTH), "--size", *map(str, SIZE),
+             "--segnet_file", str(nets / "b.pth"), "--obsnet_file", str(nets / "obs")]
+    result = python("-m", "obsnet.export", *flags, "--out", str(tmp_path / "x.onnx"), timeout=600)
     one_error_line(result, 1, where, prog="python -m obsnet.export")
-    run = inference_py("--segnet_file", str(nets / "b.pth"), "--obsnet_file", str(nets / "obs"),
-                       "--img_folder", str(nets / "images"), "--out", str(tmp_path / "out"))
+    run = inference_py(*flags, "--img_folder", str(nets / "images"), "--out", str(tmp_path / "out"))
     one_error_line(run, 1, where, "give the --segnet_file this observer was trained with",
                    prog="inference.py")
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("out/*"))
