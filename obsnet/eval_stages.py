@@ -10,6 +10,7 @@ from obsnet.data.specs import DatasetSpec
 from obsnet.errors import ObsnetWarning
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig, parse_methods
+from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import DEFAULT_HEAD, load_networks, merge_observer_flags
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
 from obsnet.runtime import loader_for, log, observer_given, refuse_missing_dropout
@@ -17,24 +18,28 @@ from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
 
 
-def method_config(args, spec, observer: dict) -> MethodConfig:
+def method_config(args, spec, observer: dict, segnet=None) -> MethodConfig:
     """Hyper-parameters of the uncertainty methods, from the command line, the spec and the
-    observer's flags (``observer``, as its checkpoint records them)."""
+    observer's flags (``observer``, as its checkpoint records them); ``segnet``: the loaded
+    segmenter, which the --fit_stats statistics must have been fitted on."""
     void = None if spec.void_logit is None else spec.void_logit % args.nclass
     return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
                         odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
                         void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
                         std=spec.std, progress=True, no_residual=observer["no_residual"],
-                        no_img=observer["no_img"], class_stats=class_stats_for(args))
+                        no_img=observer["no_img"], class_stats=class_stats_for(args, segnet))
 
 
-def class_stats_for(args):
-    """The --fit_stats statistics of --segnet_file when --test_multi asks for them, else None."""
+def class_stats_for(args, segnet=None):
+    """The --fit_stats statistics of --segnet_file when --test_multi asks for them, else None;
+    refused when they were fitted on another segmenter than ``segnet`` (when given)."""
     asked = getattr(args, "test_multi", None)
     wanted = [n for n in parse_methods(asked) if n in FITTED_METHODS] if asked else []
     if not wanted:
         return None
-    return load_stats(stats_path(args.segnet_file), args.nclass, wanted[0])
+    segmenter = None if segnet is None else (weights_fingerprint(segnet),
+                                             f"--segnet_file {args.segnet_file}")
+    return load_stats(stats_path(args.segnet_file), args.nclass, wanted[0], segmenter)
 
 
 def stage_fit_stats(args, spec, rt, writer) -> None:
@@ -88,7 +93,7 @@ def stage_test(args, spec, rt, writer) -> None:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
     try:
         results, preview, meters = evaluate(
-            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer),
+            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer, segnet),
             args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
             ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
         if getattr(loader.dataset, "labelled", True):

@@ -3,10 +3,12 @@
     python -m obsnet.export --data CamVid --segnet_file ckpt/camvid/segnet.pth \\
         --obsnet_file ckpt/camvid/best.pth --out obsnet.onnx
 
-The graph takes ``image``, float32 RGB in [0, 1], B×3×H×W, normalises it with the dataset
-preset's mean and std, and returns ``logits`` (B×C×H×W, the segmenter's) and
+The graph takes ``image``, float32 RGB in [0, 1], B×3×H×W, normalises it with the mean and std
+of the segmenter's recorded preset (``obsnet.preset``; else of --data), and returns ``logits`` (B×C×H×W, the segmenter's) and
 ``observer_prob`` (B×1×H×W, the sigmoid of the observer's logit: the probability that the
-segmenter is wrong). Batch, height and width are dynamic (each side at least 32 pixels).
+segmenter is wrong). Batch, height and width are dynamic (each side at least 32 pixels). The
+model's ``metadata_props`` record the fingerprints of both networks' weights
+(``ExportGraph.metadata``).
 """
 import argparse
 import logging
@@ -19,14 +21,16 @@ import torch
 import torch.nn as nn
 
 from obsnet.cli_common import (MIN_SIDE, add_model_flags, check_model_flags, check_nclass_and_size,
-                               model_flags, parse_checked, run_friendly)
+                               explicit_flags, model_flags, parse_checked, run_friendly)
 from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
+from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import logits_of
 from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
 from obsnet.models.segnet import freeze
 from obsnet.outputs import (Input, Output, OutputLock, Planned, atomic_write,
                             check_outputs_not_inputs)
+from obsnet.preset import adopt_recorded_preset
 
 PROG = "python -m obsnet.export"
 INPUT_NAME = "image"
@@ -67,6 +71,18 @@ class ExportGraph(nn.Module):
         self.observer_kwargs = dict(observer_kwargs or {})
         self.eval()
 
+    def metadata(self, data: str | None = None) -> dict[str, str]:
+        """What the ONNX file records of where it comes from (its ``metadata_props``): the
+        fingerprints of the segmenter's and the observer's weights
+        (``obsnet.models.checkpoint.weights_fingerprint``, as the observer's checkpoint and the
+        statistics files record them), the normalisation and the dataset preset ``data``."""
+        props = {"obsnet.segmenter": weights_fingerprint(self.segmenter),
+                 "obsnet.mean": ",".join(f"{v:g}" for v in self.normalize.mean.flatten().tolist()),
+                 "obsnet.std": ",".join(f"{v:g}" for v in self.normalize.std.flatten().tolist())}
+        if self.observer is not None:
+            props["obsnet.observer"] = weights_fingerprint(self.observer)
+        return props | ({"obsnet.data": data} if data else {})
+
     @property
     def output_names(self) -> tuple[str, ...]:
         """The graph's output names, in order."""
@@ -93,9 +109,10 @@ def quiet_onnx_ir():
         logger.setLevel(level)
 
 
-def export_bytes(graph: ExportGraph, size: tuple[int, int]) -> bytes:
+def export_bytes(graph: ExportGraph, size: tuple[int, int], metadata: dict | None = None) -> bytes:
     """The serialised ONNX model of ``graph`` (opset 18, dynamo exporter), traced at ``size``
-    (H, W) with a batch of ``EXPORT_BATCH``; batch, height and width stay dynamic."""
+    (H, W) with a batch of ``EXPORT_BATCH``; batch, height and width stay dynamic;
+    ``metadata``: key-value strings recorded as the model's ``metadata_props``."""
     from torch.export import Dim
 
     example = torch.rand(EXPORT_BATCH, 3, *size)
@@ -106,6 +123,9 @@ def export_bytes(graph: ExportGraph, size: tuple[int, int]) -> bytes:
                                     input_names=[INPUT_NAME], output_names=list(graph.output_names),
                                     dynamic_shapes={"image": axes}, verbose=False)
     proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     if proto.ByteSize() > MAX_PROTO_BYTES:
         raise ValueError(f"the ONNX model is {proto.ByteSize() / 2**30:.1f} GiB, over the 2 GiB "
                          f"of one ONNX file")
@@ -167,7 +187,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The model flags of main.py and inference.py, plus --out and --overwrite."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset (mean and std)")
+    a("--data", default=None, choices=sorted(SPECS),
+      help="dataset preset (mean and std; default: the one --segnet_file records, else CamVid)")
     a("--segnet_file", required=True, help="segmentation network checkpoint")
     a("--obsnet_file", required=True, help="observer checkpoint, or a folder (its best.pth)")
     a("--out", required=True, help="ONNX file to write")
@@ -194,7 +215,8 @@ def check_args(args, spec) -> None:
 
 def load_graph(args, spec) -> ExportGraph:
     """The checkpoints' segmenter and observer in one ExportGraph, loaded as inference.py
-    loads them (the observer's flags and head as its checkpoint records them)."""
+    loads them (the observer's flags and head as its checkpoint records them; ``spec``: as
+    ``resolve_args`` returns it)."""
     flags = merge_observer_flags(model_flags(args), args.obsnet_file)
     nclass = spec.nclass if args.nclass is None else args.nclass
     segmenter, observer = load_networks(args.model, nclass, args.width_mult,
@@ -206,18 +228,27 @@ def load_graph(args, spec) -> ExportGraph:
     return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std, run_flags)
 
 
+def resolve_args(args, explicit=frozenset()):
+    """The dataset spec, with what --segnet_file records of its preset adopted
+    (``obsnet.preset.adopt_recorded_preset``: --data defaults to its training data)."""
+    spec = adopt_recorded_preset(args, explicit)
+    check_args(args, spec)
+    return spec
+
+
 def run(argv) -> int:
     """Parse the flags, load the networks, export, write atomically, check the file."""
-    args = parse_checked(build_parser(), argv)
-    spec = SPECS[args.data]
-    check_args(args, spec)
+    parser = build_parser()
+    args = parse_checked(parser, argv)
+    spec = resolve_args(args, explicit_flags(parser, argv))
     out, size = Path(args.out), tuple(args.size or spec.size)
     with OutputLock([Output("--out", out, folder=False)]):
         graph = load_graph(args, spec)
-        data = export_bytes(graph, size)
+        data = export_bytes(graph, size, graph.metadata(args.data))
         atomic_write(out, lambda f: f.write(data), "--out")
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, opset {OPSET}): input {INPUT_NAME} "
-          f"B×3×H×W in [0, 1], outputs {', '.join(graph.output_names)}; traced at {size[0]}x{size[1]}")
+          f"B×3×H×W in [0, 1] normalised inside with {args.data}'s mean and std, outputs "
+          f"{', '.join(graph.output_names)}; traced at {size[0]}x{size[1]}")
     print(verify(out, graph, size))
     return 0
 

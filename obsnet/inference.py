@@ -20,12 +20,13 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
-                               model_flags, parse_checked, run_friendly)
+                               explicit_flags, model_flags, parse_checked, run_friendly)
 from obsnet.data.camvid import read_image
 from obsnet.data.specs import SPECS
 from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
 from obsnet.outputs import (Input, Output, OutputLock, atomic_write, check_outputs_not_inputs,
                             exists, listed_files, planned_in, same_file, unlisted, write_listing)
+from obsnet.preset import adopt_recorded_preset
 from obsnet.visual import colorize_labels, viridis
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}  # any letter case; .webp: RoadObstacle21's
@@ -36,7 +37,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Flags named as in main.py; ``prog``: the program name of usage lines (None: argparse's,
     from ``sys.argv[0]``)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
+    p.add_argument("--data", default=None, choices=sorted(SPECS),
+                   help="dataset preset (default: the one --segnet_file records, else CamVid)")
     p.add_argument("--segnet_file", required=True, help="SegNet checkpoint")
     p.add_argument("--obsnet_file", required=True, help="ObsNet checkpoint, or a folder (its best.pth)")
     p.add_argument("--img_folder", required=True, help="folder of images (png, jpg, jpeg, bmp, webp)")
@@ -148,8 +150,9 @@ def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) 
 def run(argv, prog: str | None = None) -> int:
     """Parse and check the flags, lock and claim --out, then ``infer`` (``prog``: see
     ``build_parser``)."""
-    args = parse_checked(build_parser(prog), argv)
-    spec = SPECS[args.data]
+    parser = build_parser(prog)
+    args = parse_checked(parser, argv)
+    spec = adopt_recorded_preset(args, explicit_flags(parser, argv))  # as main.py and the export
     check_nclass_and_size(args, spec)
     if args.bsize < 1:
         raise UsageError("--bsize must be at least 1")

@@ -179,15 +179,21 @@ def void_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- fitted statistics
 
-def _class_stats(cfg: MethodConfig, name: str, nclass: int):
-    """``cfg.class_stats``, checked against the logits' class count."""
-    stats = cfg.class_stats
+def _class_stats(cfg: MethodConfig, name: str, batch: EvalBatch):
+    """``cfg.class_stats``, checked against the logits' class count and the penultimate map's
+    channels (statistics of a segmenter of another width have other ones)."""
+    stats, logits = cfg.class_stats, _logits(batch)
     if stats is None:
         raise ValueError(f"method '{name}' needs the SegNet's training statistics: run "
                          f"main.py --fit_stats with this --segnet_file first")
-    if stats.nclass != nclass:
+    if stats.nclass != logits.shape[1]:
         raise ValueError(f"method '{name}': statistics fitted for {stats.nclass} classes, the "
-                         f"SegNet predicts {nclass}")
+                         f"SegNet predicts {logits.shape[1]}")
+    channels = batch.feats[-2].shape[1] if len(batch.feats) >= 2 else None
+    if channels is not None and channels != stats.feat_dim:
+        raise ValueError(f"method '{name}': statistics fitted on {stats.feat_dim}-channel "
+                         f"features, the SegNet's penultimate map has {channels} (statistics "
+                         f"of another segmenter: run main.py --fit_stats --overwrite)")
     return stats
 
 
@@ -196,7 +202,7 @@ def sml_score(batch: EvalBatch, cfg: MethodConfig, name: str = "sml") -> torch.T
     c the predicted class, mu / sigma fitted over the training pixels predicted as c
     (``name``: the method named in errors)."""
     logits = _logits(batch).float()
-    stats = _class_stats(cfg, name, logits.shape[1])
+    stats = _class_stats(cfg, name, batch)
     top, pred = logits.max(dim=1)
     mu = stats.logit_mean.to(logits.device, torch.float32)
     sigma = stats.logit_std.to(logits.device, torch.float32)
@@ -218,11 +224,8 @@ def mahalanobis_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
     feature (resized to the logits' size) to the class means, tied covariance (Lee et al.
     2018). Computed as ||L^T (x - mu_c)||² with P = L L^T the fitted precision."""
     logits = _logits(batch)
-    stats = _class_stats(cfg, "mahalanobis", logits.shape[1])
+    stats = _class_stats(cfg, "mahalanobis", batch)
     x = penultimate(batch.feats, logits.shape[-2:])
-    if x.shape[1] != stats.feat_dim:
-        raise ValueError(f"method 'mahalanobis': statistics fitted on {stats.feat_dim}-channel "
-                         f"features, the SegNet's penultimate map has {x.shape[1]}")
     chol = stats.whitening  # float64, D×D
     means = stats.feat_mean[stats.feat_present] @ chol  # rows: L^T mu_c
     chol, means = chol.to(x.device, torch.float32), means.to(x.device, torch.float32)

@@ -21,7 +21,7 @@ from obsnet.evaluate import evaluate
 from obsnet.losses import CRITERIA
 from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
-from obsnet.models.checkpoint import first_nonfinite, save_checkpoint
+from obsnet.models.checkpoint import first_nonfinite, save_checkpoint, weights_fingerprint
 from obsnet.models.generic import is_generic
 from obsnet.models.registry import (DEFAULT_HEAD, build_models, init_from_segnet, load_networks,
                                     merge_observer_flags)
@@ -160,6 +160,7 @@ class ObserverRun(TrainingRun):
     criterion: nn.Module
     config: ObserverConfig
     folder: Path
+    segmenter_fingerprint: str  # of ``segnet`` before its batch norms were folded, recorded
 
 
 def stage_train_segnet(args, spec, rt, writer) -> None:
@@ -264,6 +265,7 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume or is_generic(args.model)):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
+    fingerprint = weights_fingerprint(segnet)  # of the weights loaded, before folding
     # The frozen SegNet is never saved here: fold its batch norms (attack 18% faster, BENCHMARKS.md).
     segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, obsnet.parameters())
@@ -273,9 +275,11 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
         criterion=CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device),
         config=ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
                               args.no_img, spec.ignore_id),
-        stop_flag=StopSignal(), folder=folder, last=folder / "last.pth")
+        stop_flag=StopSignal(), folder=folder, last=folder / "last.pth",
+        segmenter_fingerprint=fingerprint)
     if args.resume:
-        run.start, run.best = resume(run.last, obsnet, optimizer, scheduler, run.scaler)
+        run.start, run.best = resume(run.last, obsnet, optimizer, scheduler, run.scaler,
+                                     (fingerprint, f"--segnet_file {args.segnet_file}"))
     run.model = wrap_ddp(obsnet, rt)
     with run.stop_flag:
         _observer_epochs(args, spec, rt, writer, run)
@@ -334,7 +338,7 @@ def _observer_epochs(args, spec, rt, writer, run: ObserverRun) -> None:
                 f"val error AUROC {auroc:.4f}{unlabelled_note(stats)}")
         run.scheduler.step()
         state = training_state(obsnet, run.optimizer, run.scheduler, run.scaler, epoch,
-                               max(best, auroc), args)
+                               max(best, auroc), args, segmenter=run.segmenter_fingerprint)
         save_observer(run.folder, state, epoch, improves(auroc, best), rt)
         best = max(best, auroc)
         stop_if_asked(stop, flag, rt, seen, ("ObsNet", epoch, last))

@@ -11,7 +11,7 @@ Everything is accumulated per batch in float64 (sums, sums of squares, outer-pro
 no pixel is kept.
 """
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from obsnet.errors import ObsnetWarning
 from obsnet.models.blocks import resize
-from obsnet.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from obsnet.models.checkpoint import (FINGERPRINT_KEY, CheckpointError, check_same_segmenter,
+                                     load_checkpoint, recorded_fingerprint, save_checkpoint,
+                                     weights_fingerprint)
 
 RIDGE = 1e-6  # added to the covariance: RIDGE * trace / D * identity
 MIN_STD = 1e-6  # floor of a class's max-logit standard deviation
@@ -41,6 +43,9 @@ class ClassStats:
     precision: torch.Tensor  # D×D its inverse
     predicted_counts: torch.Tensor  # C int64
     label_counts: torch.Tensor  # C int64
+    # the fingerprint of the segmenter's weights (obsnet.models.checkpoint.weights_fingerprint);
+    # None in files of earlier versions
+    segmenter: str | None = None
 
     @cached_property
     def whitening(self) -> torch.Tensor:
@@ -49,18 +54,40 @@ class ClassStats:
         return torch.linalg.cholesky(self.precision)
 
     def state(self) -> dict:
-        """A dict of tensors and ints (loadable with ``weights_only=True``)."""
-        return {"kind": "obsnet-class-stats",
-                **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+        """A dict of tensors, ints and a string (loadable with ``weights_only=True``)."""
+        state = {"kind": "obsnet-class-stats",
+                 **{k: getattr(self, k) for k in self.__dataclass_fields__ if k != "segmenter"}}
+        return state | ({FINGERPRINT_KEY: self.segmenter} if self.segmenter else {})
 
     @classmethod
     def from_state(cls, state, where: str) -> "ClassStats":
+        """The statistics of a loaded file, each entry checked (a CheckpointError names the
+        file and the entry)."""
         if not isinstance(state, dict) or state.get("kind") != "obsnet-class-stats":
             raise CheckpointError(f"{where}: not a statistics file written by --fit_stats")
-        try:
-            return cls(**{k: state[k] for k in cls.__dataclass_fields__})
-        except KeyError as exc:
-            raise CheckpointError(f"{where}: statistics file without {exc.args[0]}") from None
+        fields = [k for k in cls.__dataclass_fields__ if k != "segmenter"]
+        missing = [k for k in fields if k not in state]
+        if missing:
+            raise CheckpointError(f"{where}: statistics file without {missing[0]}")
+        bad = _invalid_entry(state)
+        if bad is not None:
+            raise CheckpointError(f"{where}: statistics file with an invalid {bad}")
+        return cls(**{k: state[k] for k in fields}, segmenter=recorded_fingerprint(state, where))
+
+
+def _invalid_entry(state: dict) -> str | None:
+    """The first entry of a statistics file that is not what ``ClassStats`` holds, or None."""
+    c, d = state["nclass"], state["feat_dim"]
+    for key, value in (("nclass", c), ("feat_dim", d)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return key
+    shapes = {"logit_mean": (c,), "logit_std": (c,), "feat_mean": (c, d), "feat_present": (c,),
+              "covariance": (d, d), "precision": (d, d), "predicted_counts": (c,),
+              "label_counts": (c,)}
+    for key, shape in shapes.items():
+        if not (torch.is_tensor(state[key]) and tuple(state[key].shape) == shape):
+            return key
+    return None
 
 
 FITTED_METHODS = ("sml", "sml_post", "mahalanobis")  # the methods reading these statistics
@@ -152,7 +179,8 @@ class _Accumulator:
 @torch.no_grad()
 def fit_class_stats(segnet, loader, nclass: int, device, ignore_id=None,
                     progress: bool = False) -> ClassStats:
-    """One pass of the frozen ``segnet`` (eval mode) over ``loader`` (images, labels)."""
+    """One pass of the frozen ``segnet`` (eval mode) over ``loader`` (images, labels); the
+    statistics record the fingerprint of its weights (``segmenter``)."""
     acc, feat_dim = _Accumulator(nclass), None
     for batch in tqdm(loader, desc="Fit stats", leave=False, disable=not progress):
         images, labels = batch[0].to(device), batch[1].to(device)
@@ -165,7 +193,7 @@ def fit_class_stats(segnet, loader, nclass: int, device, ignore_id=None,
         acc.add(logits, x, labels, ignore_id)
     if feat_dim is None:
         raise ValueError("--fit_stats: the training split is empty")
-    return acc.finish(feat_dim)
+    return replace(acc.finish(feat_dim), segmenter=weights_fingerprint(segnet))
 
 
 def save_stats(stats: ClassStats, path) -> None:
@@ -173,13 +201,20 @@ def save_stats(stats: ClassStats, path) -> None:
     save_checkpoint(path, stats.state(), "--fit_stats")
 
 
-def load_stats(path, nclass: int | None = None, method: str = "sml") -> ClassStats:
-    """The statistics at ``path``; a one-line error when missing or for another class count."""
+def load_stats(path, nclass: int | None = None, method: str = "sml",
+               segmenter: tuple[str, str] | None = None) -> ClassStats:
+    """The statistics at ``path``; a one-line error when missing, for another class count, or
+    fitted on another segmenter than ``segmenter`` (its weights fingerprint, how messages name
+    its file); a file of an earlier version records no segmenter and is accepted."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--test_multi {method}: {path} not found; run main.py --fit_stats "
                               f"with this --segnet_file first")
     stats = ClassStats.from_state(load_checkpoint(path, "--test_multi " + method), str(path))
+    if segmenter is not None:
+        check_same_segmenter(stats.segmenter, segmenter[0], f"--test_multi {method}: {path}",
+                             segmenter[1], "run main.py --fit_stats --overwrite with this "
+                             "--segnet_file (after --train_segnet --overwrite too)")
     if nclass is not None and stats.nclass != nclass:
         raise CheckpointError(f"{path}: fitted for {stats.nclass} classes, this run has {nclass}; "
                               f"run --fit_stats --overwrite again")

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from obsnet.distributed import unwrap
-from obsnet.models.checkpoint import CheckpointError, load_weights
+from obsnet.models.checkpoint import (FINGERPRINT_KEY, CheckpointError, check_same_segmenter,
+                                     load_weights, recorded_fingerprint)
 from obsnet.models.registry import observer_record
 from obsnet.preset import preset_record
 from obsnet.utils import rng_state, set_rng_state
@@ -28,16 +29,20 @@ def make_optimizer(args, params, schedule: str = "multistep"):
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch, best, args) -> dict:
+def training_state(model, optimizer, scheduler, scaler, epoch, best, args,
+                   segmenter: str | None = None) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
     resolved arguments and random generator states; the observer's architecture flags and head
     (``observer``), which evaluation and inference.py run it with; the segmenter's preset
-    (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt."""
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "observer": observer_record(args), "preset": preset_record(args),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "best": best, "rng": rng_state(),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt; for an
+    observer, ``segmenter``: the fingerprint of the segmenter it is trained against
+    (``obsnet.models.checkpoint.weights_fingerprint``), checked wherever it is loaded."""
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "observer": observer_record(args), "preset": preset_record(args),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+             "best": best, "rng": rng_state(),
+             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    return state | ({FINGERPRINT_KEY: segmenter} if segmenter else {})
 
 
 TRAINING_STATE = ("optimizer", "epoch", "best")  # what --resume needs beyond the weights
@@ -71,11 +76,18 @@ def saved_optimizer(state: dict) -> str | None:
     return next((name for name, key in OPTIMIZER_KEYS.items() if key in group), None)
 
 
-def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+def resume(path: Path, model, optimizer, scheduler, scaler,
+           segmenter: tuple[str, str] | None = None) -> tuple[int, float]:
     """Load the training state file ``path`` (a ``last.pth``) into the training objects;
-    returns (next epoch, best metric)."""
+    returns (next epoch, best metric). ``segmenter``: (fingerprint, how messages name its file)
+    of the segmenter an observer run is trained against, which must be the one it started with."""
     state = load_weights(unwrap(model), path, "--resume")
     check_training_state(state, path, optimizer)
+    if segmenter is not None:
+        where = f"--resume {path}"
+        check_same_segmenter(recorded_fingerprint(state, where), segmenter[0], where, segmenter[1],
+                             "resume with the --segnet_file this run started with, or start over "
+                             "with --overwrite")
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, TypeError) as exc:

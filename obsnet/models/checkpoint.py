@@ -2,6 +2,7 @@
 
 A leaf of ``obsnet.models``: the networks import it (for their torchvision initialisations),
 it imports none of them."""
+import hashlib
 import pickle
 import pickletools
 import re
@@ -176,3 +177,50 @@ def torchvision_state(source, imagenet_weights, what: str) -> tuple[dict, str]:
     except CheckpointError:
         raise CheckpointError(f"{source}: not a torchvision {what} state_dict") from None
     return state, str(source)
+
+
+# ------------------------------------------------------------------ which segmenter a file is of
+
+FINGERPRINT_KEY = "segmenter"  # where a derived file (observer, statistics) records its segmenter
+FINGERPRINT_HEX = 16  # hex digits kept of the sha256: 64 bits
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hex digest of ``model``'s weights: sha256 over its state_dict's sorted keys,
+    with each tensor's dtype, shape and bytes. Taken from the loaded module (before
+    ``fold_batchnorm``, which changes the keys), so it is the same whichever file format,
+    prefix or device the weights came from."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(f"{key}\0".encode())
+        if not torch.is_tensor(value):
+            digest.update(f"{value!r}\0".encode())
+            continue
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:FINGERPRINT_HEX]
+
+
+def recorded_fingerprint(checkpoint, where: str) -> str | None:
+    """The segmenter fingerprint a derived file records, or None for a file without one (of
+    an earlier version, or the original's plain state_dicts); CheckpointError for a value that
+    is no fingerprint."""
+    value = checkpoint.get(FINGERPRINT_KEY) if isinstance(checkpoint, dict) else None
+    if value is None:
+        return None
+    if not (isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{FINGERPRINT_HEX}}}", value)):
+        raise CheckpointError(f"{where}: its '{FINGERPRINT_KEY}' entry is not a segmenter "
+                              f"fingerprint ({_kind(value)})")
+    return value
+
+
+def check_same_segmenter(recorded: str | None, fingerprint: str, where: str,
+                         segmenter_where: str, remedy: str) -> None:
+    """CheckpointError (one line naming both files) when the file ``where`` was made from
+    another segmenter than the one loaded from ``segmenter_where``; a file that records no
+    fingerprint (``recorded`` None) is accepted."""
+    if recorded is not None and recorded != fingerprint:
+        raise CheckpointError(f"{where}: belongs to another segmenter than {segmenter_where} "
+                              f"(segmenter fingerprint {recorded} recorded, {fingerprint} "
+                              f"loaded); {remedy}")

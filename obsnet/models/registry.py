@@ -3,10 +3,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from obsnet.models.checkpoint import CheckpointError, load_checkpoint, load_weights
+from obsnet.models.checkpoint import (CheckpointError, check_same_segmenter, load_checkpoint,
+                                     load_weights, recorded_fingerprint, weights_fingerprint)
 from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab
 from obsnet.models.generic import build_generic, is_generic
-from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small
+from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
 from obsnet.models.segnet import SegNet, freeze
 
 
@@ -75,15 +76,25 @@ def observer_record(args) -> dict:
 
 def observer_flags(obsnet_file) -> dict | None:
     """The flags and head recorded in an observer checkpoint (see ``observer_record``), or
-    None for a checkpoint that records none (the original's plain state_dicts)."""
-    checkpoint = load_checkpoint(observer_path(obsnet_file))
+    None for a checkpoint that records none (the original's plain state_dicts). Each recorded
+    value is checked as data (a CheckpointError names the file and the entry): the model spec
+    is only compared with the command line's, the layers are looked up among the module names
+    of the network the command line builds."""
+    path = observer_path(obsnet_file)
+    checkpoint = load_checkpoint(path)
     recorded = checkpoint.get("observer") if isinstance(checkpoint, dict) else None
     if not isinstance(recorded, dict):
         return None
-    layers = recorded.get("layers")
+    head, model, layers = recorded.get("head", "original"), recorded.get("model"), recorded.get("layers")
+    if head not in HEADS:
+        raise CheckpointError(f"{path}: its recorded observer head is not one of {', '.join(HEADS)}")
+    if model is not None and not isinstance(model, str):
+        raise CheckpointError(f"{path}: its recorded observer model is not a model spec")
+    if layers is not None and not (isinstance(layers, (list, tuple)) and layers
+                                   and all(isinstance(name, str) and name for name in layers)):
+        raise CheckpointError(f"{path}: its recorded observer layers are not module names")
     return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS} | \
-        {"head": recorded.get("head", "original"), "model": recorded.get("model"),
-         "layers": tuple(layers) if layers else None}
+        {"head": head, "model": model, "layers": tuple(layers) if layers else None}
 
 
 def merge_observer_flags(given: dict, obsnet_file) -> dict:
@@ -131,8 +142,19 @@ def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, seg
         raise CheckpointError(f"{segnet_label} {segnet_file}: file not found{hint}")
     load_weights(segnet, segnet_file, segnet_label)
     if obsnet_file is not None:
-        load_weights(obsnet, observer_path(obsnet_file), "--obsnet_file")
+        checkpoint = load_weights(obsnet, observer_path(obsnet_file), "--obsnet_file")
+        check_observer_segmenter(checkpoint, obsnet_file, segnet, f"{segnet_label} {segnet_file}")
     return freeze(segnet.to(device)), obsnet.to(device)
+
+
+def check_observer_segmenter(checkpoint, obsnet_file, segnet: nn.Module, segnet_where: str) -> None:
+    """CheckpointError (one line naming both files) when the observer checkpoint was trained
+    against another segmenter than ``segnet`` (its recorded weights fingerprint); a checkpoint
+    that records none (earlier versions, the original's) is accepted."""
+    where = f"--obsnet_file {observer_path(obsnet_file)}"
+    check_same_segmenter(recorded_fingerprint(checkpoint, where), weights_fingerprint(segnet),
+                         where, segnet_where, "give the --segnet_file this observer was "
+                         "trained with, or train an observer for this one")
 
 
 def init_from_segnet(obsnet: nn.Module, segnet: nn.Module) -> int:
