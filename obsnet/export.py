@@ -75,8 +75,11 @@ class ExportGraph(nn.Module):
         """What the ONNX file records of where it comes from (its ``metadata_props``): the
         fingerprints of the segmenter's and the observer's weights
         (``obsnet.models.checkpoint.weights_fingerprint``, as the observer's checkpoint and the
-        statistics files record them), the normalisation and the dataset preset ``data``."""
+        statistics files record them), the normalisation, the dataset preset ``data``, and the
+        smallest image side the graph is defined for (``obsnet.min_side``: below it onnxruntime
+        may still run the graph, on maps PyTorch cannot compute, or fail inside ScatterND)."""
         props = {"obsnet.segmenter": weights_fingerprint(self.segmenter),
+                 "obsnet.min_side": str(MIN_SIDE),
                  "obsnet.mean": ",".join(f"{v:g}" for v in self.normalize.mean.flatten().tolist()),
                  "obsnet.std": ",".join(f"{v:g}" for v in self.normalize.std.flatten().tolist())}
         if self.observer is not None:

@@ -227,6 +227,7 @@ def test_export_without_data_adopts_the_recorded_normalisation(nets, tmp_path):
     assert metadata["obsnet.segmenter"] == weights_fingerprint(segnet)
     assert metadata["obsnet.observer"] == weights_fingerprint(observer)
     assert metadata["obsnet.data"] == "Synthetic"
+    assert metadata["obsnet.min_side"] == "32"  # documented: the graph is defined from 32x32 on
     image = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     logits, prob = session.run(["logits", "observer_prob"], {"image": image.numpy()})
@@ -238,6 +239,12 @@ def test_export_without_data_adopts_the_recorded_normalisation(nets, tmp_path):
         diffs[data] = max(float(np.abs(logits - want[0].numpy()).max()),
                           float(np.abs(prob - want[1].numpy()).max()))
     assert diffs["Synthetic"] < 1e-4 < 1e-2 < diffs["CamVid"], diffs
+    graph = ExportGraph(segnet, freeze(observer), SPECS["Synthetic"].mean, SPECS["Synthetic"].std)
+    for side in ((32, 32), (33, 47)):  # the documented minimum, and odd sides just above it
+        small = torch.rand(1, 3, *side, generator=torch.Generator().manual_seed(1))
+        got = session.run(["observer_prob"], {"image": small.numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(got - graph(small)[1].numpy()).max() < 1e-4, side
 
 
 def test_export_refuses_data_that_contradicts_the_record(nets, tmp_path):
