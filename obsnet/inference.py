@@ -10,6 +10,7 @@ probability map (float16 .npy, input resolution) per image.
 import argparse
 import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +149,8 @@ def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) 
 
 
 def run(argv, prog: str | None = None) -> int:
-    """Parse and check the flags, lock and claim --out, then ``infer`` (``prog``: see
-    ``build_parser``)."""
+    """Parse and check the flags, load the networks (every refusal before --out is touched),
+    lock and claim --out, then ``infer`` (``prog``: see ``build_parser``)."""
     parser = build_parser(prog)
     args = parse_checked(parser, argv)
     spec = adopt_recorded_preset(args, explicit_flags(parser, argv))  # as main.py and the export
@@ -159,13 +160,28 @@ def run(argv, prog: str | None = None) -> int:
     check_model_flags(args)
     files = list_images(Path(args.img_folder))
     check_out(args, files)
+    nets = load_observed(args, spec)
     with OutputLock([Output("--out", Path(args.out), folder=True)]):
         claim_out(Path(args.out), output_files(files), args.overwrite)
-        return infer(args, spec, files)
+        return infer(args, spec, files, nets)
 
 
-def infer(args, spec, files: list[Path]) -> int:
-    """Load the networks and process the images ``files`` in batches into --out."""
+@dataclass(frozen=True)
+class Networks:
+    """The frozen segmenter and its observer (eval mode) on ``device``, with the ablations the
+    observer was trained with and the network input ``size``."""
+
+    segnet: torch.nn.Module
+    obsnet: torch.nn.Module
+    device: torch.device
+    size: tuple[int, int]
+    no_residual: bool = False
+    no_img: bool = False
+
+
+def load_observed(args, spec) -> Networks:
+    """The checkpoints' networks, loaded as main.py's --test_only loads them (the observer's
+    flags and head as its checkpoint records them)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = merge_observer_flags(model_flags(args), args.obsnet_file)
     nclass = spec.nclass if args.nclass is None else args.nclass
@@ -174,13 +190,18 @@ def infer(args, spec, files: list[Path]) -> int:
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
                                    device, head=flags["head"], layers=flags.get("layers"),
                                    probe_size=size)
-    obsnet.eval()
+    return Networks(segnet, obsnet.eval(), device, size, flags.get("no_residual", False),
+                    flags.get("no_img", False))
+
+
+def infer(args, spec, files: list[Path], nets: Networks) -> int:
+    """Process the images ``files`` in batches into --out."""
     out = Path(args.out)
     for start in tqdm(range(0, len(files), args.bsize), desc="Inference", unit="batch"):
         chunk = files[start:start + args.bsize]
         images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]
-        preds, probs = predict(segnet, obsnet, prepare(images, size, spec).to(device),
-                               flags.get("no_residual", False), flags.get("no_img", False))
+        batch = prepare(images, nets.size, spec).to(nets.device)
+        preds, probs = predict(nets.segnet, nets.obsnet, batch, nets.no_residual, nets.no_img)
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"NaN or infinite ObsNet map for {chunk[0].parent}: "
                                      f"{', '.join(p.name for p in chunk)}")
