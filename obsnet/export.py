@@ -245,8 +245,8 @@ def run(argv) -> int:
     args = parse_checked(parser, argv)
     spec = resolve_args(args, explicit_flags(parser, argv))
     out, size = Path(args.out), tuple(args.size or spec.size)
+    graph = load_graph(args, spec)  # every refusal of the checkpoints before --out is touched
     with OutputLock([Output("--out", out, folder=False)]):
-        graph = load_graph(args, spec)
         data = export_bytes(graph, size, graph.metadata(args.data))
         atomic_write(out, lambda f: f.write(data), "--out")
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, opset {OPSET}): input {INPUT_NAME} "
