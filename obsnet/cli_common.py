@@ -1,7 +1,9 @@
 """Command-line plumbing shared by main.py and inference.py: one-line errors, exit codes,
 and graceful stops on SIGINT / SIGTERM."""
 import argparse
+import contextlib
 import math
+import os
 import re
 import signal
 import sys
@@ -26,6 +28,15 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.code = 128 + int(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loops, handled as Ctrl-C is: a KeyboardInterrupt (every
+    ``finally`` runs: temporary files and locks are removed), exit code 143."""
+
+    def __init__(self):
+        super().__init__(f"interrupted ({signal_name(signal.SIGTERM)})")
+        self.code = 128 + int(signal.SIGTERM)
 
 
 class SecondSignal(KeyboardInterrupt):
@@ -227,10 +238,39 @@ def run_friendly(program: str, fn, argv) -> int:
     ``--debug`` in ``argv`` re-raises them with their traceback. Our own warnings
     (``ObsnetWarning``) are printed as one line, ``program: warning: ...``.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), sigterm_as_interrupt():
         if "--debug" not in argv:
             warnings.showwarning = one_line_warnings(program, warnings.showwarning)
         return _run_reporting_errors(program, fn, argv)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises ``Terminated`` in the main thread, as SIGINT raises
+    KeyboardInterrupt (the training loops' ``StopSignal`` overrides it while they run).
+
+    Nothing changes outside the main thread or where SIGTERM was not at its default (e.g.
+    ignored by the caller). A process forked meanwhile (a worker that did not set its own
+    handler) dies of the signal as before: only this process raises.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    owner = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != owner:  # a forked child: the default action, death by the signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def one_line_warnings(program: str, show_other):
