@@ -217,10 +217,23 @@ def check_fit_stats(args, names) -> None:
                          f"run main.py --fit_stats with this --segnet_file first")
 
 
+PATH_FLAGS = ("dset_folder", "segnet_file", "obsnet_file", "tboard", "export_scores",
+              "vgg_weights", "backbone_weights", "ensemble")
+
+
+def check_path_flags(args) -> None:
+    """UsageError for a path flag given as an empty string: it would silently mean the
+    current folder (or the flag's default)."""
+    for flag in PATH_FLAGS:
+        if getattr(args, flag, None) is not None and not getattr(args, flag).strip():
+            raise UsageError(f"--{flag} is empty: give a path (or leave the flag out)")
+
+
 def run(argv, prog: str = "main.py") -> int:
     """Parse, resolve and run one stage; returns the process exit code."""
     parser = build_parser(prog)
     args = parse_checked(parser, argv)
+    check_path_flags(args)
     spec = resolve_args(args, explicit_flags(parser, argv))
     rank = int(os.environ.get("RANK", "0"))
     seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1)

@@ -101,9 +101,9 @@ def stage_test(args, spec, rt, writer) -> None:
         else:  # nothing scored: the results files of a labelled run stay as they are
             log(rt, f"--test_split {args.test_split}: no labels, nothing scored; "
                     f"results.json and results.csv not written")
-        if export is not None:
-            files = export.finish()
-            log(rt, f"--export_scores: {len(files)} file(s) written under "
+        if export is not None:  # after the table: a failed export must not hide it
+            written = export.finish()
+            log(rt, f"--export_scores: {len(written)} file(s) written under "
                     f"{Path(export_dir) / 'anomaly_p'}")
     finally:
         if export is not None:

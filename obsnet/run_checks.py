@@ -23,7 +23,9 @@ def stage_outputs(args) -> list[Output]:
     if getattr(args, "fit_stats", False):
         return [Output("--fit_stats", stats_path(args.segnet_file), folder=False), *outputs]
     if args.test_only:
-        return outputs
+        export = getattr(args, "export_scores", None)
+        return [Output("--export_scores", Path(export), folder=True), *outputs] \
+            if export is not None else outputs
     if args.train_segnet:
         return [Output("--segnet_file", Path(args.segnet_file), folder=False), *outputs]
     return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]

@@ -12,17 +12,21 @@ LostAndFound split its image comes from, ``LostAndFound-train`` or ``LostAndFoun
 
 Each frame's maps, computed at ``--size``, are resized to the frame's label resolution (its
 image's for the test frames, whose labels are hidden) with the bilinear resize the evaluation
-uses (``obsnet.data.native``), so the files give back the pixel metrics of results.json up to
-float16's rounding. During the pass they wait as float32 files in a temporary folder under
-DIR (``ScoreExport``), removed at the end. float16 holds at most 65504: when a
-method's finite scores exceed that in magnitude anywhere in the split (raw Mahalanobis
-distances, energies), all of its maps of the split go through ``sign(x)·log1p(|x|)``, which
-keeps the order of the scores (the evaluator only ranks them); the mapping is recorded in
-each file (attribute ``mapping`` of ``value``) and in ``mapping.txt`` beside the files.
+uses (``obsnet.data.native``), so the files give back the pixel metrics of the run's
+``results_<split>.json`` up to float16's rounding. During the pass they wait as float32
+files in a temporary folder under DIR (``ScoreExport``), removed at the end (also after an
+error or a stop signal; one that a killed run left is removed by the next export into DIR,
+which holds DIR's lock). float16 holds at most 65504: when a method's finite scores exceed
+that in magnitude anywhere in the split (raw Mahalanobis distances, energies), all of its maps
+of the split go through ``sign(x)·log1p(|x|)``, which keeps the order of the scores (the
+evaluator only ranks them); the mapping is recorded in each file (attribute ``mapping`` of
+``value``) and in ``mapping.txt`` beside the files.
 """
 from __future__ import annotations
 
 import io
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,13 +37,14 @@ from PIL import Image
 
 from obsnet.errors import UsageError
 from obsnet.models.blocks import resize
-from obsnet.outputs import atomic_write
+from obsnet.outputs import OutputError, alive, atomic_write
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 IDENTITY, LOG1P = "identity", "sign(x)*log1p(|x|)"
 LAF_SUFFIX = "_leftImg8bit"
 TRACK_DSETS = {"RoadAnomaly21": "AnomalyTrack-all", "RoadObstacle21": "ObstacleTrack-all"}
 EXPORTABLE = (*TRACK_DSETS, "FishyscapesLAF")
+TEMP_PREFIX = ".obsnet-export-"  # + PID + "-": the temporary folder of a pass (ScoreExport)
 
 
 def frame_target(spec_name: str, image: Path) -> tuple[str, str]:
@@ -141,31 +146,68 @@ def frame_size(pair) -> tuple[int, int]:
         return im.height, im.width
 
 
+def save_temporary(path: Path, score: np.ndarray) -> None:
+    """``score`` as a ``.npy`` file, through Python's own writes: an OSError then says why
+    (``No space left on device``), where numpy's direct write only counts the bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, score)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+def remove_stale_exports(root: Path) -> None:
+    """Delete the temporary folders of exports into ``root`` whose process is gone (killed
+    before it could clean up); nothing else. Called while holding ``root``'s lock."""
+    for entry in root.glob(f"{TEMP_PREFIX}*"):
+        match = re.fullmatch(rf"{re.escape(TEMP_PREFIX)}(\d+)-\w+", entry.name)
+        if match and entry.is_dir() and not alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 class ScoreExport:
     """``--export_scores`` of one evaluation pass. ``add`` stores each frame's maps (at
     ``--size``, float32) as ``.npy`` files in a temporary folder of its own under ``root``, so
     that a long split costs disk, not memory; ``finish`` resizes them to each frame's
     resolution (bilinear, as the evaluation does), chooses each method's mapping over the whole
-    split and writes the HDF5 files; ``discard`` removes the temporary folder (and only it)."""
+    split and writes the HDF5 files; ``discard`` removes the temporary folder (and only it).
+
+    A temporary write that fails (a full disk) does not stop the pass: the temporary folder
+    is removed at once, the rest of the pass stores nothing, and ``finish`` raises the
+    ``OutputError`` naming the file and the cause, after the table and results are out."""
 
     def __init__(self, root, spec_name: str, names, pairs):
         self.root, self.spec_name, self.pairs = Path(root), spec_name, list(pairs)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".obsnet-export-", dir=self.root))
+        remove_stale_exports(self.root)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.root))
         self.count = dict.fromkeys(names, 0)
         self.peak = dict.fromkeys(names, 0.0)  # largest finite |score| (bilinear keeps it a bound)
+        self.failure: OutputError | None = None
 
     def add(self, name: str, maps: torch.Tensor) -> None:
         """The B×h×w score maps of the next frames (loader order) for method ``name``."""
+        if self.failure is not None:
+            return
         for score in maps.detach().float().cpu().numpy():
-            np.save(self.tmp / f"{name}-{self.count[name]:06d}.npy", score)
+            path = self.tmp / f"{name}-{self.count[name]:06d}.npy"
+            try:
+                save_temporary(path, score)
+            except OSError as exc:
+                self.failure = OutputError(
+                    f"--export_scores {path}: cannot be written ({exc.strerror or exc}); no score "
+                    f"map exported, the temporary folder {self.tmp.name} removed")
+                self.discard()  # its space, back for the results files
+                return
             self.count[name] += 1
             self.peak[name] = max(self.peak[name], finite_peak(score))
 
     def finish(self) -> list[Path]:
         """Write every method's files; returns them. A folder where an earlier export wrote
         other frames with another mapping is a UsageError before any file is written (the
-        evaluator ranks the pooled scores of all its frames)."""
+        evaluator ranks the pooled scores of all its frames); a failed temporary write is the
+        OutputError ``add`` kept."""
+        if self.failure is not None:
+            raise self.failure
         sizes = [frame_size(p) for p in self.pairs]
         targets = [frame_target(self.spec_name, p.image) for p in self.pairs]
         mappings = {m: choose_mapping([np.float32(p)]) for m, p in self.peak.items()}
