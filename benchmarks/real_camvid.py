@@ -47,9 +47,16 @@ def observer_args(args, folder: Path) -> list[str]:
 
 
 def test_args(args, folder: Path, methods: str, split: str, logs: Path) -> list[str]:
-    """The test stage's flags: ``methods`` on ``split``, results in ``logs``."""
+    """The test stage's flags: ``methods`` on ``split``, results in ``logs`` (``--overwrite``:
+    a test stage runs only while its results file is missing, and replaces what an
+    interrupted run of it left there, its config)."""
     return ["--obsnet_file", str(folder), "--test_only", "--test_multi", methods, "--T",
-            str(args.T), "--test_split", split, "--tboard", str(logs)]
+            str(args.T), "--test_split", split, "--tboard", str(logs), "--overwrite"]
+
+
+def results_file(logs: Path, split: str) -> Path:
+    """The results a test stage of ``split`` with ``--tboard logs`` writes."""
+    return logs / f"results_{split}.json"
 
 
 def continue_flag(last: Path) -> list[str]:
@@ -91,7 +98,7 @@ def recipe(args) -> list[tuple[str, list[str], Path]]:
                           str(logs / "obsnet"), *continue_flag(obs_last)], obs_last),
         *((f"test {split}", [sys.executable, "main.py", *common,
                              *test_args(args, ckpt / "obsnet", METHODS, split, logs / split)],
-           logs / split / "results.json") for split in ("val_ood", "val")),
+           results_file(logs / split, split)) for split in ("val_ood", "val")),
     ]
 
 
@@ -158,7 +165,7 @@ def main(argv=None) -> int:
                   f"{' '.join(sys.argv)}\n")
     seconds = run_stages(recipe(args), args.out / "recipe.log")
     for split in ("val_ood", "val"):
-        print(format_table(json.loads((args.out / "logs" / split / "results.json").read_text())))
+        print(format_table(json.loads(results_file(args.out / "logs" / split, split).read_text())))
     print("seconds per stage (None: skipped, its output existed): "
           + json.dumps({k: None if v is None else round(v) for k, v in seconds.items()}))
     return 0

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.real_camvid import (ROOT, build_parser, common_args, continue_flag, link_camvid,
-                                    observer_args, test_args)
+                                    observer_args, results_file, test_args)
 
 GROUPS = {
     "adv": [{"adv": a} for a in ("none", "min_random_patch", "max_random_patch", "min_all_image",
@@ -44,7 +44,7 @@ def variant_name(change: dict) -> str:
 
 
 def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
-    """(train command, test command, results.json) of one variant."""
+    """(train command, test command, results file) of one variant."""
     folder = variant_folder(args, change)
     varied = replace_args(args, change)
     train = [sys.executable, "main.py", *common_args(varied),
@@ -53,7 +53,7 @@ def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
              *continue_flag(folder / "ckpt" / "last.pth")]
     test = [sys.executable, "main.py", *common_args(varied),
             *test_args(varied, folder / "ckpt", "obsnet", "val_ood", folder / "val_ood")]
-    return train, test, folder / "val_ood" / "results.json"
+    return train, test, results_file(folder / "val_ood", "val_ood")
 
 
 def variant_folder(args, change: dict) -> Path:
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     link_camvid(args.camvid.expanduser().resolve(), args.out / "data")
-    recipe_results = args.out / "logs" / "val_ood" / "results.json"
+    recipe_results = results_file(args.out / "logs" / "val_ood", "val_ood")
     if not recipe_results.exists():
         raise SystemExit(f"ablations: error: {recipe_results} not found; run "
                          "benchmarks.real_camvid first")

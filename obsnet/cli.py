@@ -26,8 +26,9 @@ from obsnet.utils import MAX_SEED, UNPOOL_NOTE, seed_everything
 DESCRIPTION = "\n".join(__doc__.splitlines()[:2])
 
 # `python main.py` with no argument: the three stages of the demo, each a plain command line.
-# The training stages pass --overwrite: a rerun of the demo replaces the demo's own
-# checkpoints in ckpt/demo/ (the SegNet stage runs only when ckpt/demo/segnet.pth is missing).
+# Every stage passes --overwrite: a rerun of the demo replaces the demo's own checkpoints in
+# ckpt/demo/ and its own config and results files in logs/demo/ (the SegNet stage runs only
+# when ckpt/demo/segnet.pth is missing).
 DEMO_COMMON = ["--data", "Synthetic", "--dset_folder", "data/Synthetic", "--segnet_file",
                "ckpt/demo/segnet.pth", "--obsnet_file", "ckpt/demo/", "--tboard", "logs/demo",
                "--width_mult", "0.125", "--seed", "0", "--bsize", "8"]
@@ -35,7 +36,7 @@ DEMO_STAGES = [
     ["--train_segnet", "--epoch", "24", "--optim", "AdamW", "--lr", "0.003", "--overwrite"],
     ["--adv", "min_random_patch", "--epsilon", "0.025", "--epoch", "10", "--lr", "0.5",
      "--overwrite"],
-    ["--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "20"],
+    ["--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "20", "--overwrite"],
 ]
 
 
@@ -56,7 +57,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--vgg_weights", default=None,
       help="torchvision VGG16 file (or 'imagenet') initialising the SegNet encoder (--train_segnet)")
     a("--data", default="CamVid", choices=sorted(SPECS), help="dataset preset")
-    a("--tboard", default=None, help="TensorBoard / results folder (default logs/<data>)")
+    a("--tboard", default=None,
+      help="TensorBoard / results folder (default logs/<data>): each stage writes "
+           "config_<stage>.json, a test results_<split>.json and .csv")
     a("--seed", type=int, default=-1, help=f"random seed in 0..{MAX_SEED}; -1: not seeded")
     a("--bsize", type=int, default=8, help="batch size")
     a("--lr", type=float, default=2e-2, help="learning rate")
@@ -75,6 +78,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--overwrite", action="store_true",
       help="training: replace the checkpoints of an earlier run in --obsnet_file (with "
            "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start; "
+           "--test_only: replace the results files of an earlier test of the split in --tboard; "
            "--export_scores: replace the score files of an earlier export")
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")

@@ -13,6 +13,8 @@ from obsnet.methods import MethodConfig, parse_methods
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import DEFAULT_HEAD, load_networks, merge_observer_flags
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
+from obsnet.run_checks import tboard_files
+from obsnet.run_files import RunFiles
 from obsnet.runtime import loader_for, log, observer_given, refuse_missing_dropout
 from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
@@ -67,8 +69,8 @@ def load_ensemble(args, device) -> list:
 
 
 def stage_test(args, spec, rt, writer) -> None:
-    """Evaluate every method of --test_multi on the test split; table, JSON, CSV, TensorBoard
-    (and --export_scores' files)."""
+    """Evaluate every method of --test_multi on the test split; table, TensorBoard,
+    results_<split>.json and .csv in --tboard (and --export_scores' files, last)."""
     if rt.distributed and wants_components(spec):  # the kept frames are not gathered across ranks
         raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
                          f"frame in one process; run it without torchrun (one process)")
@@ -96,11 +98,12 @@ def stage_test(args, spec, rt, writer) -> None:
             segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer, segnet),
             args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
             ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
+        files = tboard_files(args)
         if getattr(loader.dataset, "labelled", True):
-            report_test(args, rt, writer, results, preview, meters, spec)
-        else:  # nothing scored: the results files of a labelled run stay as they are
+            report_test(rt, writer, results, preview, meters, spec, files)
+        else:  # nothing scored: no results file
             log(rt, f"--test_split {args.test_split}: no labels, nothing scored; "
-                    f"results.json and results.csv not written")
+                    f"{files.results_json.name} and {files.results_csv.name} not written")
         if export is not None:  # after the table: a failed export must not hide it
             written = export.finish()
             log(rt, f"--export_scores: {len(written)} file(s) written under "
@@ -110,17 +113,18 @@ def stage_test(args, spec, rt, writer) -> None:
             export.discard()
 
 
-def report_test(args, rt, writer, results, preview, meters, spec) -> None:
-    """The test results: printed table, TensorBoard, results.json and results.csv."""
+def report_test(rt, writer, results, preview, meters, spec, files: RunFiles) -> None:
+    """The test results: printed table, TensorBoard, ``results_<split>.json`` and ``.csv``
+    (``files``: those of this stage in --tboard)."""
     check_scorable(results, spec, rt.is_main)
     log(rt, format_table(results))  # first: a file that cannot be written must not hide it
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     if rt.is_main:
-        write_json(Path(args.tboard) / "results.json", results, "--tboard")
-        write_csv(Path(args.tboard) / "results.csv", results, "--tboard")
-    log(rt, f"results written to {Path(args.tboard) / 'results.json'} and results.csv")
+        write_json(files.claim(files.results_json), results, files.flag)
+        write_csv(files.claim(files.results_csv), results, files.flag)
+    log(rt, f"results written to {files.results_json} and {files.results_csv.name}")
 
 
 def check_scorable(results: dict, spec: DatasetSpec, warn: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""Results of an evaluation: printed table, results.json, TensorBoard scalars and images."""
+"""Results of an evaluation: printed table, results files (JSON, CSV), TensorBoard scalars and images."""
 import csv
 import io
 import json

@@ -1,5 +1,6 @@
 """What main.py checks and locks before a stage starts: no output is an input, earlier
-checkpoints (--resume / --overwrite), the dataset folder, and the outputs it will write."""
+checkpoints (--resume / --overwrite), the files of earlier runs in --tboard, the dataset
+folder, and the outputs it will write."""
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from obsnet.data.synthetic import refusal as synthetic_refusal
 from obsnet.methods import parse_methods
 from obsnet.models.registry import observer_path
 from obsnet.outputs import Input, Output, OutputLock, Planned, check_outputs_not_inputs, planned_in
+from obsnet.run_files import MANIFEST, RunFiles, stage_name
 from obsnet.runtime import segnet_last
 from obsnet.stats import FITTED_METHODS, stats_path
 
@@ -31,10 +33,12 @@ def stage_outputs(args) -> list[Output]:
     return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]
 
 
-def tboard_files(args) -> list[str]:
-    """The names of the files the stage writes in --tboard (TensorBoard's event files aside:
-    each run gives its own a new name)."""
-    return ["config.json", *(["results.json", "results.csv"] if args.test_only else [])]
+def tboard_files(args) -> RunFiles:
+    """The files the stage of ``args`` writes into --tboard: its config, a test's results
+    (TensorBoard's event files aside: each run gives its own a new name)."""
+    fit_stats = getattr(args, "fit_stats", False)
+    split = args.test_split if args.test_only and not fit_stats else None
+    return RunFiles(Path(args.tboard), stage_name(args.train_segnet, fit_stats, split), split)
 
 
 def observer_files(args) -> list[str]:
@@ -45,7 +49,8 @@ def observer_files(args) -> list[str]:
 
 def planned_files(args) -> list[Planned]:
     """Every file the stage of ``args`` writes (what ``check_inputs`` compares with its inputs)."""
-    planned = planned_in("--tboard", args.tboard, tboard_files(args))
+    files = tboard_files(args)
+    planned = planned_in("--tboard", args.tboard, [*(p.name for p in files.planned), MANIFEST])
     segnet = Path(args.segnet_file)
     if getattr(args, "fit_stats", False):
         return [Planned("--segnet_file", segnet, stats_path(segnet)), *planned]
@@ -148,6 +153,14 @@ def check_earlier_run(args) -> None:
                          f"add --resume to continue that run or --overwrite to replace them")
 
 
+def check_tboard_files(args) -> None:
+    """UsageError, before any work, when the stage would replace a file in --tboard that
+    main.py did not write, or one of an earlier run without --overwrite (a training stage:
+    or --resume, which continues that run)."""
+    training = not (args.test_only or getattr(args, "fit_stats", False))
+    tboard_files(args).check(args.overwrite or (training and args.resume), resume=training)
+
+
 def check_dataset_folder(args) -> None:
     """--data Synthetic writes its data only where that loses nothing (UsageError); a folder it
     may write is claimed now, before the run's own outputs (which may lie inside it) exist."""
@@ -170,6 +183,7 @@ def start_run(args, rt) -> OutputLock:
             check_earlier_run(args)
             check_dataset_folder(args)
             lock.acquire()
+            check_tboard_files(args)  # under the lock: the manifest is the holder's
             if args.data == "Synthetic" and not is_complete(args.dset_folder):
                 ensure_synthetic(args.dset_folder, seed=0)
     except BaseException as exc:

@@ -26,7 +26,7 @@ from obsnet.models.generic import is_generic
 from obsnet.models.registry import (DEFAULT_HEAD, build_models, init_from_segnet, load_networks,
                                     merge_observer_flags)
 from obsnet.report import NullWriter, log_preview, log_scalars, write_json
-from obsnet.run_checks import start_run
+from obsnet.run_checks import start_run, tboard_files
 from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
                             segnet_last, set_epoch, wrap_ddp)
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
@@ -363,7 +363,8 @@ def run_stage(args, spec) -> None:
             if not rt.is_main:
                 stage(args, spec, rt, NullWriter())
                 return
-            write_json(Path(args.tboard) / "config.json", vars(args), "--tboard")
+            files = tboard_files(args)
+            write_json(files.claim(files.config), vars(args), "--tboard")
             with SummaryWriter(args.tboard) as writer:
                 writer.add_text("config", " ".join(sys.argv), 0)
                 stage(args, spec, rt, writer)

@@ -2,7 +2,7 @@
 infinite flag values, signals to a process group with data workers, a worker killed by the
 out-of-memory killer, over-large images (PIL's DecompressionBombError), deeply nested
 ``.odgt`` JSON, list files with a byte-order mark, labels with every pixel ignored, 16-bit
-images, colliding output names, NaN checkpoints, an unwritable results.csv."""
+images, colliding output names, NaN checkpoints, an unwritable results file."""
 import os
 import re
 import shutil
@@ -352,10 +352,13 @@ def test_viridis_survives_nan_and_inf():
 def test_table_printed_before_results_files_and_unpool_warning_in_our_words(base):
     from obsnet.utils import UNPOOL_NOTE
     logs = base / "logs_csv"
-    (logs / "results.csv").mkdir(parents=True)  # cannot be written as a file
-    out = cli("main.py", *TINY, *paths(base, obsnet="csv"), "--test_only", "--test_multi", "mcp")
+    (logs / "results_test_ood.csv").mkdir(parents=True)  # cannot be written as a file
+    # listed as an earlier run's (else refused before any work), replaced with --overwrite
+    (logs / ".obsnet-written.json").write_text('{"files": ["results_test_ood.csv"]}')
+    out = cli("main.py", *TINY, *paths(base, obsnet="csv"), "--test_only", "--test_multi", "mcp",
+              "--overwrite")
     line = last_line(out, "main.py", 1)
-    assert "results.csv" in line and "Is a directory" in line, line
+    assert "results_test_ood.csv" in line and "Is a directory" in line, line
     assert any(row.startswith("Method ") for row in out.stdout.splitlines()), out.stdout
     assert out.stdout.count(UNPOOL_NOTE) == 1 and "UserWarning" not in out.stderr, out.stderr
 

@@ -136,7 +136,7 @@ def test_cli_train_observer_test_and_bad_label(tmp_path):
     assert (tmp_path / "obs" / "best.pth").is_file()
     out = main_py(*run, "--test_only", "--test_multi", "obsnet,mcp")
     assert out.returncode == 0, out.stdout + out.stderr
-    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    results = json.loads((tmp_path / "logs" / "results_val.json").read_text())
     assert results["split"] == "val" and results["n_images"] == 4
     for name in ("obsnet", "mcp"):
         assert "error" in results["methods"][name] and "ood" not in results["methods"][name]

@@ -96,8 +96,8 @@ def test_torchrun_trains_and_tests_like_one_process(data):
     assert test.returncode == 0, test.stderr[-3000:]
     single = main_py(*common, "--test_only", "--test_multi", "obsnet,mcp", "--tboard", str(data / "l4"))
     assert single.returncode == 0, single.stderr
-    two = strip_times(json.loads((data / "l3" / "results.json").read_text()))
-    one = strip_times(json.loads((data / "l4" / "results.json").read_text()))
+    two = strip_times(json.loads((data / "l3" / "results_test_ood.json").read_text()))
+    one = strip_times(json.loads((data / "l4" / "results_test_ood.json").read_text()))
     assert two["n_images"] == one["n_images"] == 5
     assert two["methods"]["obsnet"]["ood"]["auroc"] == pytest.approx(
         one["methods"]["obsnet"]["ood"]["auroc"], abs=1e-9)

@@ -86,7 +86,7 @@ def test_cli_export_layout_round_trip_and_refusal(tmp_path):
            "--export_scores", str(export)]
     out = main_py(*run)
     assert out.returncode == 0, out.stdout + out.stderr
-    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    results = json.loads((tmp_path / "logs" / "results_validation.json").read_text())
     mcp_maps, _ = mcp_reference(tmp_path / "segnet.pth", datasets)
     for method in ("obsnet", "mcp"):
         folder = export / "anomaly_p" / method / "AnomalyTrack-all"
@@ -108,12 +108,14 @@ def test_cli_export_layout_round_trip_and_refusal(tmp_path):
             scores.append(value[keep].astype(np.float64))
             truth.append(label[keep] == 1)
         auroc = roc_auc_score(np.concatenate(truth), np.concatenate(scores))
-        print(f"{method}: AUROC of the files {auroc:.6f}, results.json "
+        print(f"{method}: AUROC of the files {auroc:.6f}, results_validation.json "
               f"{results['methods'][method]['ood']['auroc']:.6f}")
         if method == "obsnet":  # spread-out scores: float16's rounding changes nothing
             assert abs(auroc - results["methods"][method]["ood"]["auroc"]) <= 1e-3, auroc
     before = (export / "anomaly_p" / "mcp" / "AnomalyTrack-all" / "validation0000.hdf5").stat()
-    out = main_py(*run)  # the same DIR again, without --overwrite: refused before any work
+    # into another --tboard: the results files of the same one would be refused first
+    rerun = [str(tmp_path / "logs2") if a == str(tmp_path / "logs") else a for a in run]
+    out = main_py(*rerun)  # the same DIR again, without --overwrite: refused before any work
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--overwrite" in lines[0] and str(export) in lines[0], out.stderr
@@ -149,7 +151,7 @@ def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
                       "--bsize", "2", "--tboard", str(logs),
                       "--test_only", "--test_multi", "mcp,entropy", "--export_scores", str(export))
         assert out.returncode == 0, out.stdout + out.stderr
-        results = json.loads((logs / "results.json").read_text())
+        results = json.loads((logs / f"results_{split}.json").read_text())
         n_frames = sum(len(v) for v in expected.values())
         assert results["split"] == split and results["n_images"] == n_frames
         for method in ("mcp", "entropy"):
@@ -168,8 +170,8 @@ def test_cli_obstacle_and_fishyscapes_export_under_the_official_names(tmp_path):
 
 
 def test_cli_test_splits_export_without_labels_and_keep_the_results(tmp_path):
-    """The test frames (labels hidden): nothing scored, no results file written over a labelled
-    run's, every file at the image's resolution under the name the leaderboard reads."""
+    """The test frames (labels hidden): nothing scored, no results file written (a labelled
+    run's kept), every file at the image's resolution under the name the leaderboard reads."""
     segnet = tiny_cityscapes_segnet(tmp_path)
     datasets = tmp_path / "datasets"
     obstacle = make_track(datasets, "dataset_ObstacleTrack", OBSTACLE_STEMS, "webp")
@@ -184,13 +186,14 @@ def test_cli_test_splits_export_without_labels_and_keep_the_results(tmp_path):
     for name, dset, image in cases:
         export, logs = tmp_path / f"test_export_{name}", tmp_path / f"test_logs_{name}"
         logs.mkdir()
-        (logs / "results.json").write_text("{}")  # a labelled run's, kept
+        (logs / "results_validation.json").write_text("{}")  # a labelled run's, kept
         out = main_py("--data", name, "--dset_folder", str(datasets), "--segnet_file", str(segnet),
                       "--tboard", str(logs), "--test_only", "--test_split", "test",
                       "--test_multi", "mcp", "--export_scores", str(export))
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "nothing scored" in out.stdout and (logs / "results.json").read_text() == "{}"
-        assert not (logs / "results.csv").exists()
+        assert "nothing scored; results_test.json and results_test.csv not written" in out.stdout
+        assert (logs / "results_validation.json").read_text() == "{}"
+        assert not (logs / "results_test.json").exists() and not (logs / "results_test.csv").exists()
         fid = image.stem[: -len("_leftImg8bit")] if name == "FishyscapesLAF" else image.stem
         folder = export / "anomaly_p" / "mcp" / dset
         assert sorted(p.name for p in folder.iterdir()) == [f"{fid}.hdf5", "mapping.txt"]

@@ -349,10 +349,10 @@ def test_checkpoints_record_model_and_plain_weights(trained):
 
 
 def test_test_only_scores_obsnet_and_mcp(trained):
-    """--test_only scores obsnet and mcp with finite AUROCs in results.json."""
+    """--test_only scores obsnet and mcp with finite AUROCs in results_test_ood.json."""
     result = run_test_only(trained, "--test_multi", "obsnet,mcp")
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((trained / "logs_test" / "results.json").read_text())
+    results = json.loads((trained / "logs_test" / "results_test_ood.json").read_text())
     assert set(results["methods"]) == {"obsnet", "mcp"}
     for entry in results["methods"].values():
         for task in ("ood", "error"):
@@ -501,7 +501,7 @@ def test_user_factory_end_to_end(trained, tmp_path):
     assert record["layers"] == ["stem", "down", "mid", "head"]
     result = run_test_only(tmp_path, "--test_multi", "obsnet,mcp", model=f"{TOY}:build")
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "logs_test" / "results.json").read_text())
+    results = json.loads((tmp_path / "logs_test" / "results_test_ood.json").read_text())
     assert set(results["methods"]) == {"obsnet", "mcp"}
 
 

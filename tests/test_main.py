@@ -23,7 +23,7 @@ def test_train_segnet_then_obsnet_then_test(trained):
     test = main_py(*TINY, *paths(run_dir), "--test_only", "--test_multi", "obsnet,mcp,mc_dropout",
                    "--T", "2")
     assert test.returncode == 0, test.stderr
-    results = json.loads((run_dir / "logs" / "results.json").read_text())
+    results = json.loads((run_dir / "logs" / "results_test_ood.json").read_text())
     assert results["split"] == "test_ood"
     assert set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}
     for entry in results["methods"].values():
@@ -41,7 +41,7 @@ def test_every_method_and_every_output_file(trained):
     test = main_py(*TINY, *paths(trained), "--tboard", str(logs), "--test_only", "--test_multi",
                    methods, "--T", "2", "--ensemble", f"{segnet},{segnet}")
     assert test.returncode == 0, test.stderr
-    results = json.loads((logs / "results.json").read_text())
+    results = json.loads((logs / "results_test_ood.json").read_text())
     expected = set(methods.replace("mc_drop", "mc_dropout").split(","))
     assert set(results["methods"]) == expected
     for name, entry in results["methods"].items():
@@ -52,7 +52,7 @@ def test_every_method_and_every_output_file(trained):
                           "mcda", "ensemble"}
         assert (entry["error"]["ace"] is None) == (name in no_probability), name
         assert (entry["error"]["ece"] is None) == (name in no_probability), name
-    rows = list(csv.DictReader(open(logs / "results.csv")))
+    rows = list(csv.DictReader(open(logs / "results_test_ood.csv")))
     assert {r["method"] for r in rows} == expected
     assert len(results["segnet"]["iou"]) == 12
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -87,13 +87,15 @@ def test_real_dataset_needs_a_folder():
 
 def test_missing_segnet_file_is_explained(run_dir, tmp_path):
     out = main_py(*TINY, *paths(run_dir), "--segnet_file", str(tmp_path / "none.pth"), "--epoch", "1",
-                  "--obsnet_file", str(tmp_path / "obsnet"))  # run_dir/obsnet holds a run
+                  "--obsnet_file", str(tmp_path / "obsnet"),  # run_dir/obsnet holds a run
+                  "--tboard", str(tmp_path / "logs"))  # and run_dir/logs its config
     assert out.returncode == 1
     assert "none.pth: file not found (train one with --train_segnet)" in out.stderr
 
 
 def test_resume_continues_at_the_next_epoch(run_dir):
-    common = [*TINY, *paths(run_dir), "--adv", "max_square_patch", "--lr", "0.01"]
+    common = [*TINY, *paths(run_dir), "--adv", "max_square_patch", "--lr", "0.01",
+              "--tboard", str(run_dir / "resumed_logs")]
     first = main_py(*common, "--epoch", "1", "--obsnet_file", str(run_dir / "resumed"))
     assert first.returncode == 0, first.stderr
     again = main_py(*common, "--epoch", "2", "--resume", "--obsnet_file", str(run_dir / "resumed"))
@@ -108,12 +110,12 @@ def test_small_observer_with_focal_loss_noise_dropout_amp_channels_last(run_dir)
     out = main_py(*TINY, *paths(run_dir), "--epoch", "1", "--obs_mlp", "--focal", "--noise", "0.1",
                   "--drop", "--adv", "min_class", "--optim", "AdamW", "--lr", "0.001",
                   "--channels_last", "--amp",
-                  "--obsnet_file", str(run_dir / "small"))
+                  "--obsnet_file", str(run_dir / "small"), "--tboard", str(run_dir / "small_logs"))
     assert out.returncode == 0, out.stderr
     test = main_py(*TINY, *paths(run_dir), "--obs_mlp", "--test_only", "--obsnet_file",
                    str(run_dir / "small" / "best.pth"), "--tboard", str(run_dir / "small_logs"))
     assert test.returncode == 0, test.stderr
-    assert "obsnet" in json.loads((run_dir / "small_logs" / "results.json").read_text())["methods"]
+    assert "obsnet" in json.loads((run_dir / "small_logs" / "results_test_ood.json").read_text())["methods"]
 
 
 README_COMMANDS = {  # the original README's flags; --bsize lowered to fit the tiny folders
@@ -140,7 +142,7 @@ def test_readme_commands_on_generated_real_layouts(name, tmp_path):
     test = main_py(*common, *test_flags, "--test_only", "--test_multi", "obsnet,mcp,mc_dropout",
                    "--T", "2")
     assert test.returncode == 0, test.stderr
-    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    results = json.loads((tmp_path / "logs" / "results_test.json").read_text())
     assert results["split"] == "test" and set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}
     assert all("ood" in entry for entry in results["methods"].values())  # anomaly pixels found
 
@@ -158,12 +160,13 @@ def test_deeplabv3plus_end_to_end(tmp_path):
     assert obs.returncode == 0, obs.stderr
     test = main_py(*common, "--test_only", "--test_multi", "obsnet,mcp,mc_dropout", "--T", "2")
     assert test.returncode == 0, test.stderr
-    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    results = json.loads((tmp_path / "logs" / "results_test_ood.json").read_text())
     assert set(results["methods"]) == {"obsnet", "mcp", "mc_dropout"}
 
 
 def test_nclass_that_does_not_fit_the_checkpoint_says_both(run_dir):
-    out = main_py(*TINY, *paths(run_dir), "--nclass", "13", "--test_only", "--test_multi", "mcp")
+    out = main_py(*TINY, *paths(run_dir), "--nclass", "13", "--test_only", "--test_multi", "mcp",
+                  "--tboard", str(run_dir / "nclass_logs"))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "segnet.pth: does not fit" in out.stderr
     assert "12x4x3x3 in the file, 13x4x3x3 in the model" in out.stderr

@@ -101,7 +101,8 @@ def test_synthetic_folders_it_may_write(tmp_path):
 
 def test_demo_reruns_over_its_own_files(tmp_path, monkeypatch, capsys):
     """``python main.py`` twice (at a tiny size): the SegNet stage is skipped, the observer
-    stage replaces the demo's own observer (--overwrite), nothing is refused."""
+    and test stages replace the demo's own observer and results (--overwrite), nothing is
+    refused."""
     monkeypatch.chdir(tmp_path)
     generate(tmp_path / "data" / "Synthetic", seed=0, n_train=8, n_val=2, n_test=2, size=(32, 48))
     (tmp_path / "data" / "Synthetic" / OWNER).unlink()  # as earlier versions left it
@@ -115,7 +116,7 @@ def test_demo_reruns_over_its_own_files(tmp_path, monkeypatch, capsys):
         assert code == 0, last
     torch.use_deterministic_algorithms(False)
     assert (tmp_path / "ckpt" / "demo" / "best.pth").is_file()
-    assert (tmp_path / "logs" / "demo" / "results.json").is_file()
+    assert (tmp_path / "logs" / "demo" / "results_test_ood.json").is_file()
 
 
 # --------------------------------------------------------------------------- 2. divergence
@@ -327,7 +328,8 @@ def test_outputs_follow_the_umask(rerun):
     folder, out, _ = rerun
     assert out.returncode == 0, out.stderr
     for path in (folder / "best.pth", folder / "last.pth",
-                 folder.parent / "logs_rerun" / "config.json"):
+                 folder.parent / "logs_rerun" / "config_train_obsnet.json",
+                 folder.parent / "logs_rerun" / ".obsnet-written.json"):
         assert path.stat().st_mode & 0o777 == 0o640, path
 
 

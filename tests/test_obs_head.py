@@ -108,7 +108,7 @@ def test_test_only_uses_the_recorded_head(run, tmp_path):
         out = main_py(*TINY, *paths(run), "--obsnet_file", str(obsnet_file), "--tboard", str(logs),
                       "--test_only", "--test_multi", "obsnet", *extra)
         assert out.returncode == 0, out.stderr
-        return json.loads((logs / "results.json").read_text())["methods"]["obsnet"]
+        return json.loads((logs / "results_test_ood.json").read_text())["methods"]["obsnet"]
 
     recorded = test(run / "original")
     plain = tmp_path / "plain.pth"

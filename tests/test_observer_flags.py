@@ -56,7 +56,7 @@ def reference(run):
 
 
 def cli_metrics(logs):
-    entry = json.loads((logs / "results.json").read_text())["methods"]["obsnet"]
+    entry = json.loads((logs / "results_test_ood.json").read_text())["methods"]["obsnet"]
     return {k: entry[k] for k in PROTOCOLS if k in entry}
 
 
@@ -157,7 +157,7 @@ def test_obs_mlp_checkpoint_tested_without_obs_mlp(run):
     test = main_py(*TINY, *paths(run), "--obsnet_file", str(run / "mlp" / "best.pth"),
                    "--tboard", str(logs), "--test_only", "--test_multi", "obsnet")  # no --obs_mlp
     assert test.returncode == 0, test.stderr
-    assert "obsnet" in json.loads((logs / "results.json").read_text())["methods"]
+    assert "obsnet" in json.loads((logs / "results_test_ood.json").read_text())["methods"]
 
 
 # --------------------------------------------------------------------------- unit tests

@@ -22,10 +22,10 @@ def test_recipe_runs_links_and_resumes(tmp_path, capsys, monkeypatch):
     assert real_camvid.main(["--camvid", str(camvid), "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "split val_ood" in printed and "split val " in printed and "obsnet" in printed
-    results = json.loads((out / "logs" / "val_ood" / "results.json").read_text())
+    results = json.loads((out / "logs" / "val_ood" / "results_val_ood.json").read_text())
     assert set(results["methods"]) == set(real_camvid.METHODS.split(","))
     assert "ood" in results["methods"]["obsnet"]  # val_ood has pasted anomalies
-    assert "ood" not in json.loads((out / "logs" / "val" / "results.json").read_text())["methods"]["mcp"]
+    assert "ood" not in json.loads((out / "logs" / "val" / "results_val.json").read_text())["methods"]["mcp"]
     assert (out / "data" / "train").is_symlink()
     header = (out / "recipe.log").read_text().splitlines()[0]  # which code wrote these files
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
@@ -93,7 +93,7 @@ def test_table_collects_every_variant_with_results_and_its_time(tmp_path):
     recipe, none = _entry(0.60, 0.7, 0.85, 0.6), _entry(0.55, 0.7, 0.84, 0.6)
     folder = ablations.variant_folder(args, {"adv": "none"})
     (folder / "val_ood").mkdir(parents=True)
-    (folder / "val_ood" / "results.json").write_text(json.dumps({"methods": {"obsnet": none}}))
+    (folder / "val_ood" / "results_val_ood.json").write_text(json.dumps({"methods": {"obsnet": none}}))
     (folder / "seconds.json").write_text(json.dumps({"seconds": 600}))
     variants = ablations.collect(args, recipe)
     assert list(variants) == ["adv-none", "adv-min_random_patch (= recipe)",

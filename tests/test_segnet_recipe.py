@@ -91,7 +91,7 @@ def test_train_segnet_with_median_frequency_weights(root, weighting, power):
     expected = np.where(present, (np.nanmedian(freq) / freq) ** power, 0.0)
     np.testing.assert_allclose([float(said[n]) for n in CAMVID.class_names[:12]], expected,
                                atol=0.006)
-    config = json.loads((root / "logs" / "config.json").read_text())
+    config = json.loads((root / "logs" / "config_train_segnet.json").read_text())
     assert config["class_weights"] == weighting and config["scale_jitter"] == 0.25
 
 
@@ -100,7 +100,7 @@ def test_test_split_flag(root):
         assert main_py(*TINY, *paths(root), "--train_segnet", "--epoch", "1").returncode == 0
     out = main_py(*TINY, *paths(root), "--test_only", "--test_multi", "mcp", "--test_split", "val")
     assert out.returncode == 0, out.stderr
-    results = json.loads((root / "logs" / "results.json").read_text())
+    results = json.loads((root / "logs" / "results_val.json").read_text())
     assert results["split"] == "val" and "ood" not in results["methods"]["mcp"]
 
 

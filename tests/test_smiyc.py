@@ -230,7 +230,7 @@ def test_cli_test_only_and_refusals(tmp_path):
     out = main_py(*run, "--test_only", "--test_multi", "obsnet,mcp")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "IoU per class" not in out.stdout  # no class ground truth: no line of n/a
-    results = json.loads((tmp_path / "logs" / "results.json").read_text())
+    results = json.loads((tmp_path / "logs" / "results_validation.json").read_text())
     assert results["split"] == "validation" and results["n_images"] == 3
     assert results["segnet"]["miou"] is None  # no class ground truth
     for name in ("obsnet", "mcp"):
@@ -254,7 +254,7 @@ def test_cli_test_only_and_refusals(tmp_path):
             "--tboard", str(tmp_path / "bare"), "--test_only", "--test_multi", "obsnet,mcp"]
     out = main_py(*bare)
     assert out.returncode == 0, out.stdout + out.stderr
-    again = json.loads((tmp_path / "bare" / "results.json").read_text())
+    again = json.loads((tmp_path / "bare" / "results_validation.json").read_text())
     for name in ("obsnet", "mcp"):
         assert again["methods"][name]["ood"] == results["methods"][name]["ood"]
         assert again["methods"][name]["components"] == results["methods"][name]["components"]
@@ -267,7 +267,7 @@ def test_cli_test_only_and_refusals(tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and "--test_only" in lines[0] and "RoadAnomaly21" in lines[0]
     (datasets / "dataset_AnomalyTrack/labels_masks/validation0001_labels_semantic.png").unlink()
-    out = main_py(*run, "--test_only", "--test_multi", "mcp")
+    out = main_py(*run, "--test_only", "--test_multi", "mcp", "--overwrite")  # the first test's files
     assert out.returncode != 0 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "validation0001_labels_semantic.png" in lines[0], out.stderr

@@ -149,7 +149,7 @@ def test_cli_fit_stats_then_test(run_dir):
     test = main_py(*TINY, *paths(run_dir), "--test_only", "--test_multi",
                    "sml,sml_post,mahalanobis,mcp")
     assert test.returncode == 0, test.stderr
-    results = json.loads((run_dir / "logs" / "results.json").read_text())
+    results = json.loads((run_dir / "logs" / "results_test_ood.json").read_text())
     assert set(results["methods"]) == {"sml", "sml_post", "mahalanobis", "mcp"}
     for entry in results["methods"].values():
         assert 0 <= entry["ood"]["auroc"] <= 1 and 0 <= entry["error"]["auroc"] <= 1
