@@ -14,9 +14,9 @@ Each frame's maps, computed at ``--size``, are resized to the frame's label reso
 image's for the test frames, whose labels are hidden) with the bilinear resize the evaluation
 uses (``obsnet.data.native``), so the files give back the pixel metrics of the run's
 ``results_<split>.json`` up to float16's rounding. During the pass they wait as float32
-files in a temporary folder under DIR (``ScoreExport``), removed at the end (also after an
-error or a stop signal; one that a killed run left is removed by the next export into DIR,
-which holds DIR's lock). float16 holds at most 65504: when a method's finite scores exceed
+files in a temporary folder under DIR (``ScoreExport``: ``DIR/.anomaly_p.PID.XXXXXXXX.tmp``,
+``outputs.temp_folder``), removed at the end (also after an error or a stop signal; one that
+a killed run left is removed by the next export into DIR). float16 holds at most 65504: when a method's finite scores exceed
 that in magnitude anywhere in the split (raw Mahalanobis distances, energies), all of its maps
 of the split go through ``sign(x)·log1p(|x|)``, which keeps the order of the scores (the
 evaluator only ranks them); the mapping is recorded in each file (attribute ``mapping`` of
@@ -25,10 +25,7 @@ evaluator only ranks them); the mapping is recorded in each file (attribute ``ma
 from __future__ import annotations
 
 import io
-import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +34,13 @@ from PIL import Image
 
 from obsnet.errors import UsageError
 from obsnet.models.blocks import resize
-from obsnet.outputs import OutputError, alive, atomic_write
+from obsnet.outputs import OutputError, atomic_write, temp_folder
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 IDENTITY, LOG1P = "identity", "sign(x)*log1p(|x|)"
 LAF_SUFFIX = "_leftImg8bit"
 TRACK_DSETS = {"RoadAnomaly21": "AnomalyTrack-all", "RoadObstacle21": "ObstacleTrack-all"}
 EXPORTABLE = (*TRACK_DSETS, "FishyscapesLAF")
-TEMP_PREFIX = ".obsnet-export-"  # + PID + "-": the temporary folder of a pass (ScoreExport)
 
 
 def frame_target(spec_name: str, image: Path) -> tuple[str, str]:
@@ -155,15 +151,6 @@ def save_temporary(path: Path, score: np.ndarray) -> None:
         f.write(buffer.getbuffer())
 
 
-def remove_stale_exports(root: Path) -> None:
-    """Delete the temporary folders of exports into ``root`` whose process is gone (killed
-    before it could clean up); nothing else. Called while holding ``root``'s lock."""
-    for entry in root.glob(f"{TEMP_PREFIX}*"):
-        match = re.fullmatch(rf"{re.escape(TEMP_PREFIX)}(\d+)-\w+", entry.name)
-        if match and entry.is_dir() and not alive(int(match[1])):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 class ScoreExport:
     """``--export_scores`` of one evaluation pass. ``add`` stores each frame's maps (at
     ``--size``, float32) as ``.npy`` files in a temporary folder of its own under ``root``, so
@@ -178,8 +165,7 @@ class ScoreExport:
     def __init__(self, root, spec_name: str, names, pairs):
         self.root, self.spec_name, self.pairs = Path(root), spec_name, list(pairs)
         self.root.mkdir(parents=True, exist_ok=True)
-        remove_stale_exports(self.root)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.root))
+        self.tmp = temp_folder(self.root / "anomaly_p")  # those of killed runs removed first
         self.count = dict.fromkeys(names, 0)
         self.peak = dict.fromkeys(names, 0.0)  # largest finite |score| (bilinear keeps it a bound)
         self.failure: OutputError | None = None

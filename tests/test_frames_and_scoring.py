@@ -272,7 +272,7 @@ def test_split_without_anomaly_pixel_warns_and_scores_errors(tiny_networks, tmp_
         cells = line.split()
         if cells and cells[0] in ("obsnet", "mcp"):
             assert cells[2:8] == ["n/a"] * 6, (header, line)  # the OOD columns
-    results = json.loads((logs / "results.json").read_text())
+    results = json.loads((logs / "results_test.json").read_text())
     assert results["pixels"] == {"scored": 2 * 32 * 48, "anomaly": 0}
     assert "ood" not in results["methods"]["mcp"] and "error" in results["methods"]["mcp"]
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from test_smiyc import make_anomaly
 
 pytest.importorskip("h5py")
 MANIFEST = ".obsnet-written.json"  # obsnet.run_files.MANIFEST, spelled out: the name users see
-TEMP_PREFIX = ".obsnet-export-"  # the export's temporary folders (score_export.TEMP_PREFIX)
 
 
 def main_in_process(capsys, *args) -> tuple[int, str, str]:
@@ -93,14 +91,14 @@ def test_a_live_export_holds_its_folder(bench, tmp_path, capsys, sleeper):
 
 def test_an_export_releases_its_lock_and_leaves_no_temporary_folder(bench, tmp_path, capsys):
     export = tmp_path / "export"
-    stale = export / f"{TEMP_PREFIX}999999999-abcd1234"  # a killed run's (its PID gone)
+    stale = export / ".anomaly_p.999999999.abcd1234.tmp"  # a killed run's (its PID gone)
     stale.mkdir(parents=True)
     (stale / "mcp-000000.npy").write_bytes(b"x")
-    (export / ".obsnet-export-mine").mkdir()  # not of our pattern: left alone
+    (export / ".anomaly_p.mine.tmp").mkdir()  # not of our pattern: left alone
     code, _, line = main_in_process(capsys, *bench_args(bench, tmp_path / "logs",
                                                         "--export_scores", export))
     assert code == 0, line
-    assert sorted(os.listdir(export)) == [".obsnet-export-mine", "anomaly_p"]
+    assert sorted(os.listdir(export)) == [".anomaly_p.mine.tmp", "anomaly_p"]
 
 
 # --------------------------------------------------------------------------- item 10: paths
@@ -221,16 +219,14 @@ def test_a_full_disk_during_the_export_comes_after_the_table(bench, tmp_path, ca
     """The second temporary map goes to /dev/full, where every write fails with ENOSPC."""
     export, logs = tmp_path / "export", tmp_path / "logs"
     made = []
-    real_mkdtemp = tempfile.mkdtemp
+    real_init = score_export.ScoreExport.__init__
 
-    def mkdtemp_next_to_a_full_disk(*args, **kwargs):
-        folder = real_mkdtemp(*args, **kwargs)
-        if Path(folder).name.startswith(TEMP_PREFIX):
-            os.symlink("/dev/full", Path(folder) / "mcp-000001.npy")
-            made.append(Path(folder))
-        return folder
+    def init_next_to_a_full_disk(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        os.symlink("/dev/full", self.tmp / "mcp-000001.npy")
+        made.append(self.tmp)
 
-    monkeypatch.setattr(score_export.tempfile, "mkdtemp", mkdtemp_next_to_a_full_disk)
+    monkeypatch.setattr(score_export.ScoreExport, "__init__", init_next_to_a_full_disk)
     code, stdout, line = main_in_process(capsys, *bench_args(bench, logs, "--export_scores", export))
     assert code == 1 and line == (
         f"main.py: error: --export_scores {made[0] / 'mcp-000001.npy'}: cannot be written "

@@ -114,20 +114,20 @@ def test_segnet_training_never_writes_over_its_initial_weights_or_the_dataset(ba
 def test_tboard_files_never_replace_a_test_input(base, tmp_path, capsys):
     logs = tmp_path / "logs"
     logs.mkdir()
-    seg = logs / "config.json"
+    seg = logs / "config_test_test_ood.json"
     seg.write_bytes((base / "segnet.pth").read_bytes())
-    member = logs / "results.csv"
+    member = logs / "results_test_ood.csv"
     member.write_bytes((base / "segnet.pth").read_bytes())
     before = snapshot(seg, member)
     common = [*TINY, *paths(base), "--tboard", logs, "--test_only"]
     code, line = run_main(capsys, *common, "--segnet_file", seg, "--test_multi", "mcp")
     assert code == 2 and line == (
-        f"main.py: error: --tboard {logs}: config.json there would replace --segnet_file {seg}, "
-        f"an input of this run; choose another --tboard"), line
+        f"main.py: error: --tboard {logs}: config_test_test_ood.json there would replace "
+        f"--segnet_file {seg}, an input of this run; choose another --tboard"), line
     code, line = run_main(capsys, *common, "--test_multi", "ensemble", "--ensemble", member)
     assert code == 2 and line == (
-        f"main.py: error: --tboard {logs}: results.csv there would replace --ensemble member "
-        f"{member}, an input of this run; choose another --tboard"), line
+        f"main.py: error: --tboard {logs}: results_test_ood.csv there would replace --ensemble "
+        f"member {member}, an input of this run; choose another --tboard"), line
     assert snapshot(seg, member) == before
 
 
