@@ -2,7 +2,7 @@
 
 Building blocks, each defined once:
 
-- ``atomic_write``: every checkpoint, ``config.json`` and result file goes through a temporary
+- ``atomic_write``: every checkpoint, config and results file goes through a temporary
   file next to the target (created with the process's umask), fsynced, then ``os.replace``d;
   a failed write (full disk, permissions) is one line naming the flag and the path and leaves
   the previous file intact. Temporary files left by a killed save are removed at the next save
