@@ -153,6 +153,17 @@ def check_earlier_run(args) -> None:
                          f"add --resume to continue that run or --overwrite to replace them")
 
 
+def stage_outputs_exist(args) -> bool:
+    """Whether the outputs of the stage of ``args`` are on disk: a training stage's
+    checkpoints, --fit_stats' statistics, a test's results files."""
+    if getattr(args, "fit_stats", False):
+        return stats_path(args.segnet_file).is_file()
+    if args.test_only:
+        files = tboard_files(args)
+        return files.results_json.is_file() or files.results_csv.is_file()
+    return bool(earlier_checkpoints(args)[3])
+
+
 def check_tboard_files(args) -> None:
     """UsageError, before any work, when the stage would replace a file in --tboard that
     main.py did not write, or one of an earlier run without --overwrite (a training stage:

@@ -10,7 +10,9 @@ Every such file is listed in the folder's manifest (``MANIFEST``, ``outputs.writ
 before it is written, so a later run tells the files of an earlier run of ours from a user's:
 a file of these names that the manifest does not list is never replaced, even with
 --overwrite; one it lists only with --overwrite (a training stage: --overwrite or --resume).
-The manifest is written atomically by the run holding the folder's lock.
+The manifest is written atomically by the run holding the folder's lock. A run that stops
+before its stage has any output on disk withdraws its config (``RunFiles.withdraw``), so that
+fixing a flag and running again never needs --overwrite.
 """
 from __future__ import annotations
 
@@ -107,3 +109,14 @@ class RunFiles:
         if path.name not in listed:
             write_listing(self.manifest, listed | {path.name}, self.flag, written_by=WRITER)
         return path
+
+    def withdraw(self, path: Path) -> None:
+        """Remove ``path``, written by this run, and its name from the manifest (best effort:
+        it runs while an error or a signal is on its way to the user)."""
+        try:
+            path.unlink(missing_ok=True)
+            listed = self.listed()
+            if path.name in listed:
+                write_listing(self.manifest, listed - {path.name}, self.flag, written_by=WRITER)
+        except OSError:
+            pass

@@ -13,14 +13,14 @@ LostAndFound split its image comes from, ``LostAndFound-train`` or ``LostAndFoun
 Each frame's maps, computed at ``--size``, are resized to the frame's label resolution (its
 image's for the test frames, whose labels are hidden) with the bilinear resize the evaluation
 uses (``obsnet.data.native``), so the files give back the pixel metrics of the run's
-``results_<split>.json`` up to float16's rounding. During the pass they wait as float32
-files in a temporary folder under DIR (``ScoreExport``: ``DIR/.anomaly_p.PID.XXXXXXXX.tmp``,
-``outputs.temp_folder``), removed at the end (also after an error or a stop signal; one that
-a killed run left is removed by the next export into DIR). float16 holds at most 65504: when a method's finite scores exceed
-that in magnitude anywhere in the split (raw Mahalanobis distances, energies), all of its maps
-of the split go through ``sign(x)·log1p(|x|)``, which keeps the order of the scores (the
-evaluator only ranks them); the mapping is recorded in each file (attribute ``mapping`` of
-``value``) and in ``mapping.txt`` beside the files.
+``results_<split>.json`` up to float16's rounding. During the pass they wait as float32 files
+in a temporary folder under DIR (``ScoreExport``: ``DIR/.anomaly_p.PID.XXXXXXXX.tmp``,
+``outputs.temp_folder``), removed at the end (also after an error or a stop signal; one that a
+killed run left is removed by the next export into DIR). float16 holds at most 65504: when a
+method's finite scores exceed that in magnitude anywhere in the split (raw Mahalanobis
+distances, energies), all of its maps of the split go through ``sign(x)·log1p(|x|)``, which
+keeps the order of the scores (the evaluator only ranks them); the mapping is recorded in each
+file (attribute ``mapping`` of ``value``) and in ``mapping.txt`` beside the files.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from obsnet.models.generic import is_generic
 from obsnet.models.registry import (DEFAULT_HEAD, build_models, init_from_segnet, load_networks,
                                     merge_observer_flags)
 from obsnet.report import NullWriter, log_preview, log_scalars, write_json
-from obsnet.run_checks import start_run, tboard_files
+from obsnet.run_checks import stage_outputs_exist, start_run, tboard_files
 from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
                             segnet_last, set_epoch, wrap_ddp)
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
@@ -363,12 +363,24 @@ def run_stage(args, spec) -> None:
             if not rt.is_main:
                 stage(args, spec, rt, NullWriter())
                 return
-            files = tboard_files(args)
-            write_json(files.claim(files.config), vars(args), "--tboard")
-            with SummaryWriter(args.tboard) as writer:
-                writer.add_text("config", " ".join(sys.argv), 0)
-                stage(args, spec, rt, writer)
+            run_logged(args, spec, rt, stage)
         finally:
             lock.release()
     finally:
         cleanup()
+
+
+def run_logged(args, spec, rt, stage) -> None:
+    """Rank 0's ``stage``: its config_<stage>.json, then the stage with its TensorBoard log.
+    A run that stops (an error, a signal) before its stage has any output on disk withdraws its
+    config: nothing of it is left to describe, and a rerun needs no --overwrite."""
+    files = tboard_files(args)
+    write_json(files.claim(files.config), vars(args), "--tboard")
+    try:
+        with SummaryWriter(args.tboard) as writer:
+            writer.add_text("config", " ".join(sys.argv), 0)
+            stage(args, spec, rt, writer)
+    except BaseException:
+        if not stage_outputs_exist(args):
+            files.withdraw(files.config)
+        raise

@@ -368,7 +368,7 @@ def test_statistics_of_a_retrained_segnet_are_refused(trained, tmp_path):
                       "--lr", "0.01", "--seed", "1", "--overwrite")
     assert retrain.returncode == 0, retrain.stderr
     for method in ("sml", "mahalanobis"):
-        result = main_py(*test[:-1], method)
+        result = main_py(*test[:-1], method, "--overwrite")  # the first test's results files
         one_error_line(result, 1, f"--test_multi {method}: {root / 'segnet.stats.pth'}: belongs "
                        f"to another segmenter than --segnet_file {root / 'segnet.pth'}",
                        "run main.py --fit_stats --overwrite with this --segnet_file")

@@ -172,6 +172,7 @@ def test_sigterm_during_a_test_run_is_one_line_and_cleans_up(bench, tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "main.py: interrupted (SIGTERM)"
     assert os.listdir(export) == []  # temporary folder and lock removed
     assert not (logs / ".obsnet.lock").exists()
+    assert not list(logs.glob("*.json*")) or json.loads((logs / MANIFEST).read_text())["files"] == []
 
 
 # any command: run_friendly raises SIGTERM as an interrupt in its own process only (a process
@@ -295,3 +296,17 @@ def test_a_training_stage_keeps_an_earlier_config(synthetic, tmp_path, capsys):
         f"add --overwrite to replace it (or --resume to continue that run)")
     assert (logs / "config_train_obsnet.json").read_text() == "{}"
     assert not (tmp_path / "obsnet").exists() or not any((tmp_path / "obsnet").iterdir())
+
+
+def test_a_run_stopped_before_any_output_leaves_no_config(synthetic, tmp_path, capsys):
+    """Its config withdrawn (it describes nothing on disk): the rerun needs no --overwrite."""
+    logs = tmp_path / "logs"
+    test = [*TINY, *paths(synthetic), "--tboard", logs, "--test_only"]
+    code, _, line = main_in_process(capsys, *test, "--test_multi", "obsnet", "--obsnet_file",
+                                    tmp_path / "missing.pth")  # fails once the stage started
+    assert code == 1 and "missing.pth" in line, line
+    assert not (logs / "config_test_test_ood.json").exists()
+    assert json.loads((logs / MANIFEST).read_text())["files"] == []
+    code, _, line = main_in_process(capsys, *test, "--test_multi", "mcp")
+    assert code == 0, line
+    assert (logs / "config_test_test_ood.json").is_file() and (logs / "results_test_ood.json").is_file()
