@@ -16,6 +16,7 @@ from obsnet.models.registry import observer_path
 from obsnet.outputs import Input, Output, OutputLock, Planned, check_outputs_not_inputs, planned_in
 from obsnet.run_files import MANIFEST, RunFiles, stage_name
 from obsnet.runtime import segnet_last
+from obsnet.score_export import planned_files as export_files
 from obsnet.stats import FITTED_METHODS, stats_path
 
 
@@ -55,7 +56,7 @@ def planned_files(args) -> list[Planned]:
     if getattr(args, "fit_stats", False):
         return [Planned("--segnet_file", segnet, stats_path(segnet)), *planned]
     if args.test_only:
-        return planned
+        return [*export_planned(args), *planned]
     if args.train_segnet:
         return [Planned("--segnet_file", segnet, segnet),
                 Planned("--segnet_file", segnet, segnet_last(segnet)), *planned]
@@ -92,6 +93,25 @@ def stage_splits(args) -> list[str]:
     return [args.test_split] if args.test_only else [spec.train_split, spec.val_split]
 
 
+def split_listing(args, split: str):
+    """(list file or folder, pairs) of a split of --dset_folder, or None when it cannot be
+    read (its loader says why, before anything is written)."""
+    try:
+        return dataset_builder(args.data).read_pairs(Path(args.dset_folder).expanduser(), split)
+    except (DatasetError, OSError):
+        return None
+
+
+def export_planned(args) -> list[Planned]:
+    """The score maps and notes --export_scores writes for the frames of --test_split."""
+    root = getattr(args, "export_scores", None)
+    listing = split_listing(args, args.test_split) if root is not None else None
+    if listing is None:
+        return []
+    files = export_files(root, args.data, parse_methods(args.test_multi), listing[1])
+    return [Planned("--export_scores", Path(root), path) for path in files]
+
+
 def dataset_inputs(args, planned: list[Planned]) -> list[Input]:
     """The list files, images and labels the stage reads, when a planned file lies in
     --dset_folder (nothing to compare otherwise). A split that cannot be read is left to its
@@ -100,11 +120,8 @@ def dataset_inputs(args, planned: list[Planned]) -> list[Input]:
     if not any(Path(p.path).expanduser().resolve().is_relative_to(root.resolve()) for p in planned):
         return []
     inputs = []
-    for split in stage_splits(args):
-        try:
-            split_file, pairs = dataset_builder(args.data).read_pairs(root, split)
-        except (DatasetError, OSError):
-            continue
+    for listing in filter(None, (split_listing(args, split) for split in stage_splits(args))):
+        split_file, pairs = listing
         files = [split_file, *(f for pair in pairs for f in (pair.image, pair.label) if f)]
         inputs += [Input("--dset_folder file", Path(f)) for f in files]
     return inputs

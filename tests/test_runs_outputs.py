@@ -101,6 +101,24 @@ def test_an_export_releases_its_lock_and_leaves_no_temporary_folder(bench, tmp_p
     assert sorted(os.listdir(export)) == [".anomaly_p.mine.tmp", "anomaly_p"]
 
 
+def test_an_export_never_writes_over_an_input(bench, tmp_path, capsys):
+    """Item 2 for --export_scores: a file the export would write (its mapping.txt, where the
+    SegNet checkpoint was put) is refused even with --overwrite, before any work."""
+    export = tmp_path / "export"
+    segnet = export / "anomaly_p" / "mcp" / "AnomalyTrack-all" / "mapping.txt"
+    segnet.parent.mkdir(parents=True)
+    segnet.write_bytes((bench / "segnet.pth").read_bytes())
+    before = segnet.read_bytes()
+    args = bench_args(bench, tmp_path / "logs", "--export_scores", export, "--overwrite")
+    args[args.index("--segnet_file") + 1] = str(segnet)
+    code, _, line = main_in_process(capsys, *args)
+    assert code == 2 and line == (
+        f"main.py: error: --export_scores {export}: anomaly_p/mcp/AnomalyTrack-all/mapping.txt "
+        f"there would replace --segnet_file {segnet}, an input of this run; choose another "
+        f"--export_scores")
+    assert segnet.read_bytes() == before and not (tmp_path / "logs").exists()
+
+
 # --------------------------------------------------------------------------- item 10: paths
 
 def test_export_into_a_file_names_the_flag(bench, tmp_path, capsys):
