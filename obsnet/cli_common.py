@@ -297,5 +297,6 @@ def _run_reporting_errors(program: str, fn, argv) -> int:
         print(f"{program}: error: {ANSI_ESCAPES.sub('', one_line(known))}", file=sys.stderr)
         return 2 if isinstance(known, UsageError) else 1
     except KeyboardInterrupt as exc:
-        print(f"{program}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        print(f"{program}: {str(exc) or f'interrupted ({signal_name(signal.SIGINT)})'}",
+              file=sys.stderr)
         return getattr(exc, "code", 130)

@@ -230,6 +230,16 @@ def test_sigterm_is_an_interrupt_in_any_command():
     assert out.stderr.strip() == "prog: interrupted (SIGTERM)"
 
 
+def test_sigint_outside_training_names_its_signal(capsys):
+    from obsnet.cli_common import run_friendly
+
+    def command(argv):
+        raise KeyboardInterrupt  # what Python raises on SIGINT
+
+    assert run_friendly("prog", command, []) == 130
+    assert capsys.readouterr().err.strip() == "prog: interrupted (SIGINT)"
+
+
 # ------------------------------------------------------------------ item 10: a full disk
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
