@@ -10,13 +10,19 @@ from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inference")
+def save_tiny_networks(root):
+    """A freshly initialised tiny SegNet (``root/segnet.pth``) and observer
+    (``root/obsnet/best.pth``), plain state_dicts; returns ``root``."""
     torch.manual_seed(0)
     save_checkpoint(root / "segnet.pth", {"model": SegNet(3, 12, width_mult=0.0625).state_dict()})
     save_checkpoint(root / "obsnet" / "best.pth",
                     {"model": Obsnet_Seg(3, 1, width_mult=0.0625).state_dict()})
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = save_tiny_networks(tmp_path_factory.mktemp("inference"))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

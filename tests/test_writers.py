@@ -19,9 +19,8 @@ import cli
 from obsnet import cli as obsnet_cli
 from obsnet import export, inference, outputs
 from obsnet.data import paste
-from obsnet.models.checkpoint import save_checkpoint
-from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet
+from test_inference import save_tiny_networks
 from test_paste import NAMES, files_of, make_split, ood_files
 from test_reliability import TINY, paths, small_data  # noqa: F401
 
@@ -164,12 +163,7 @@ def test_a_real_main_py_refuses_the_observer_over_its_segnet(base, tmp_path):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A tiny SegNet checkpoint and an observer folder (inference.py's and export's inputs)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
-    save_checkpoint(root / "segnet.pth", {"model": SegNet(3, 12, width_mult=0.0625).state_dict()})
-    save_checkpoint(root / "obsnet" / "best.pth",
-                    {"model": Obsnet_Seg(3, 1, width_mult=0.0625).state_dict()})
-    return root
+    return save_tiny_networks(tmp_path_factory.mktemp("ckpts"))
 
 
 def export_main(capsys, ckpts, out, *extra) -> tuple[int, str]:
