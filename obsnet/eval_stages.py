@@ -143,4 +143,5 @@ def check_scorable(results: dict, spec: DatasetSpec, warn: bool = True) -> None:
                            f"(label 1), and {spec.name}'s metrics are all OOD ones; nothing written")
     if warn:
         warnings.warn(f"{split}: its {images} hold no anomaly pixel: the OOD metrics are "
-                      f"undefined (n/a); the error-detection metrics are scored", ObsnetWarning)
+                      f"undefined (n/a); the error-detection metrics are scored", ObsnetWarning,
+                      stacklevel=2)

@@ -154,7 +154,8 @@ def test_user_factory_runs_when_the_command_line_names_it(benchmark):
 HOSTILE = [  # (field, value): each one invalid
     ("data", "RoadAnomaly21"), ("data", ["CamVid"]), ("model", "torchvision:not_a_model"),
     ("model", "evil mod:x"), ("model", 5), ("nclass", 0), ("nclass", 10 ** 9), ("nclass", 12.0),
-    ("nclass", True), ("width_mult", float("nan")), ("width_mult", 0), ("width_mult", "1"), ("width_mult", 1e6),
+    ("nclass", True), ("width_mult", float("nan")), ("width_mult", 0), ("width_mult", "1"),
+    ("width_mult", 1e6),
     ("size", [8, 8]), ("size", [32]), ("size", [32.0, 48]), ("size", "ab"),
     ("mean", [0.5, 0.5]), ("mean", [float("inf"), 0, 0]), ("std", [0.2, 0.0, 0.2]),
     ("std", ["a", 1, 1]), ("class_names", ["road"]), ("class_names", list(range(12)))]

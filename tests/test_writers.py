@@ -19,7 +19,6 @@ import cli
 from obsnet import cli as obsnet_cli
 from obsnet import export, inference, outputs
 from obsnet.data import paste
-from obsnet.models.segnet import SegNet
 from test_inference import save_tiny_networks
 from test_paste import NAMES, files_of, make_split, ood_files
 from test_reliability import TINY, paths, small_data  # noqa: F401
