@@ -6,9 +6,9 @@
 The graph takes ``image``, float32 RGB in [0, 1], B×3×H×W, normalises it with the mean and std
 of the segmenter's recorded preset (``obsnet.preset``; else of --data), and returns ``logits``
 (B×C×H×W, the segmenter's) and ``observer_prob`` (B×1×H×W, the sigmoid of the observer's
-logit: the probability that the segmenter is wrong). Batch, height and width are dynamic (each side at least 32 pixels). The
-model's ``metadata_props`` record the fingerprints of both networks' weights
-(``ExportGraph.metadata``).
+logit: the probability that the segmenter is wrong). Batch, height and width are dynamic
+(each side at least 32 pixels). The model's ``metadata_props`` record the fingerprints of both
+networks' weights and that minimum (``ExportGraph.metadata``).
 """
 import argparse
 import logging
