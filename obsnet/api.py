@@ -33,7 +33,8 @@ from obsnet.train import ObserverConfig, make_scaler, train_observer_epoch
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The attack's region and shape sizes, as shares of the image's height: CamVid's at 360×480.
 PATCH_SHARES = (128 / 360, 128 / 360, 60 / 360, 80 / 360)
-LOSSLESS_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float64)  # converted, not refused
+# converted, not refused (float64 rounds to float32: harmless for images)
+CONVERTED_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float64)
 
 
 class Observed(nn.Module):
@@ -135,7 +136,7 @@ def checked_size(size) -> tuple[int, int]:
 
 
 def checked_images(images, subject: str) -> torch.Tensor:
-    """``images`` as a float32 B×3×H×W tensor (float64 and half converted, losslessly enough);
+    """``images`` as a float32 B×3×H×W tensor (float64 and half converted);
     TypeError or ValueError naming ``subject`` for anything else, e.g. uint8 (un-normalised)
     or channels-last images. Shapes and dtypes only: no pass over the values."""
     if not torch.is_tensor(images):
@@ -149,7 +150,7 @@ def checked_images(images, subject: str) -> torch.Tensor:
                          f"use images.permute(0, 3, 1, 2)")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"{subject}: shape {shape}, expected B×3×H×W")
-    if images.dtype in LOSSLESS_TO_FLOAT32:
+    if images.dtype in CONVERTED_TO_FLOAT32:
         return images.float()
     if images.dtype != torch.float32:
         raise TypeError(f"{subject}: {str(images.dtype).removeprefix('torch.')} values, expected "
