@@ -28,8 +28,8 @@ from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import logits_of
 from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
 from obsnet.models.segnet import freeze
-from obsnet.outputs import (Input, Output, OutputLock, Planned, atomic_write,
-                            check_outputs_not_inputs)
+from obsnet.outputs import Output, OutputLock, atomic_write
+from obsnet.ownership import Input, Planned, check_outputs_not_inputs
 from obsnet.preset import adopt_recorded_preset
 
 PROG = "python -m obsnet.export"

@@ -25,8 +25,9 @@ from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, c
 from obsnet.data.camvid import read_image
 from obsnet.data.specs import SPECS
 from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
-from obsnet.outputs import (Input, Output, OutputLock, atomic_write, check_outputs_not_inputs,
-                            exists, listed_files, planned_in, same_file, unlisted, write_listing)
+from obsnet.outputs import Output, OutputLock, atomic_write
+from obsnet.ownership import (Input, check_outputs_not_inputs, exists, listed_files, planned_in,
+                              same_file, unlisted, write_listing)
 from obsnet.preset import adopt_recorded_preset
 from obsnet.visual import colorize_labels, viridis
 

@@ -13,7 +13,8 @@ from obsnet.data.synthetic import UNTOUCHED, claim, ensure_synthetic, is_complet
 from obsnet.data.synthetic import refusal as synthetic_refusal
 from obsnet.methods import parse_methods
 from obsnet.models.registry import observer_path
-from obsnet.outputs import Input, Output, OutputLock, Planned, check_outputs_not_inputs, planned_in
+from obsnet.outputs import Output, OutputLock
+from obsnet.ownership import Input, Planned, check_outputs_not_inputs, planned_in
 from obsnet.run_files import MANIFEST, RunFiles, stage_name
 from obsnet.runtime import segnet_last
 from obsnet.score_export import planned_files as export_files
@@ -129,7 +130,7 @@ def dataset_inputs(args, planned: list[Planned]) -> list[Input]:
 
 def check_inputs(args) -> None:
     """UsageError, before any work and whatever --overwrite says, when a file the stage would
-    write is, or would replace, one of its inputs (``outputs.check_outputs_not_inputs``)."""
+    write is, or would replace, one of its inputs (``ownership.check_outputs_not_inputs``)."""
     planned = planned_files(args)
     check_outputs_not_inputs(planned, model_inputs(args) + dataset_inputs(args, planned))
 

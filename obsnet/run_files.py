@@ -6,7 +6,7 @@ stage ``train_segnet``, ``train_obsnet``, ``fit_stats`` or ``test_<split>``, and
 ``results_<split>.json`` and ``results_<split>.csv`` (split: the evaluated one). TensorBoard's
 event files have unique names already.
 
-Every such file is listed in the folder's manifest (``MANIFEST``, ``outputs.write_listing``)
+Every such file is listed in the folder's manifest (``MANIFEST``, ``ownership.write_listing``)
 before it is written, so a later run tells the files of an earlier run of ours from a user's:
 a file of these names that the manifest does not list is never replaced, even with
 --overwrite; one it lists only with --overwrite (a training stage: --overwrite or --resume).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obsnet.errors import UsageError
-from obsnet.outputs import exists, listed_files, unlisted, write_listing
+from obsnet.ownership import exists, listed_files, unlisted, write_listing
 
 MANIFEST = ".obsnet-written.json"
 WRITER = "main.py"

@@ -55,9 +55,9 @@ from tqdm import tqdm
 from obsnet.cli_common import UsageError, run_friendly
 from obsnet.data.camvid import Pair, check_size, read_image, read_label, read_list
 from obsnet.data.errors import DatasetError
-from obsnet.outputs import (Input, Output, OutputError, OutputLock, Planned, atomic_write,
-                            check_outputs_not_inputs, exists, listed_files, temp_folder, unlisted,
-                            write_listing)
+from obsnet.outputs import Output, OutputError, OutputLock, atomic_write, temp_folder
+from obsnet.ownership import (Input, Planned, check_outputs_not_inputs, exists, listed_files,
+                              unlisted, write_listing)
 
 PROG = "python -m obsnet.paste"
 MARKER = ".written_by_obsnet_paste"
