@@ -387,6 +387,22 @@ def test_paste_failure_at_a_frame_keeps_the_previous_output(root, capsys):
         "val", "val.txt", "val_ood", "val_ood.txt", "valannot", "valannot_ood"]  # no temporary
 
 
+def test_paste_leaves_no_temporary_folder_when_the_second_cannot_be_made(root, capsys,
+                                                                          monkeypatch):
+    real_temp_folder, made = paste.temp_folder, []
+
+    def second_fails(target):
+        if made:
+            raise OSError(errno.ENOSPC, ENOSPC)
+        made.append(real_temp_folder(target))
+        return made[-1]
+
+    monkeypatch.setattr(paste, "temp_folder", second_fails)
+    code, _ = run_paste(capsys, "--root", root, "--split", "val")
+    assert code == 1 and made and not made[0].exists()
+    assert sorted(p.name for p in root.iterdir()) == ["val", "val.txt", "valannot"]
+
+
 def test_paste_on_a_full_disk_names_the_file_and_keeps_the_previous_output(root, capsys,
                                                                           monkeypatch):
     assert run_paste(capsys, "--root", root, "--split", "val") == (0, "")

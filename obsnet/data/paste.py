@@ -458,7 +458,8 @@ def write_aside(outputs: Outputs, pairs: Sequence[Pair], names: Sequence[str],
     them. On any failure (a bad image, a full disk, a stop) they are removed."""
     temps, out = [], outputs.list_file.parent
     try:
-        temps = [temp_folder(folder) for folder in outputs[:2]]
+        for folder in outputs[:2]:  # one by one: a failed second one must not leak the first
+            temps.append(temp_folder(folder))
         for pair, name in tqdm(list(zip(pairs, names)), desc=f"paste {outputs.image_dir.name}",
                                unit="img", file=sys.stderr, disable=not progress):
             pasted = paste_frame(pair, name, config, cutouts)
