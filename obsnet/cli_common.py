@@ -15,7 +15,8 @@ from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.generic import is_generic, resolve_factory
 from obsnet.models.obsnet import HEADS
-from obsnet.models.registry import SEGMENTERS
+from obsnet.models.output_maps import INPUTS
+from obsnet.models.registry import KINDS, SEGMENTERS, observer_name
 
 
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")
@@ -127,6 +128,14 @@ def add_model_flags(parser, width_help: str) -> None:
     a("--obs_head", default=None, choices=HEADS,
       help="observer's last block: linear (new observers' default: no tied scores) or original "
            "(ReLU'd single channel, as the original); a checkpoint's own when it records one")
+    a("--obs_inputs", default=None, choices=INPUTS,
+      help="what the observer's last layer also reads of the segmenter's logits: features "
+           "(nothing, as the original; the default), maps (1 - max softmax, entropy, energy) or "
+           "logits (the log-softmax); a checkpoint's own when it records one")
+    a("--obs_kind", default=None, choices=KINDS,
+      help="observer: mirror (the segmenter's encoder-decoder, as the original; the default) or "
+           "layer (the light generic LayerObserver on four SegNet maps); a checkpoint's own when "
+           "it records one")
 
 
 def check_model_flags(args) -> None:
@@ -136,6 +145,7 @@ def check_model_flags(args) -> None:
         raise UsageError(f"--width_mult must be positive (got {args.width_mult})")
     if args.model == "deeplabv3plus" and (args.width_mult != 1.0 or args.obs_mlp):
         raise UsageError("--model deeplabv3plus takes neither --width_mult nor --obs_mlp")
+    check_observer_choice(args)
     if not is_generic(args.model):
         if args.observe_layers:
             raise UsageError(f"--observe_layers is for --model torchvision:<name> or "
@@ -149,11 +159,24 @@ def check_model_flags(args) -> None:
         raise UsageError(f"--obs_mlp reads one SegNet map: not available with --model {args.model}")
 
 
+def check_observer_choice(args) -> None:
+    """UsageError for an observer the model has not (``--obs_kind``, ``--obs_inputs``), or an
+    ablation that contradicts what it reads (``--no_residual`` with the logits' maps)."""
+    inputs, kind = args.obs_inputs or "features", args.obs_kind or "mirror"
+    try:
+        observer_name(args.model, args.obs_mlp, inputs, kind)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if getattr(args, "no_residual", False) and inputs != "features":
+        raise UsageError(f"--no_residual with --obs_inputs {inputs}: the observer would still "
+                         f"read the segmenter's logits; drop one")
+
+
 def model_flags(args) -> dict:
     """The observer's flags the command line gives, for ``merge_observer_flags`` (those of a
     checkpoint that records them win; a conflict is an error there)."""
     return {"obs_mlp": args.obs_mlp, "head": args.obs_head, "model": args.model,
-            "layers": args.observe_layers}
+            "layers": args.observe_layers, "inputs": args.obs_inputs, "kind": args.obs_kind}
 
 
 class StopSignal:

@@ -11,7 +11,8 @@ from obsnet.errors import ObsnetWarning
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig, parse_methods
 from obsnet.models.checkpoint import weights_fingerprint
-from obsnet.models.registry import DEFAULT_HEAD, load_networks, merge_observer_flags
+from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, load_networks,
+                                    merge_observer_flags)
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
@@ -85,7 +86,9 @@ def stage_test(args, spec, rt, writer) -> None:
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
                                    args.segnet_file, args.obsnet_file if "obsnet" in names else None,
                                    rt.device, head=observer["head"] or DEFAULT_HEAD,
-                                   layers=observer["layers"], probe_size=args.size)
+                                   layers=observer["layers"], probe_size=args.size,
+                                   inputs=observer["inputs"] or DEFAULT_INPUTS,
+                                   kind=observer["kind"] or DEFAULT_KIND)
     refuse_missing_dropout(segnet, args.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))

@@ -226,6 +226,7 @@ def load_graph(args, spec) -> ExportGraph:
                                         flags.get("obs_mlp", False), args.segnet_file,
                                         args.obsnet_file, "cpu", head=flags["head"],
                                         layers=flags.get("layers"),
+                                        inputs=flags["inputs"], kind=flags["kind"],
                                         probe_size=tuple(args.size or spec.size))
     run_flags = {k: flags.get(k, False) for k in ("no_residual", "no_img")}
     return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std, run_flags)

@@ -190,6 +190,7 @@ def load_observed(args, spec) -> Networks:
     segnet, obsnet = load_networks(args.model, nclass, args.width_mult,
                                    flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
                                    device, head=flags["head"], layers=flags.get("layers"),
+                                   inputs=flags["inputs"], kind=flags["kind"],
                                    probe_size=size)
     return Networks(segnet, obsnet.eval(), device, size, flags.get("no_residual", False),
                     flags.get("no_img", False))

@@ -47,7 +47,8 @@ def segnet_last(segnet_file) -> Path:
 def observer_given(args) -> dict:
     """The observer flags and head the command line asks for (head None: not given)."""
     return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | \
-        {"head": args.obs_head, "model": args.model, "layers": args.observe_layers}
+        {"head": args.obs_head, "model": args.model, "layers": args.observe_layers,
+         "inputs": args.obs_inputs, "kind": args.obs_kind}
 
 
 def refuse_missing_dropout(segnet, model: str, needs: list[str]) -> None:

@@ -23,8 +23,8 @@ from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import first_nonfinite, save_checkpoint, weights_fingerprint
 from obsnet.models.generic import is_generic
-from obsnet.models.registry import (DEFAULT_HEAD, build_models, init_from_segnet, load_networks,
-                                    merge_observer_flags)
+from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, build_models,
+                                    init_from_segnet, load_networks, merge_observer_flags)
 from obsnet.report import NullWriter, log_preview, log_scalars, write_json
 from obsnet.run_checks import stage_outputs_exist, start_run, tboard_files
 from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
@@ -256,10 +256,12 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     if args.resume:  # the run goes on with the network it started with
         recorded = merge_observer_flags(given, folder / "last.pth")
         args.obs_head, args.observe_layers = recorded["head"], recorded["layers"]
+        args.obs_inputs, args.obs_kind = recorded["inputs"], recorded["kind"]
     segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
                                    args.segnet_file, device=rt.device,
                                    head=args.obs_head or DEFAULT_HEAD, layers=args.observe_layers,
-                                   probe_size=args.size)
+                                   probe_size=args.size, inputs=args.obs_inputs or DEFAULT_INPUTS,
+                                   kind=args.obs_kind or DEFAULT_KIND)
     refuse_missing_dropout(segnet, args.model, ["--drop"] if args.drop else [])
     args.observe_layers = getattr(segnet, "layers", None)  # recorded in the checkpoints
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))

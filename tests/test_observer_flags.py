@@ -68,10 +68,12 @@ def test_training_records_the_flags_in_best_and_last(run):
     for name in ("best.pth", "last.pth"):
         state = torch.load(run / "nores" / name, weights_only=True)
         assert state["observer"] == {"obs_mlp": False, "no_residual": True, "no_img": False,
-                                     "head": "linear", "model": "segnet", "layers": None}, name
+                                     "head": "linear", "model": "segnet", "layers": None,
+                                     "inputs": "features", "kind": "mirror"}, name
         mlp = torch.load(run / "mlp" / name, weights_only=True)
         assert mlp["observer"] == {"obs_mlp": True, "no_residual": False, "no_img": False,
-                                   "head": "linear", "model": "segnet", "layers": None}, name
+                                   "head": "linear", "model": "segnet", "layers": None,
+                                   "inputs": "features", "kind": "mirror"}, name
 
 
 def test_training_validates_with_the_flags(run):
@@ -171,11 +173,13 @@ def test_observer_flags_reads_what_a_checkpoint_records(tmp_path):
                                                  "no_img": False}}, tmp_path / "full.pth")
     assert observer_flags(tmp_path / "full.pth") == {"obs_mlp": False, "no_residual": True,
                                                      "no_img": False, "head": "original",
-                                                     "model": None, "layers": None}
+                                                     "model": None, "layers": None,
+                                                     "inputs": "features", "kind": "mirror"}
     torch.save({"model": weights(), "observer": {"no_img": 1}}, tmp_path / "partial.pth")
     assert observer_flags(tmp_path / "partial.pth") == {"obs_mlp": False, "no_residual": False,
                                                         "no_img": True, "head": "original",
-                                                        "model": None, "layers": None}
+                                                        "model": None, "layers": None,
+                                                        "inputs": "features", "kind": "mirror"}
     folder = tmp_path / "folder"
     folder.mkdir()
     torch.save({"model": weights(), "observer": {"obs_mlp": True}}, folder / "best.pth")
@@ -195,7 +199,8 @@ def test_checkpoints_without_flags_give_none(state, tmp_path):
     assert observer_flags(tmp_path / "obs.pth") is None
     given = {"obs_mlp": False, "no_residual": True, "no_img": False}
     merged = merge_observer_flags(given, tmp_path / "obs.pth")
-    assert merged == given | {"head": "original"} and merged is not given
+    assert merged == given | {"head": "original", "inputs": "features", "kind": "mirror"}
+    assert merged is not given
     assert merge_observer_flags(given | {"head": "linear"}, tmp_path / "obs.pth")["head"] == "linear"
 
 
@@ -203,7 +208,8 @@ def test_merge_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_path)
     recorded = {"obs_mlp": True, "no_residual": True, "no_img": False, "head": "linear"}
     torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
     nothing = dict.fromkeys(OBSERVER_FLAGS, False)
-    expected = recorded | {"model": None, "layers": None}  # recorded by older checkpoints
+    # older checkpoints record neither model, layers, inputs nor kind: their defaults
+    expected = recorded | {"model": None, "layers": None, "inputs": "features", "kind": "mirror"}
     assert merge_observer_flags(nothing, tmp_path / "obs.pth") == expected
     assert merge_observer_flags({}, tmp_path / "obs.pth") == expected
     assert merge_observer_flags({**nothing, "obs_mlp": True, "no_residual": True},

@@ -28,6 +28,7 @@ from torchvision import models as tv_models
 
 from obsnet.models.blocks import conv_bn_relu, resize, scaled, shared_dropout
 from obsnet.models.checkpoint import CheckpointError, torchvision_state
+from obsnet.models.output_maps import OutputHead
 
 TORCHVISION = "torchvision:"
 # The observed layers of torchvision's segmentation models, by backbone family: the backbone's
@@ -430,7 +431,11 @@ class LayerObserver(nn.Module):
 
     DROPOUT = 0.1
 
-    def __init__(self, channels: Sequence[int], width_mult: float = 1.0):
+    def __init__(self, channels: Sequence[int], width_mult: float = 1.0,
+                 inputs: str = "features", nclass: int = 0):
+        """``channels``: of each observed map, logits last; ``inputs``: what the final layer
+        also reads of the logits (``obsnet.models.output_maps.INPUTS``; ``features``: none, and
+        no extra layer, so earlier checkpoints load)."""
         super().__init__()
         width = scaled(64, width_mult)
         self.stem = nn.Sequential(conv_bn_relu(3, max(1, width // 2), 3, stride=2),
@@ -438,6 +443,7 @@ class LayerObserver(nn.Module):
         self.projections = nn.ModuleList(conv_bn_relu(c, width) for c in channels)
         self.fuse = nn.ModuleList(conv_bn_relu(width, width, 3) for _ in range(2))
         self.classifier = nn.Conv2d(width, 1, kernel_size=1)
+        self.fc = None if inputs == "features" else OutputHead(1, inputs, nclass)
 
     def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
                 no_img: bool = False):
@@ -448,19 +454,22 @@ class LayerObserver(nn.Module):
             for project, fmap in zip(self.projections, feat):
                 y = y + resize(project(fmap), y.shape[-2:])
         y = shared_dropout(self.fuse[0](y), self.DROPOUT, self.training, mc_drop)
-        return resize(self.classifier(self.fuse[1](y)), x.shape[-2:])
+        y = resize(self.classifier(self.fuse[1](y)), x.shape[-2:])
+        return y if self.fc is None else self.fc(y, feat[-1])
 
 
 def build_generic(model: str, nclass: int, width_mult: float, layers=None,
-                  backbone_weights=None, probe_size=None) -> tuple[FeatureTap, LayerObserver]:
+                  backbone_weights=None, probe_size=None,
+                  inputs: str = "features") -> tuple[FeatureTap, LayerObserver]:
     """(segmenter wrapped in a FeatureTap, its LayerObserver) for a generic spec.
 
     ``layers``: module names to observe (None: see ``tap_and_observer``). One probe pass, at
     ``probe_size`` (the run's --size; None: PROBE_SIZE), finds their channels and checks that
-    the network gives ``nclass`` logits.
+    the network gives ``nclass`` logits. ``inputs``: see ``LayerObserver``.
     """
     net = build_network(model, nclass, backbone_weights)
-    tap, observer, maps = tap_and_observer(net, model, layers, width_mult, probe_size=probe_size)
+    tap, observer, maps = tap_and_observer(net, model, layers, width_mult, probe_size=probe_size,
+                                           inputs=inputs)
     if maps[-1].shape[1] != nclass:
         raise ValueError(f"--model {model}: gives {maps[-1].shape[1]} class maps, not the "
                          f"{nclass} of the dataset (--nclass)")
@@ -468,7 +477,7 @@ def build_generic(model: str, nclass: int, width_mult: float, layers=None,
 
 
 def tap_and_observer(net: nn.Module, spec: str, layers=None, width_mult: float = 1.0,
-                     naming: Naming | None = None, probe_size=None):
+                     naming: Naming | None = None, probe_size=None, inputs: str = "features"):
     """(FeatureTap of ``net`` observing ``layers``, its LayerObserver, the probe's maps);
     ``layers`` None: the family's (``family_layers``), else the top-level ones (``auto_layers``).
 
@@ -481,4 +490,5 @@ def tap_and_observer(net: nn.Module, spec: str, layers=None, width_mult: float =
     chosen = layers or family_layers(net) or auto_layers(net, spec, naming, probe_size)
     tap = FeatureTap(net, chosen, spec, naming, given=bool(layers))
     maps = probe_maps(tap, probe_size)
-    return tap, LayerObserver([m.shape[1] for m in maps], width_mult), maps
+    channels = [m.shape[1] for m in maps]
+    return tap, LayerObserver(channels, width_mult, inputs, channels[-1]), maps

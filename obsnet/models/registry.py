@@ -7,7 +7,8 @@ from obsnet.models.checkpoint import (CheckpointError, check_same_segmenter, loa
                                      load_weights, recorded_fingerprint, weights_fingerprint)
 from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab
 from obsnet.models.generic import build_generic, is_generic
-from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
+from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small, SegNetLayerObserver
+from obsnet.models.output_maps import INPUTS
 from obsnet.models.segnet import SegNet, freeze
 
 
@@ -20,17 +21,27 @@ SEGMENTERS = {
     "deeplabv3plus": lambda nclass, width_mult, backbone_weights=None: DeepLabV3Plus(
         3, nclass, backbone_weights=backbone_weights, width_mult=width_mult),
 }
-# Observers: builder(width_mult, head); "<model>_small" is the --obs_mlp variant of "<model>".
-# ``head`` (obsnet.models.obsnet.HEADS) is the SegNet observers' last block; DeepLab's has no tie.
+# Observers: builder(width_mult, head, inputs, nclass); "<model>_small" is the --obs_mlp variant
+# of "<model>", "<model>_layer" its --obs_kind layer. ``head`` (obsnet.models.obsnet.HEADS) is
+# the SegNet mirror's last block; ``inputs`` (obsnet.models.output_maps.INPUTS) what the last
+# layer reads of the logits. DeepLab's observer has neither: it reads two maps of the logits
+# (max softmax, entropy) already, and has no tie.
 OBSERVERS = {
-    "segnet": lambda width_mult, head: Obsnet_Seg(3, 1, width_mult=width_mult, head=head),
-    "segnet_small": lambda width_mult, head: Obsnet_Small(512, 1, width_mult=width_mult, head=head),
-    "deeplabv3plus": lambda width_mult, head: Obsnet_DeepLab(3, 1, width_mult=width_mult),
+    "segnet": lambda width_mult, head, inputs, nclass: Obsnet_Seg(
+        3, 1, width_mult=width_mult, head=head, inputs=inputs, nclass=nclass),
+    "segnet_small": lambda width_mult, head, inputs, nclass: Obsnet_Small(
+        512, 1, width_mult=width_mult, head=head, inputs=inputs, nclass=nclass),
+    "segnet_layer": lambda width_mult, head, inputs, nclass: SegNetLayerObserver(
+        width_mult, inputs, nclass),
+    "deeplabv3plus": lambda width_mult, head, inputs, nclass: Obsnet_DeepLab(
+        3, 1, width_mult=width_mult),
 }
+KINDS = ("mirror", "layer")  # --obs_kind: the segmenter's mirror, or the generic LayerObserver
 
 
 def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
-                 backbone_weights=None, head: str = "linear", layers=None, probe_size=None):
+                 backbone_weights=None, head: str = "linear", layers=None, probe_size=None,
+                 inputs: str = "features", kind: str = "mirror"):
     """Return (segnet, obsnet) for a registry name or a generic spec (``torchvision:<name>``,
     ``package.module:factory``: see ``obsnet.models.generic``).
 
@@ -39,23 +50,47 @@ def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
     ``head``: the observer's last block (``obsnet.models.obsnet.HEADS``); ``layers``: the
     layers a generic spec's observer reads (None: its default); ``probe_size``: the image size
     (H, W, the run's --size) of the one forward pass that checks a generic spec's network.
+    ``inputs`` (``--obs_inputs``) and ``kind`` (``--obs_kind``): see OBSERVERS and KINDS.
     """
     if model not in SEGMENTERS and not is_generic(model):
         raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))}, "
                          f"torchvision:<name>, package.module:factory)")
-    observer = f"{model}_small" if obs_mlp else model
-    if obs_mlp and observer not in OBSERVERS:  # checked before building the network
-        raise ValueError(f"--obs_mlp is not available with --model {model}: the light observer "
-                         f"reads one SegNet map; use the default observer (drop --obs_mlp)")
+    observer = observer_name(model, obs_mlp, inputs, kind)  # checked before building anything
     if is_generic(model):
-        return build_generic(model, nclass, width_mult, layers, backbone_weights, probe_size)
+        return build_generic(model, nclass, width_mult, layers, backbone_weights, probe_size,
+                             inputs)
     segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
-    obsnet = OBSERVERS[observer](width_mult, head)
+    obsnet = OBSERVERS[observer](width_mult, head, inputs, nclass)
     return segnet, obsnet
+
+
+def observer_name(model: str, obs_mlp: bool, inputs: str, kind: str) -> str | None:
+    """The OBSERVERS key of a registry model's observer (None for a generic spec, whose
+    observer is always a LayerObserver); ValueError naming the flag that cannot be used."""
+    if inputs not in INPUTS:
+        raise ValueError(f"--obs_inputs {inputs}: unknown (available: {', '.join(INPUTS)})")
+    if kind not in KINDS:
+        raise ValueError(f"--obs_kind {kind}: unknown (available: {', '.join(KINDS)})")
+    if obs_mlp and kind != "mirror":
+        raise ValueError(f"--obs_mlp with --obs_kind {kind}: pick one observer")
+    if is_generic(model):
+        return None
+    name = f"{model}_small" if obs_mlp else f"{model}_layer" if kind == "layer" else model
+    if name not in OBSERVERS:
+        flag = "--obs_mlp" if obs_mlp else f"--obs_kind {kind}"
+        raise ValueError(f"{flag} is not available with --model {model}; use the default "
+                         f"observer (drop {flag.split()[0]})")
+    if model == "deeplabv3plus" and inputs != "features":
+        raise ValueError(f"--obs_inputs {inputs} is not available with --model deeplabv3plus: "
+                         f"its observer reads the logits' max softmax and entropy already")
+    return name
 
 
 OBSERVER_FLAGS = ("obs_mlp", "no_residual", "no_img")  # what changes how an observer is run
 DEFAULT_HEAD = "linear"  # of new observers; checkpoints that record no head have the original's
+# Of new observers; checkpoints that record none read no logits and mirror the segmenter.
+DEFAULT_INPUTS, DEFAULT_KIND = "features", "mirror"
+RECORDED_CHOICES = {"inputs": INPUTS, "kind": KINDS}  # each: the flag --obs_<name>
 
 
 def observer_path(obsnet_file) -> Path:
@@ -66,12 +101,15 @@ def observer_path(obsnet_file) -> Path:
 
 def observer_record(args) -> dict:
     """What an observer checkpoint records of how to build and run it: ``OBSERVER_FLAGS``, the
-    ``head`` (``args.obs_head``, None meaning the default), the ``model`` spec and the
-    ``layers`` a generic model's observer reads (``args.observe_layers``, else None)."""
+    ``head`` (``args.obs_head``, None meaning the default), the ``model`` spec, the ``layers``
+    a generic model's observer reads (``args.observe_layers``, else None), and what it reads of
+    the logits and which kind it is (``args.obs_inputs``, ``args.obs_kind``; None: defaults)."""
     record = {flag: bool(getattr(args, flag)) for flag in OBSERVER_FLAGS}
     layers = getattr(args, "observe_layers", None)
     return record | {"head": getattr(args, "obs_head", None) or DEFAULT_HEAD,
-                     "model": args.model, "layers": list(layers) if layers else None}
+                     "model": args.model, "layers": list(layers) if layers else None,
+                     "inputs": getattr(args, "obs_inputs", None) or DEFAULT_INPUTS,
+                     "kind": getattr(args, "obs_kind", None) or DEFAULT_KIND}
 
 
 def observer_flags(obsnet_file) -> dict | None:
@@ -93,7 +131,12 @@ def observer_flags(obsnet_file) -> dict | None:
     if layers is not None and not (isinstance(layers, (list, tuple)) and layers
                                    and all(isinstance(name, str) and name for name in layers)):
         raise CheckpointError(f"{path}: its recorded observer layers are not module names")
-    return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS} | \
+    chosen = {"inputs": recorded.get("inputs", DEFAULT_INPUTS), "kind": recorded.get("kind", DEFAULT_KIND)}
+    for name, value in chosen.items():
+        if value not in RECORDED_CHOICES[name]:
+            raise CheckpointError(f"{path}: its recorded observer {name} is not one of "
+                                  f"{', '.join(RECORDED_CHOICES[name])}")
+    return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS} | chosen | \
         {"head": head, "model": model, "layers": tuple(layers) if layers else None}
 
 
@@ -106,7 +149,9 @@ def merge_observer_flags(given: dict, obsnet_file) -> dict:
     recorded = observer_flags(obsnet_file)
     path = observer_path(obsnet_file)
     if recorded is None:
-        return dict(given) | {"head": given.get("head") or "original"}
+        return dict(given) | {"head": given.get("head") or "original",
+                              "inputs": given.get("inputs") or DEFAULT_INPUTS,
+                              "kind": given.get("kind") or DEFAULT_KIND}
     for flag in OBSERVER_FLAGS:
         if given.get(flag) and not recorded[flag]:
             raise CheckpointError(f"{path}: this observer was trained without --{flag}; drop "
@@ -115,6 +160,11 @@ def merge_observer_flags(given: dict, obsnet_file) -> dict:
         raise CheckpointError(f"{path}: this observer has the {recorded['head']} head, not "
                               f"--obs_head {given['head']}; drop --obs_head (its checkpoint "
                               f"records its head)")
+    for name in RECORDED_CHOICES:
+        if given.get(name) not in (None, recorded[name]):
+            raise CheckpointError(f"{path}: this observer has --obs_{name} {recorded[name]}, not "
+                                  f"--obs_{name} {given[name]}; drop --obs_{name} (its checkpoint "
+                                  f"records it)")
     if given.get("model") not in (None, recorded["model"]) and recorded["model"] is not None:
         raise CheckpointError(f"{path}: this observer was trained with --model "
                               f"{recorded['model']}, not --model {given['model']}")
@@ -127,16 +177,18 @@ def merge_observer_flags(given: dict, obsnet_file) -> dict:
 
 def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
                   obsnet_file=None, device="cpu", head: str = DEFAULT_HEAD,
-                  segnet_label: str = "--segnet_file", layers=None, probe_size=None):
+                  segnet_label: str = "--segnet_file", layers=None, probe_size=None,
+                  inputs: str = DEFAULT_INPUTS, kind: str = DEFAULT_KIND):
     """(frozen SegNet loaded from ``segnet_file``, ObsNet with ``head``) on ``device``.
 
     ``obsnet_file``: a checkpoint file, or a folder whose ``best.pth`` is loaded; None leaves
     the observer freshly initialised (for training). ``segnet_label``: how messages name the
     SegNet file (the flag that gave it, e.g. "--ensemble member"). ``layers``: what a generic
-    model's observer reads (None: its default); ``probe_size``: see ``build_models``.
+    model's observer reads (None: its default); ``probe_size``, ``inputs``, ``kind``: see
+    ``build_models``.
     """
     segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head, layers=layers,
-                                  probe_size=probe_size)
+                                  probe_size=probe_size, inputs=inputs, kind=kind)
     if not Path(segnet_file).is_file():
         hint = " (train one with --train_segnet)" if segnet_label == "--segnet_file" else ""
         raise CheckpointError(f"{segnet_label} {segnet_file}: file not found{hint}")
