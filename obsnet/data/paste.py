@@ -19,9 +19,10 @@ Objects are procedural shapes by default: a union of 1-3 ellipses, smooth blobs 
 polygons, filled with a texture (multi-scale noise, stripes, a colour gradient or a
 checkerboard) in saturated random colours that no CamVid class has, drawn from numpy
 generators of their own (below): disjoint from the training-time ``--adv paste`` of
-``obsnet.attacks``, whose shapes, textures and random stream (torch's) differ. With ``--objects DIR`` they are cut-outs instead: RGBA
-images whose alpha > 127 is the object, or an image ``name.png`` with a mask
-``name_mask.png`` (non-zero = object; it wins over an alpha channel). Each object gets a
+``obsnet.attacks``, whose shapes, textures and random stream (torch's) differ. With
+``--objects DIR`` they are cut-outs instead: RGBA images whose alpha > 127 is the object, or
+an image ``name.png`` with a mask ``name_mask.png`` (non-zero = object; it wins over an alpha
+channel). Each object gets a
 random size (the longer side of its bounding box, as a fraction of the image's shorter side,
 within 2 px of resampling), position (wholly inside the image) and, for cut-outs, horizontal
 flip. Objects may overlap. Label: the hard mask; image: the same mask, its edge softened
