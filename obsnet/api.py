@@ -298,7 +298,7 @@ def attack_for(settings: TrainingSettings, nclass: int, height: int) -> AttackCo
     if parsed is None:
         return None
     patch = tuple(max(1, round(share * height)) for share in PATCH_SHARES)
-    return AttackConfig(mode=parsed[0], mask=parsed[1], epsilon=settings.epsilon,
+    return AttackConfig(**parsed._asdict(), epsilon=settings.epsilon,
                         patch_size=patch, nclass=nclass, mean=settings.mean, std=settings.std)
 
 

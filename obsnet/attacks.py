@@ -1,6 +1,12 @@
-"""Local adversarial attacks (LAA): one FGSM step on the SegNet inside a random mask.
+"""Local adversarial attacks (LAA): one FGSM step on the SegNet inside a random mask, and a
+procedural paste (``--adv paste``, ``paste+ATTACK``): a local failure trigger whose pixels are
+anomalies, so errors for the observer whatever the SegNet predicts there.
 
-Masks are generated in torch on the images' device, vectorised over the batch.
+Masks and pasted objects are generated in torch on the images' device, vectorised over the batch,
+from torch's random stream (seeded by ``--seed``). The validation split's pasted objects
+(``python -m obsnet.paste``, ``val_ood``) come from numpy generators of their own, with other
+shapes (ellipses, blobs, polygons) and textures (palettes of saturated colours: noise, stripes,
+gradients, checkers): the observer is never trained on the generator it is tuned on.
 """
 import math
 from contextlib import nullcontext
@@ -17,8 +23,9 @@ MODES = ("min", "max")
 class AttackConfig:
     """Resolved ``--adv`` / ``--epsilon`` settings (see ``parse_attack``)."""
 
-    mode: str  # "min": raise the loss of the true class; "max": push towards a random class
-    mask: str  # a key of MASKS
+    mode: str | None  # "min": raise the loss of the true class; "max": push towards a random
+    # class; None: no FGSM step (``--adv paste``)
+    mask: str | None  # a key of MASKS; None with mode
     epsilon: float
     patch_size: tuple[int, int, int, int]  # region (H, W), shape size (min, max), in pixels
     nclass: int
@@ -28,19 +35,23 @@ class AttackConfig:
     # "max" mode draws its target among these (the dataset's real classes: no void, no unused
     # output), as the original's randint(nclass - 1); empty: every output.
     target_classes: tuple[int, ...] = ()
+    paste: bool = False  # paste a procedural object first (``paste_procedural``)
 
 
 def _place_regions(local: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Paste B local masks (B×h×w) at uniformly random positions in B×H×W zero masks."""
-    b, h, w = local.shape
+    """Paste B local masks (B×h×w), or maps (B×C×h×w), at uniformly random positions in
+    B×H×W (B×C×H×W) zero float tensors."""
+    maps = local.unsqueeze(1) if local.dim() == 3 else local
+    b, c, h, w = maps.shape
     dev = local.device
     top = torch.randint(0, height - h + 1, (b, 1), device=dev)
     left = torch.randint(0, width - w + 1, (b, 1), device=dev)
     rows = (top + torch.arange(h, device=dev))[:, :, None]
     cols = (left + torch.arange(w, device=dev))[:, None, :]
-    full = torch.zeros(b, height, width, device=dev)
-    full[torch.arange(b, device=dev)[:, None, None], rows, cols] = local.float()
-    return full
+    full = torch.zeros(b, height, width, c, device=dev)
+    full[torch.arange(b, device=dev)[:, None, None], rows, cols] = maps.permute(0, 2, 3, 1).float()
+    full = full.permute(0, 3, 1, 2).contiguous()
+    return full[:, 0] if local.dim() == 3 else full
 
 
 def _region(patch_size, height, width):
@@ -189,6 +200,60 @@ def mask_fractal(images, labels, cfg):
     return _place_regions(local, height, width).unsqueeze(1)
 
 
+# ----------------------------------------------------------------------------- procedural paste
+
+def paste_shapes(b: int, h: int, w: int, smin: int, smax: int, device) -> torch.Tensor:
+    """B×h×w bool object masks inside an h×w region: per image, at even odds, the union of
+    random rectangles, ellipses and triangles (``random_shapes``) or an IFS fractal
+    (``fractal_shapes``); never empty."""
+    fractal = torch.rand(b, 1, 1, device=device) < 0.5
+    shapes = torch.where(fractal, fractal_shapes(b, h, w, device) > 0,
+                         random_shapes(b, h, w, smin, smax, device))
+    shapes[:, h // 2, w // 2] |= ~shapes.flatten(1).any(1)  # a degenerate draw keeps one pixel
+    return shapes
+
+
+def smooth_texture(b: int, h: int, w: int, device) -> torch.Tensor:
+    """B×3×h×w colours in [0, 1]: per image a random flat colour, plus a smooth colour field
+    (Gaussian noise on a coarse 2×2 to 6×6 grid, upsampled bilinearly) of random strength,
+    plus fine per-pixel noise of random strength."""
+    cells = int(torch.randint(2, 7, (1,)))
+    flat = torch.rand(b, 3, 1, 1, device=device)
+    coarse = torch.randn(b, 3, cells, cells, device=device)
+    field = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    strength = torch.rand(b, 1, 1, 1, device=device) * 0.4
+    grain = torch.rand(b, 1, 1, 1, device=device) * 0.08
+    fine = torch.randn(b, 3, h, w, device=device)
+    return (flat + strength * field + grain * fine).clamp(0, 1)
+
+
+def _soft_inwards(mask: torch.Tensor) -> torch.Tensor:
+    """Alpha of B×h×w bool masks: the mask's 3×3 mean, kept inside the mask (an edge softened
+    inwards by a pixel: no pixel outside the mask changes, every pixel inside gets alpha > 0)."""
+    m = mask.float().unsqueeze(1)
+    return (F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) * m).squeeze(1)
+
+
+def paste_procedural(images: torch.Tensor, cfg: AttackConfig):
+    """Paste one procedural object per image, inside a region of the patch size at a random
+    position: returns (pasted images, B×H×W bool mask of the object's pixels).
+
+    Made in float32 without autocast, then blended in the normalised space of ``cfg.mean`` /
+    ``cfg.std``: a convex mix of the image and a [0, 1] colour, so the pixels stay in the valid
+    range of a [0, 1] image (``_valid_range``)."""
+    b, _, height, width = images.shape
+    h, w, smin, smax = _region(cfg.patch_size, height, width)
+    dev = images.device
+    with torch.autocast(dev.type, enabled=False):
+        shapes = paste_shapes(b, h, w, smin, smax, dev)
+        local = torch.cat([_soft_inwards(shapes).unsqueeze(1), smooth_texture(b, h, w, dev)], 1)
+        alpha, rgb = _place_regions(local, height, width).split([1, 3], dim=1)
+        mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)
+        pasted = images.float() * (1 - alpha) + (rgb - mean) / std * alpha
+    return pasted.to(images.dtype), alpha[:, 0] > 0
+
+
 MASKS = {
     "all_image": mask_all_image,
     "pixels_sparse": mask_pixels_sparse,
@@ -198,17 +263,32 @@ MASKS = {
     "fractal": mask_fractal,
 }
 ALIASES = {"fractal": "max_fractal"}  # the original's plain ``--adv fractal``
-ATTACK_CHOICES = ("none",) + tuple(f"{m}_{k}" for m in MODES for k in MASKS) + tuple(ALIASES)
+FGSM_CHOICES = tuple(f"{m}_{k}" for m in MODES for k in MASKS)
+PASTE = "paste"  # ``paste`` alone, or ``paste+ATTACK`` with an FGSM_CHOICES attack
+ATTACK_CHOICES = (("none",) + FGSM_CHOICES + tuple(ALIASES) + (PASTE,)
+                  + tuple(f"{PASTE}+{name}" for name in FGSM_CHOICES))
 
 
-def parse_attack(name: str):
-    """Split an ``--adv`` value into (mode, mask name); None for "none"; see ALIASES."""
+class ParsedAttack(NamedTuple):
+    """An ``--adv`` value: the FGSM step's mode and mask (None for ``paste`` alone) and
+    whether a procedural object is pasted first."""
+
+    mode: str | None
+    mask: str | None
+    paste: bool = False
+
+
+def parse_attack(name: str) -> ParsedAttack | None:
+    """Split an ``--adv`` value into (mode, mask name, paste); None for "none"; see ALIASES."""
     if name == "none":
         return None
-    mode, _, mask = ALIASES.get(name, name).partition("_")
+    if name == PASTE:
+        return ParsedAttack(None, None, True)
+    paste = name.startswith(f"{PASTE}+")
+    mode, _, mask = (name[len(PASTE) + 1:] if paste else ALIASES.get(name, name)).partition("_")
     if mode not in MODES or mask not in MASKS:
         raise ValueError(f"--adv {name}: expected one of {', '.join(ATTACK_CHOICES)}")
-    return mode, mask
+    return ParsedAttack(mode, mask, paste)
 
 
 def _valid_range(cfg, device):
@@ -272,15 +352,44 @@ def _signed_step(segnet, x, images, labels, mask, cfg: AttackConfig):
     return torch.where(mask > 0, adv, images.detach()), logits.detach().argmax(dim=1)
 
 
-def select_attack(images, labels, segnet, cfg: AttackConfig) -> AttackOutput:
+def select_attack(images, labels, segnet, cfg: AttackConfig, keep_out=None) -> AttackOutput:
     """Attack a batch: draw the mask, then one FGSM step inside it.
 
     ``min_class`` attacks only the pixels the SegNet already gets right (as the original):
     pushing a wrong pixel further from its true class changes nothing to learn from.
+    ``keep_out`` (B×H×W bool, the pasted pixels): left out of the mask and of the loss (their
+    label is not what they show).
     """
+    if keep_out is not None:
+        labels = labels.masked_fill(keep_out, -1)
     mask = MASKS[cfg.mask](images, labels, cfg)
+    if keep_out is not None:
+        mask = mask * ~keep_out.unsqueeze(1)
     if cfg.mode == "min" and cfg.mask == "class":
         with torch.no_grad():
             mask = mask * (segnet(images).argmax(dim=1, keepdim=True) == labels.unsqueeze(1))
     adv, pred_before = fgsm(segnet, images, labels, mask, cfg)
     return AttackOutput(adv, mask, pred_before)
+
+
+class Perturbed(NamedTuple):
+    """What ``perturb`` gives: the images the SegNet and the observer see, the FGSM part (None
+    for ``paste`` alone) and the B×H×W bool mask of the pasted pixels (None without paste)."""
+
+    images: torch.Tensor
+    attack: AttackOutput | None
+    pasted: torch.Tensor | None
+
+
+def perturb(images, labels, segnet, cfg: AttackConfig) -> Perturbed:
+    """The training-time perturbation of ``cfg``: paste a procedural object (``cfg.paste``),
+    then the FGSM step (``cfg.mask``) on the pasted image. Paste and attack regions are drawn
+    independently; the attack leaves the pasted pixels out (``select_attack``'s ``keep_out``),
+    so the object stays as generated and its pixels count once, as pasted."""
+    pasted = None
+    if cfg.paste:
+        images, pasted = paste_procedural(images, cfg)
+    if cfg.mask is None:
+        return Perturbed(images, None, pasted)
+    attack = select_attack(images, labels, segnet, cfg, keep_out=pasted)
+    return Perturbed(attack.images, attack, pasted)

@@ -42,7 +42,7 @@ def attack_config(args, spec):
     factor = min(args.size[0] / spec.size[0], args.size[1] / spec.size[1])
     patch = tuple(max(1, round(v * factor)) for v in spec.patch_size)
     real = tuple(c for c in range(spec.nclass) if c != spec.void_id)
-    return AttackConfig(mode=parsed[0], mask=parsed[1], epsilon=args.epsilon, patch_size=patch,
+    return AttackConfig(**parsed._asdict(), epsilon=args.epsilon, patch_size=patch,
                         nclass=args.nclass, mean=spec.mean, std=spec.std, target_classes=real)
 
 
@@ -302,17 +302,17 @@ def log_data_wait(rt, writer, stats: dict, epoch: int, warned: bool) -> bool:
 
 ATTACK_STATS = (("attack_flip_rate", "attack flip rate"),
                 ("segnet_error_in_mask", "SegNet error in mask"),
+                ("pasted_share", "pasted"),
                 ("segnet_error_outside_mask", "outside"))
 
 
 def attack_summary(writer, stats: dict, epoch: int) -> str:
-    """What the attack did this epoch, as TensorBoard scalars (Train/...) and as a piece of the
-    epoch line ("" when training on clean images)."""
-    if "attack_flip_rate" not in stats:
-        return ""
-    for key, _ in ATTACK_STATS:
+    """What the attack (and the paste) did this epoch, as TensorBoard scalars (Train/...) and
+    as a piece of the epoch line ("" when training on clean images)."""
+    present = [(key, label) for key, label in ATTACK_STATS if key in stats]
+    for key, _ in present:
         writer.add_scalar(f"Train/{key}", stats[key], epoch)
-    return "".join(f", {label} {stats[key]:.1%}" for key, label in ATTACK_STATS)
+    return "".join(f", {label} {stats[key]:.1%}" for key, label in present)
 
 
 def _observer_epochs(args, spec, rt, writer, run: ObserverRun) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from obsnet.attacks import AttackConfig, select_attack
+from obsnet.attacks import AttackConfig, perturb
 from obsnet.data.errors import DatasetError
 from obsnet.distributed import in_process_group
 from obsnet.utils import amp_dtype, autocast
@@ -40,7 +40,7 @@ def _step(loss, optimizer, scaler) -> None:
     scaler.update()
 
 
-ATTACK_COUNTS = 5  # see observer_step
+ATTACK_COUNTS = 6  # see observer_step
 
 
 class TrainingStopped(Exception):
@@ -99,44 +99,55 @@ class NonFinite:
 
 
 def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig):
-    """Attack, SegNet forward, error map, observer forward.
+    """Perturbation (paste and / or attack, ``obsnet.attacks.perturb``), SegNet forward on the
+    perturbed images, error map, observer forward.
 
+    The error map is ``pred != label``, and 1 on pasted pixels whatever the SegNet predicts
+    there (an unseen object: the SegNet cannot be right); pasted pixels are never ignored.
     Returns (loss, error map, logits, attack counts): the counts are a float64 tensor of
     (attacked pixels, of them flipped by the attack, SegNet errors inside the mask, pixels
-    outside it, SegNet errors outside it), over labelled pixels; zeros without an attack.
+    outside the mask and the pasted object, SegNet errors there, pasted pixels), over labelled
+    pixels; zeros without a perturbation. The attack's mask never holds pasted pixels.
     """
     if cfg.noise > 0:
         images = images + cfg.noise * torch.randn_like(images)
-    attack = None
+    attack = pasted = None
     if cfg.attack is not None:
-        attack = select_attack(images, labels, segnet, cfg.attack)
-        images = attack.images
+        images, attack, pasted = perturb(images, labels, segnet, cfg.attack)
     with torch.no_grad():
         feats = segnet(images, mc_drop=cfg.drop, return_feat=True)
         pred = feats[-1].argmax(dim=1)
         error = (pred != labels).float()
+        if pasted is not None:
+            error = error.masked_fill(pasted, 1.0)
     logits = obsnet(images, feats, no_residual=cfg.no_residual, no_img=cfg.no_img).squeeze(1)
     valid = None if cfg.ignore_id is None else labels != cfg.ignore_id
-    counts = attack_counts(attack, pred, error, valid)
+    if valid is not None and pasted is not None:
+        valid = valid | pasted
+    counts = attack_counts(attack, pred, error, valid, pasted)
     if valid is None:
         return criterion(logits.float(), error), error, logits, counts
     return criterion(logits.float()[valid], error[valid]), error, logits, counts
 
 
-
 @torch.no_grad()
-def attack_counts(attack, pred, error, valid) -> torch.Tensor:
-    """(attacked, flipped, errors inside, outside, errors outside) pixel counts; see
-    ``observer_step``. Flipped: the SegNet's class after the attack differs from before."""
-    if attack is None:
+def attack_counts(attack, pred, error, valid, pasted=None) -> torch.Tensor:
+    """(attacked, flipped, errors inside, outside, errors outside, pasted) pixel counts; see
+    ``observer_step``. Flipped: the SegNet's class after the attack differs from before.
+    Outside: neither attacked nor pasted."""
+    if attack is None and pasted is None:
         return error.new_zeros(ATTACK_COUNTS, dtype=torch.float64)
-    inside = attack.mask[:, 0] > 0
+    none = torch.zeros_like(error, dtype=torch.bool)
+    inside = attack.mask[:, 0] > 0 if attack is not None else none
     outside = ~inside
+    if pasted is not None:
+        inside, outside = inside & ~pasted, outside & ~pasted
     if valid is not None:
         inside, outside = inside & valid, outside & valid
-    flipped = (pred != attack.pred_before) & inside
+    flipped = (pred != attack.pred_before) & inside if attack is not None else none
+    n_pasted = (pasted if pasted is not None else none).sum()
     return torch.stack([inside.sum(), flipped.sum(), (error.bool() & inside).sum(),
-                        outside.sum(), (error.bool() & outside).sum()]).double()
+                        outside.sum(), (error.bool() & outside).sum(), n_pasted]).double()
 
 
 def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scaler, amp: bool,
@@ -289,7 +300,9 @@ def _epoch_summary(totals: torch.Tensor, n_steps: int) -> dict:
     """Reduce across DDP ranks and turn the running sums into means and shares.
 
     With the attack's counts: ``attack_flip_rate`` (share of attacked pixels whose SegNet class
-    the attack changed), ``segnet_error_in_mask`` and ``segnet_error_outside_mask``.
+    the attack changed), ``segnet_error_in_mask`` and ``segnet_error_outside_mask`` (outside
+    the mask and the pasted object); with a paste, ``pasted_share`` (share of the observer's
+    training pixels that are pasted, all errors) and ``segnet_error_outside_mask``.
     """
     if in_process_group():
         steps = torch.tensor([float(n_steps)], dtype=torch.float64, device=totals.device)
@@ -299,8 +312,13 @@ def _epoch_summary(totals: torch.Tensor, n_steps: int) -> dict:
     loss, obs_ok, seg_ok, pixels, *attack = totals.tolist()
     out = {"loss": loss / max(n_steps, 1), "obsnet_acc": obs_ok / max(pixels, 1),
            "segnet_acc": seg_ok / max(pixels, 1)}
-    if attack and attack[0] > 0:
-        inside, flipped, err_in, outside, err_out = attack
-        out.update(attack_flip_rate=flipped / inside, segnet_error_in_mask=err_in / inside,
-                   segnet_error_outside_mask=_share(err_out, outside))
+    if not attack:
+        return out
+    inside, flipped, err_in, outside, err_out, pasted = attack
+    if inside > 0:
+        out.update(attack_flip_rate=flipped / inside, segnet_error_in_mask=err_in / inside)
+    if pasted > 0:
+        out.update(pasted_share=pasted / (inside + outside + pasted))
+    if inside > 0 or pasted > 0:
+        out.update(segnet_error_outside_mask=_share(err_out, outside))
     return out

@@ -1,4 +1,6 @@
 """Local adversarial attacks: masks, FGSM direction, no weight gradients."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,15 +192,20 @@ def test_attack_keeps_pixels_in_valid_range(segnet):
 
 def test_parse_attack():
     assert parse_attack("none") is None
-    assert parse_attack("fractal") == ("max", "fractal")  # the original's plain --adv fractal
-    assert parse_attack("min_fractal") == ("min", "fractal")
-    assert parse_attack("min_random_patch") == ("min", "random_patch")
-    assert parse_attack("max_all_image") == ("max", "all_image")
-    with pytest.raises(ValueError):
-        parse_attack("mid_square_patch")
+    assert parse_attack("fractal") == ("max", "fractal", False)  # the original's --adv fractal
+    assert parse_attack("min_fractal") == ("min", "fractal", False)
+    assert parse_attack("min_random_patch") == ("min", "random_patch", False)
+    assert parse_attack("max_all_image") == ("max", "all_image", False)
+    assert parse_attack("paste") == (None, None, True)
+    assert parse_attack("paste+min_random_patch") == ("min", "random_patch", True)
+    for bad in ("mid_square_patch", "paste+fractal", "paste+none", "paste+paste", "paste_min_class",
+                "min_random_patch+paste", "paste+"):
+        with pytest.raises(ValueError, match=re.escape(f"--adv {bad}: expected one of")):
+            parse_attack(bad)
 
 
 def test_attack_choices_cover_every_mode_and_mask():
     expected = {f"{mode}_{mask}" for mode in ("min", "max") for mask in MASKS}
-    assert set(ATTACK_CHOICES) == expected | {"none", "fractal"}
+    pasted = {f"paste+{name}" for name in expected}
+    assert set(ATTACK_CHOICES) == expected | pasted | {"none", "fractal", "paste"}
     assert all(parse_attack(name) or name == "none" for name in ATTACK_CHOICES)

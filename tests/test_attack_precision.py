@@ -131,13 +131,13 @@ def test_attack_counts_hand_case():
     error = torch.tensor([[[0.0, 1.0, 1.0, 0.0]]])
     attack = AttackOutput(torch.zeros(1), mask, before)
     counts = attack_counts(attack, pred, error, None)
-    assert counts.tolist() == [2, 1, 1, 2, 1]  # attacked, flipped, err in, outside, err out
-    valid = torch.tensor([[[True, True, False, True]]])
-    assert attack_counts(attack, pred, error, valid).tolist() == [2, 1, 1, 1, 0]
+    assert counts.tolist() == [2, 1, 1, 2, 1, 0]  # attacked, flipped, err in, outside, err out,
+    valid = torch.tensor([[[True, True, False, True]]])  # pasted
+    assert attack_counts(attack, pred, error, valid).tolist() == [2, 1, 1, 1, 0, 0]
     summary = _epoch_summary(torch.tensor([1.0, 0, 0, 4, *counts.tolist()], dtype=torch.float64), 1)
     assert summary["attack_flip_rate"] == 0.5
     assert summary["segnet_error_in_mask"] == 0.5 and summary["segnet_error_outside_mask"] == 0.5
-    assert "attack_flip_rate" not in _epoch_summary(torch.zeros(9, dtype=torch.float64), 1)
+    assert "attack_flip_rate" not in _epoch_summary(torch.zeros(10, dtype=torch.float64), 1)
 
 
 @pytest.mark.parametrize("amp", [None, "float16", "bfloat16"])

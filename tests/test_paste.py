@@ -57,9 +57,9 @@ def files_of(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != paste.MARKER}
 
 
-def ood_files(root: Path, split: str = "val") -> dict[str, bytes]:
-    files = {f"{split}_ood.txt": (root / f"{split}_ood.txt").read_bytes()}
-    for folder in (f"{split}_ood", f"{split}annot_ood"):
+def ood_files(root: Path, split: str = "val", suffix: str = "ood") -> dict[str, bytes]:
+    files = {f"{split}_{suffix}.txt": (root / f"{split}_{suffix}.txt").read_bytes()}
+    for folder in (f"{split}_{suffix}", f"{split}annot_{suffix}"):
         files.update({f"{folder}/{k}": v for k, v in files_of(root / folder).items()})
     return files
 
@@ -100,6 +100,31 @@ def test_out_root(root, tmp_path):
     run_ok("--root", root, "--split", "val", "--out", out)
     assert (out / "val_ood.txt").is_file() and not (root / "val_ood.txt").exists()
     assert len(build_dataset(SPECS["CamVid"], out, "val_ood", size=(H, W))) == len(NAMES)
+
+
+def test_suffix_writes_a_second_split_next_to_val_ood(root, objects):
+    run_ok("--root", root, "--split", "val")
+    procedural = ood_files(root)
+    run_ok("--root", root, "--split", "val", "--objects", objects, "--suffix", "ood_real",
+           "--feather", 0)
+    assert ood_files(root) == procedural  # val_ood untouched
+    lines = (root / "val_ood_real.txt").read_text().splitlines()
+    assert lines == [f"val_ood_real/{n} valannot_ood_real/{n}" for n in NAMES]
+    for folder in ("val_ood_real", "valannot_ood_real"):
+        assert (root / folder / paste.MARKER).is_file()
+    dataset = build_dataset(SPECS["CamVid"], root, "val_ood_real", size=(H, W))
+    for (image, label), name in zip(dataset, NAMES):
+        assert (label == 12).any()
+        with Image.open(root / "val_ood_real" / name) as img, \
+                Image.open(root / "valannot_ood_real" / name) as lab:
+            pixels = np.asarray(img)[np.asarray(lab) == 12]
+        # the cut-outs' colours (magenta disc, red / blue bar: no green), not the random
+        # background nor a procedural texture
+        assert len(pixels) and pixels[:, 1].max() < 8
+    # --overwrite of one suffix replaces that split only
+    run_ok("--root", root, "--split", "val", "--suffix", "ood_real", "--seed", 3, "--overwrite")
+    assert ood_files(root) == procedural
+    assert ood_files(root) != ood_files(root, suffix="ood_real")
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -307,6 +332,12 @@ def test_interrupted_run_leaves_nothing(root, monkeypatch):
     (["--root", "{root}", "--split", "val", "--seed", "-1"], 2, "--seed"),
     (["--root", "{root}", "--split", "val", "--feather", "-1"], 2, "--feather"),
     (["--root", "{root}", "--split", "val", "--objects", "{root}/none"], 2, "--objects"),
+    (["--root", "{root}", "--split", "val", "--suffix="], 2, "--suffix"),
+    (["--root", "{root}", "--split", "val", "--suffix", "a/b"], 2, "--suffix"),
+    (["--root", "{root}", "--split", "val", "--suffix", ".."], 2, "--suffix"),
+    (["--root", "{root}", "--split", "val", "--suffix", "ood real"], 2, "--suffix"),
+    (["--root", "{root}", "--split", "val", "--suffix", "a\\b"], 2, "--suffix"),
+    (["--root", "{root}", "--split", "val", "--suffix", "x" * 65], 2, "--suffix"),
 ])
 def test_cli_errors(root, capsys, argv, code, named):
     argv = [a.format(root=root) for a in argv]

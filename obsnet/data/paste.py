@@ -1,21 +1,28 @@
 """Paste unseen objects into a CamVid-layout split: a CamVid-OOD-style split next to it.
 
-    python -m obsnet.paste --root DIR --split val [--out DIR] [--objects DIR] [--seed S]
-        [--count MIN MAX] [--size MIN MAX] [--anomaly_id ID] [--feather PX] [--overwrite]
+    python -m obsnet.paste --root DIR --split val [--out DIR] [--suffix S] [--objects DIR]
+        [--seed S] [--count MIN MAX] [--size MIN MAX] [--anomaly_id ID] [--feather PX]
+        [--overwrite]
 
 From ``root/{split}.txt`` (``{split}/x.png {split}annot/x.png`` lines, parsed and re-rooted
-as ``obsnet.data.camvid`` does) it writes, under ``--out`` (default: ``root``)::
+as ``obsnet.data.camvid`` does) it writes, under ``--out`` (default: ``root``), with ``S`` the
+``--suffix`` (default ``ood``)::
 
-    {split}_ood/x.png        the image with the objects pasted in (RGB PNG)
-    {split}annot_ood/x.png   its label map (uint8 PNG); pasted pixels hold the anomaly id
-    {split}_ood.txt          "{split}_ood/x.png {split}annot_ood/x.png", written last
+    {split}_S/x.png          the image with the objects pasted in (RGB PNG)
+    {split}annot_S/x.png     its label map (uint8 PNG); pasted pixels hold the anomaly id
+    {split}_S.txt            "{split}_S/x.png {split}annot_S/x.png", written last
 
-the layout of CamVid-OOD's ``test_ood`` (anomaly id 12). Objects are procedural shapes by
-default: a union of 1-3 ellipses, smooth blobs and jagged polygons, filled with a texture
-(multi-scale noise, stripes, a colour gradient or a checkerboard) in saturated random
-colours that no CamVid class has. With ``--objects DIR`` they are cut-outs instead: RGBA
-images whose alpha > 127 is the object, or an image ``name.png`` with a mask
-``name_mask.png`` (non-zero = object; it wins over an alpha channel). Each object gets a
+the layout of CamVid-OOD's ``test_ood`` (anomaly id 12); e.g. ``--objects DIR --suffix
+ood_real`` writes ``val_ood_real`` next to the procedural ``val_ood``.
+
+Objects are procedural shapes by default: a union of 1-3 ellipses, smooth blobs and jagged
+polygons, filled with a texture (multi-scale noise, stripes, a colour gradient or a
+checkerboard) in saturated random colours that no CamVid class has, drawn from numpy
+generators of their own (below): disjoint from the training-time ``--adv paste`` of
+``obsnet.attacks``, whose shapes, textures and random stream (torch's) differ. With
+``--objects DIR`` they are cut-outs instead: RGBA images whose alpha > 127 is the object, or
+an image ``name.png`` with a mask ``name_mask.png`` (non-zero = object; it wins over an alpha
+channel). Each object gets a
 random size (the longer side of its bounding box, as a fraction of the image's shorter side,
 within 2 px of resampling), position (wholly inside the image) and, for cut-outs, horizontal
 flip. Objects may overlap. Label: the hard mask; image: the same mask, its edge softened
@@ -29,7 +36,7 @@ Nothing the tool did not write is overwritten: existing outputs are refused unle
 the files it wrote; only those are replaced, and a file of the new split that the marker does
 not list is refused. No output may be one of the inputs (the split's list, images and labels,
 the cut-outs). The new split is written aside, in temporary folders next to the outputs
-(``.{split}_ood.PID.HEX8.tmp``), and moved in only once every frame is done: a failure leaves
+(``.{split}_S.PID.HEX8.tmp``), and moved in only once every frame is done: a failure leaves
 the previous output as it was and no temporary folder. ``--out`` is locked while the run writes.
 
 Tune on val_ood, never on the test split: a pasted val split is for choosing thresholds,
@@ -40,6 +47,7 @@ import argparse
 import colorsys
 import math
 import os
+import re
 import shutil
 import sys
 import zlib
@@ -64,6 +72,9 @@ MARKER = ".written_by_obsnet_paste"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIX = "_mask"
 TEXTURES = ("noise", "stripes", "gradient", "checker")
+DEFAULT_SUFFIX = "ood"
+# A suffix is part of folder and file names and of the list file's space-separated lines.
+SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,15 @@ def check_config(config: PasteConfig) -> None:
         raise UsageError(f"--feather {config.feather:g}: must be in 0..20 pixels")
     if config.seed < 0:
         raise UsageError(f"--seed {config.seed}: must be >= 0")
+
+
+def check_suffix(suffix: str) -> str:
+    """``suffix`` if it can end folder and file names (letters, digits, ``_``, ``-``, ``.``;
+    not starting with ``.`` or ``-``; at most 64), else a UsageError naming ``--suffix``."""
+    if not isinstance(suffix, str) or not SUFFIX_PATTERN.fullmatch(suffix):
+        raise UsageError(f"--suffix {suffix!r}: expected 1 to 64 letters, digits, '_', '-' or "
+                         "'.', not starting with '.' or '-' (it ends folder and file names)")
+    return suffix
 
 
 def frame_rng(seed: int, name: str) -> np.random.Generator:
@@ -341,9 +361,10 @@ def paste_objects(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
 
 # ----------------------------------------------------------------------------- files
 
-def output_paths(out: Path, split: str) -> Outputs:
-    """``out/{split}_ood/``, ``out/{split}annot_ood/``, ``out/{split}_ood.txt``."""
-    return Outputs(out / f"{split}_ood", out / f"{split}annot_ood", out / f"{split}_ood.txt")
+def output_paths(out: Path, split: str, suffix: str = DEFAULT_SUFFIX) -> Outputs:
+    """``out/{split}_{suffix}/``, ``out/{split}annot_{suffix}/``, ``out/{split}_{suffix}.txt``."""
+    return Outputs(out / f"{split}_{suffix}", out / f"{split}annot_{suffix}",
+                   out / f"{split}_{suffix}.txt")
 
 
 def output_names(pairs: Sequence[Pair]) -> list[str]:
@@ -494,11 +515,13 @@ def swap_in(outputs: Outputs, temps: tuple[Path, Path], names: Sequence[str],
 
 def paste_split(root: Path, split: str, config: PasteConfig, out: Path | None = None,
                 objects: Path | None = None, overwrite: bool = False,
-                allow_existing_id: bool = False, progress: bool = True) -> Path:
-    """Write the ``{split}_ood`` version of ``root/{split}.txt`` under ``out`` (default
+                allow_existing_id: bool = False, progress: bool = True,
+                suffix: str = DEFAULT_SUFFIX) -> Path:
+    """Write the ``{split}_{suffix}`` version of ``root/{split}.txt`` under ``out`` (default
     ``root``), aside first, then swapped in; returns its list file, written last (a run that
     fails or is stopped leaves the previous output as it was)."""
     check_config(config)
+    check_suffix(suffix)
     root = Path(root).expanduser().absolute()
     out = root if out is None else Path(out).expanduser().absolute()
     objects = None if objects is None else Path(objects).expanduser()
@@ -506,7 +529,7 @@ def paste_split(root: Path, split: str, config: PasteConfig, out: Path | None = 
     names = output_names(pairs)
     cutouts = load_cutouts(objects) if objects is not None else None
     check_free_id(pairs, config.anomaly_id, allow_existing_id)
-    outputs = output_paths(out, split)
+    outputs = output_paths(out, split, suffix)
     check_outputs_not_inputs(planned_files(outputs, names),
                              paste_inputs(split, list_file, pairs, objects))
     info = {"written_by": PROG, "source": str(list_file),
@@ -535,6 +558,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, type=Path, help="dataset root (CamVid layout)")
     p.add_argument("--split", required=True, help="split to paste into, e.g. val (root/val.txt)")
     p.add_argument("--out", type=Path, help="root to write to (default: --root)")
+    p.add_argument("--suffix", default=DEFAULT_SUFFIX,
+                   help="name of the new split: {split}_SUFFIX (default ood; e.g. ood_real)")
     p.add_argument("--objects", type=Path, help="folder of cut-outs: RGBA name.png, or name.png "
                    f"+ name{MASK_SUFFIX}.png (default: procedural shapes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -562,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = PasteConfig(seed=args.seed, count=tuple(args.count), size=tuple(args.size),
                              anomaly_id=args.anomaly_id, feather=args.feather)
         list_file = paste_split(args.root, args.split, config, args.out, args.objects,
-                                args.overwrite, args.allow_existing_id)
+                                args.overwrite, args.allow_existing_id, suffix=args.suffix)
         print(f"{PROG}: wrote {list_file}")
         return 0
 
