@@ -89,6 +89,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--train_segnet", action="store_true", help="train the SegNet and save it to --segnet_file")
     a("--channels_last", action="store_true",
       help="channels-last memory format for models and inputs (faster convolutions on GPU)")
+    a("--cudnn_benchmark", action="store_true",
+      help="with --seed too: let cuDNN pick its fastest kernels (GPU), so a seeded run is no "
+           "longer repeated bit for bit (without --seed it is always on)")
     a("--amp", nargs="?", const="auto", default=None, choices=("auto", "float16", "bfloat16"),
       help="mixed precision: --amp alone is the device's default (float16 + GradScaler on GPU, "
            "bfloat16 on CPU); --amp float16 or --amp bfloat16 on any device")
@@ -243,7 +246,8 @@ def run(argv, prog: str = "main.py") -> int:
     check_path_flags(args)
     spec = resolve_args(args, explicit_flags(parser, argv))
     rank = int(os.environ.get("RANK", "0"))
-    seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1)
+    seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1,
+                    fastest_kernels=args.cudnn_benchmark)
     if args.seed >= 0 and args.model == "segnet" and rank == 0:
         print(UNPOOL_NOTE, flush=True)  # stdout: stderr is kept for errors (one line)
     run_stage(args, spec)
