@@ -49,7 +49,25 @@ def test_cache_skips_the_files_and_keeps_a_bad_frame_error(tmp_path):
         dataset[1]
 
 
-def test_main_py_has_the_flag():
+def test_main_py_has_the_flags():
     from obsnet.cli import build_parser
     assert build_parser().parse_args(["--cache_frames"]).cache_frames
     assert not build_parser().parse_args([]).cache_frames
+    assert build_parser().parse_args(["--cudnn_benchmark"]).cudnn_benchmark
+
+
+def test_cudnn_benchmark_keeps_the_seed_and_lets_cudnn_choose():
+    from obsnet.utils import seed_everything
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled())
+    try:
+        seed_everything(5)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        first = torch.rand(3)
+        seed_everything(5, fastest_kernels=True)
+        assert torch.equal(torch.rand(3), first)  # seeded as before
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
