@@ -16,6 +16,8 @@ def loader_for(args, spec, split: str, train: bool, rt=None):
     """A data loader over one split of the dataset (sharded across DDP ranks)."""
     dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train,
                             scale_jitter=getattr(args, "scale_jitter", 0.0))
+    if getattr(args, "cache_frames", False):
+        dataset.cache_frames(progress=not rt or rt.is_main)
     return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
                         seed=max(args.seed, 0), distributed=bool(rt and rt.distributed),
                         skip_bad=train and args.skip_bad_samples)

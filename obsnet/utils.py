@@ -14,10 +14,11 @@ UNPOOL_NOTE = ("note: --seed: PyTorch warns that max_unpool2d may not be determi
                "never repeat, so its unpooling repeats exactly on CPU and GPU")
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, fastest_kernels: bool = False) -> None:
     """Seed python, numpy and torch (every device) and ask for deterministic algorithms.
 
-    ``seed < 0`` leaves everything unseeded and lets cuDNN pick the fastest kernels. Ops
+    ``seed < 0`` leaves everything unseeded and lets cuDNN pick the fastest kernels; so does
+    ``fastest_kernels`` for a seeded run (same start, but no bit-for-bit repeat). Ops
     without a deterministic implementation warn (once) instead of failing, except
     max_unpool2d, which main.py explains itself (``UNPOOL_NOTE``).
     """
@@ -27,6 +28,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if fastest_kernels:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
+        torch.use_deterministic_algorithms(False)
+        return
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from tqdm import tqdm
 
 from obsnet.data.errors import DatasetError
 from obsnet.data.specs import SPECS, DatasetSpec
@@ -228,6 +229,34 @@ class PairDataset(Dataset):
         self.native_labels = native_labels
         self.spec = spec or SPECS[self.default_spec]
         self.list_file, self.samples = self.read_pairs(self.root, split)
+        self.frames: list | None = None  # decoded (image, label) pairs: see cache_frames
+
+    def cache_frames(self, progress: bool = True) -> None:
+        """Decode every frame once and keep it in memory (uint8 image and label), so that
+        later reads skip the JPEG / PNG decoding; a frame that cannot be read keeps its
+        DatasetError, raised when it is read (as without the cache).
+
+        Call it before the DataLoader starts its workers: forked workers share the decoded
+        frames with this process (copy-on-write, the tensors' memory is never written); under
+        the spawn start method each worker gets its own copy.
+        """
+        frames = []
+        for pair in tqdm(self.samples, desc=f"decode {self.split}", unit="img",
+                         disable=not progress, leave=False):
+            try:
+                frames.append(self.load(pair, self.spec)[:2])
+            except DatasetError as exc:
+                frames.append(exc)
+        self.frames = frames
+
+    def decoded(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """Frame ``index`` as read from its files, or from the cache when there is one."""
+        if self.frames is None:
+            return self.load(self.samples[index], self.spec)[:2]
+        frame = self.frames[index]
+        if isinstance(frame, DatasetError):
+            raise frame
+        return frame
 
     @classmethod
     def read_pairs(cls, root: Path, split: str,
@@ -276,7 +305,7 @@ class PairDataset(Dataset):
         return all(pair.label is not None for pair in self.samples)
 
     def __getitem__(self, index: int) -> Sample:
-        image, label, _ = self.load(self.samples[index], self.spec)
+        image, label = self.decoded(index)
         if self.transform is not None and self.native_labels:
             image = self.transform(image)
         elif self.transform is not None:
