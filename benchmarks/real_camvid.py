@@ -48,7 +48,7 @@ from obsnet.report import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 LINKED = ("train", "trainannot", "val", "valannot", "train.txt", "val.txt")
-METHODS = "obsnet,mcp,mc_dropout,entropy,energy"
+METHODS = "obsnet,mcp,mc_dropout,entropy,max_logit,energy"
 PASTE_SHAPE = ["--count", "1", "3", "--size", "0.1", "0.3"]  # objects per frame, their size
 
 # What each --scale sets (a flag given on the command line wins). The paper scale's epochs

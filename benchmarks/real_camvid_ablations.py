@@ -1,21 +1,27 @@
 """Observer ablations on real CamVid, against the SegNet of ``benchmarks.real_camvid``: each
-variant trains an observer and is scored on val_ood, next to MCP and MC dropout.
+variant trains an observer and is scored on val_ood_real (real cut-outs, the split the default
+is chosen on) and val_ood (procedural shapes), next to the one-pass baselines and MC dropout.
 
-    python -m benchmarks.real_camvid --camvid /path/to/CamVid --out runs/real_camvid   # first
-    python -m benchmarks.real_camvid_ablations --camvid /path/to/CamVid --out runs/real_camvid \\
-        --only adv epsilon
+    python -m benchmarks.real_camvid --camvid /path/to/CamVid --objects /path/to/objects \\
+        --out runs/real_camvid                                                   # first
+    python -m benchmarks.real_camvid_ablations --camvid /path/to/CamVid \\
+        --objects /path/to/objects --out runs/real_camvid --only inputs kind
 
-Variants (``--only`` picks groups): the attack (``none``, ``min_random_patch``,
-``max_random_patch``, ``min_all_image``, ``fractal``), ε in {0.01, 0.025, 0.05, 0.1}, the
-original head against the linear one, no initialisation from the SegNet, and twice the epochs.
-Every other flag is the recipe's. ``--only`` takes groups or single variants (``adv-none
-epsilon-0.1``), run in the order given. A variant whose results exist is not run again, one
-whose training was interrupted continues with ``--resume``, and one that equals the recipe's
-observer (``adv-min_random_patch``, ``epsilon-0.025``) is not trained: the recipe's results
-stand for it. The table (markdown, for BENCHMARKS.md) shows every variant
-with results so far, in the groups' order; it goes to stdout and ``<out>/ablations.md``. A
-variant "wins" when it beats MCP, MC dropout and ``--adv none`` on both error and OOD AUROC
-with both FPR95 < 100%.
+A variant is an observer (what it reads: ``--obs_inputs``; its kind: ``--obs_kind``; its
+training perturbation: ``--adv``; its epochs), every other flag the recipe's. The groups
+change one of them from the recipe's observer: ``inputs`` (features, logits, maps), ``kind``
+(mirror, layer), ``perturbation`` (none, the FGSM patch, a pasted procedural object, both),
+``epochs`` (half, same, twice), and ``previous`` is the default before the observer read the
+logits (features, mirror, FGSM patch). ``--only`` takes groups or single variants (their
+names, e.g. ``maps-layer-paste+min_random_patch-10ep``), run in the order given.
+
+A variant whose results exist is not run again; one whose training was interrupted continues
+with ``--resume``; the recipe's own observer is not trained again (its results stand). The
+table (markdown, for BENCHMARKS.md; stdout and ``<out>/ablations.md``) shows every variant with
+results so far, with the observer's cost: ms per image of its test (SegNet forward included)
+and GFLOPs per 360x480 frame (``torch.utils.flop_counter``, the observer alone; the SegNet's in
+its own row). A variant "wins" when it is ahead of MCP, entropy, max logit, energy and MC
+dropout on both OOD and error AUROC on val_ood_real, with both FPR95 below 100%.
 """
 import argparse
 import json
@@ -23,152 +29,234 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.real_camvid import (ROOT, build_parser, common_args, continue_flag, link_camvid,
                                     observer_args, results_file, test_args)
+from obsnet.models.registry import DEFAULT_INPUTS, DEFAULT_KIND, build_models
 
-GROUPS = {
-    "adv": [{"adv": a} for a in ("none", "min_random_patch", "max_random_patch", "min_all_image",
-                                 "fractal")],
-    "epsilon": [{"epsilon": e} for e in (0.01, 0.025, 0.05, 0.1)],
-    "head": [{"obs_head": "original"}],
-    "init": [{"no_pretrained": True}],
-    "epochs": [{"obs_epochs_factor": 2}],
-}
-COLUMNS = (("ood", "auroc"), ("ood", "fpr95"), ("error", "auroc"), ("error", "fpr95"))
+SPLITS = ("val_ood_real", "val_ood")  # scored, in order: the first one decides
+RIVALS = ("mcp", "entropy", "max_logit", "energy", "mc_dropout")
+FRAME = (360, 480)  # the paper's CamVid frame, for the GFLOPs column
+CAMVID_CLASSES = 12
 
 
-def variant_name(change: dict) -> str:
-    """A folder name for a variant, e.g. ``adv-none`` or ``epsilon-0.05``."""
-    return "_".join(f"{k}-{v}" for k, v in change.items())
+class Variant(NamedTuple):
+    """One observer to train: what it reads, its kind, its perturbation, its epochs."""
+
+    inputs: str
+    kind: str
+    adv: str
+    epochs: int
+
+    @property
+    def name(self) -> str:
+        """A folder name, e.g. ``maps-mirror-paste+min_random_patch-10ep``."""
+        return f"{self.inputs}-{self.kind}-{self.adv}-{self.epochs}ep"
 
 
-def variant_commands(args, change: dict) -> tuple[list[str], list[str], Path]:
-    """(train command, test command, results file) of one variant."""
-    folder = variant_folder(args, change)
-    varied = replace_args(args, change)
-    train = [sys.executable, "main.py", *common_args(varied),
-             *observer_args(varied, folder / "ckpt"), "--tboard", str(folder / "train_logs"),
-             *(["--no_pretrained"] if change.get("no_pretrained") else []),
-             *continue_flag(folder / "ckpt" / "last.pth")]
-    test = [sys.executable, "main.py", *common_args(varied),
-            *test_args(varied, folder / "ckpt", "obsnet", "val_ood", folder / "val_ood")]
-    return train, test, results_file(folder / "val_ood", "val_ood")
+def recipe_variant(args) -> Variant:
+    """The recipe's own observer."""
+    return Variant(args.obs_inputs or DEFAULT_INPUTS, args.obs_kind or DEFAULT_KIND, args.adv,
+                   args.obs_epochs)
 
 
-def variant_folder(args, change: dict) -> Path:
-    """Where a variant's checkpoints, logs, results and wall time go."""
-    return args.out / "ablations" / variant_name(change)
+def groups(args) -> dict[str, list[Variant]]:
+    """The groups: each changes one thing of the recipe's observer (``previous``: the old
+    default, before the observer read the logits)."""
+    base = recipe_variant(args)
+    return {
+        "inputs": [base._replace(inputs=i) for i in ("features", "logits", "maps")],
+        "kind": [base._replace(kind=k) for k in ("mirror", "layer")],
+        "perturbation": [base._replace(adv=a) for a in
+                         ("none", "min_random_patch", "paste", "paste+min_random_patch")],
+        "epochs": [base._replace(epochs=e) for e in
+                   (max(1, args.obs_epochs // 2), args.obs_epochs, 2 * args.obs_epochs)],
+        "previous": [Variant("features", "mirror", "min_random_patch", args.obs_epochs)],
+    }
 
 
-def same_as_recipe(args, change: dict) -> bool:
-    """True when the variant's observer is the recipe's own (nothing to train)."""
-    varied = replace_args(args, change)
-    return (not change.get("no_pretrained")
-            and observer_args(varied, Path()) == observer_args(args, Path()))
+def all_variants(args) -> list[Variant]:
+    """Every variant of every group, in the groups' order, once each."""
+    return list(dict.fromkeys(v for vs in groups(args).values() for v in vs))
 
 
-def replace_args(args, change: dict) -> argparse.Namespace:
-    """The recipe's arguments with a variant's changes (epochs as a factor)."""
-    fields = {k: v for k, v in change.items() if k in vars(args)}
-    if "obs_epochs_factor" in change:
-        fields["obs_epochs"] = args.obs_epochs * change["obs_epochs_factor"]
-    return argparse.Namespace(**(vars(args) | fields))
+def chosen_variants(args, only: list[str]) -> list[Variant]:
+    """The variants ``only`` names (groups or variant names), in its order, once each; a
+    SystemExit naming an unknown one."""
+    by_group, by_name = groups(args), {v.name: v for v in all_variants(args)}
+    chosen = []
+    for item in only:
+        if item not in by_group and item not in by_name:
+            raise SystemExit(f"ablations: error: --only {item}: not a group ({', '.join(by_group)}) "
+                             f"nor a variant ({', '.join(by_name)})")
+        chosen += by_group.get(item) or [by_name[item]]
+    return list(dict.fromkeys(chosen))
 
 
-def run_variant(args, change: dict, log_file: Path) -> None:
+def variant_args(args, variant: Variant) -> argparse.Namespace:
+    """The recipe's arguments with a variant's observer."""
+    return argparse.Namespace(**(vars(args) | {"obs_inputs": variant.inputs,
+                                               "obs_kind": variant.kind, "adv": variant.adv,
+                                               "obs_epochs": variant.epochs}))
+
+
+def variant_folder(args, variant: Variant) -> Path:
+    """Where a variant's checkpoints, logs, results and wall time go (the recipe's own folders
+    for the recipe's observer)."""
+    return args.out if variant == recipe_variant(args) else args.out / "ablations" / variant.name
+
+
+def variant_results(args, variant: Variant, split: str) -> Path:
+    """The results file of a variant on ``split``."""
+    folder = variant_folder(args, variant)
+    return results_file(folder / "logs" / split, split)
+
+
+def variant_commands(args, variant: Variant) -> tuple[list[str], list[list[str]]]:
+    """(train command, test commands: one per split of SPLITS) of a variant."""
+    folder, varied = variant_folder(args, variant), variant_args(args, variant)
+    ckpt = folder / "ckpt" / "obsnet"
+    train = [sys.executable, "main.py", *common_args(varied), *observer_args(varied, ckpt),
+             "--tboard", str(folder / "logs" / "obsnet"), *continue_flag(ckpt / "last.pth")]
+    tests = [[sys.executable, "main.py", *common_args(varied),
+              *test_args(varied, ckpt, "obsnet", split, folder / "logs" / split)]
+             for split in SPLITS]
+    return train, tests
+
+
+def run_variant(args, variant: Variant, log_file: Path) -> None:
     """Train and test one variant unless its results exist or it is the recipe's observer;
-    its wall time goes to ``seconds.json`` beside its results."""
-    train, test, results = variant_commands(args, change)
-    if results.exists() or same_as_recipe(args, change):
+    its training wall time goes to ``seconds.json`` in its folder."""
+    if variant == recipe_variant(args) or all(variant_results(args, variant, s).exists()
+                                              for s in SPLITS):
         return
-    start = time.perf_counter()
-    for command in (train, test):
-        print(f"[ablations] {variant_name(change)}: {' '.join(command)}", flush=True)
+    train, tests = variant_commands(args, variant)
+    folder = variant_folder(args, variant)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, command in enumerate([train, *tests]):
+        print(f"[ablations] {variant.name}: {' '.join(command)}", flush=True)
+        start = time.perf_counter()
         with open(log_file, "a") as log:
             done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
-            raise SystemExit(f"ablations: error: {variant_name(change)} failed; see {log_file}")
-    (variant_folder(args, change) / "seconds.json").write_text(
-        json.dumps({"seconds": time.perf_counter() - start}))
+            raise SystemExit(f"ablations: error: {variant.name} failed; see {log_file}")
+        if index == 0:
+            (folder / "seconds.json").write_text(
+                json.dumps({"seconds": time.perf_counter() - start}))
 
 
-def collect(args, recipe_obsnet: dict) -> dict:
-    """Every variant with results so far: {name: {"entry", "seconds"}}, in the groups' order
-    (the recipe's observer for the variants that equal it, with no time of their own)."""
-    variants = {}
-    for change in (c for changes in GROUPS.values() for c in changes):
-        _, _, results = variant_commands(args, change)
-        seconds_file = variant_folder(args, change) / "seconds.json"
-        if same_as_recipe(args, change):
-            variants[variant_name(change) + " (= recipe)"] = {"entry": recipe_obsnet,
-                                                              "seconds": None}
-        elif results.exists():
-            seconds = (json.loads(seconds_file.read_text())["seconds"]
-                       if seconds_file.exists() else None)
-            variants[variant_name(change)] = {
-                "entry": json.loads(results.read_text())["methods"]["obsnet"],
-                "seconds": seconds}
-    return variants
+@torch.no_grad()
+def gflops(module: torch.nn.Module, *inputs) -> float:
+    """GFLOPs of one forward pass (``torch.utils.flop_counter``: a multiply-add counts 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module(*inputs)
+    return counter.get_total_flops() / 1e9
 
 
-def chosen_changes(only: list[str]) -> list[dict]:
-    """The variants ``--only`` names (groups or single variants), in its order, once each."""
-    by_name = {variant_name(c): c for changes in GROUPS.values() for c in changes}
-    chosen = {}
-    for item in only:
-        for change in GROUPS.get(item) or [by_name[item]]:
-            chosen.setdefault(variant_name(change), change)
-    return list(chosen.values())
+def costs(width_mult: float, variant: Variant) -> dict:
+    """The variant's observer cost per FRAME: GFLOPs and parameters, and the SegNet's GFLOPs."""
+    segnet, observer = build_models("segnet", CAMVID_CLASSES, width_mult, False,
+                                    inputs=variant.inputs, kind=variant.kind)
+    segnet.eval(), observer.eval()
+    image = torch.zeros(1, 3, *FRAME)
+    with torch.no_grad():
+        feats = segnet(image, return_feat=True)
+    observer_flops = gflops(observer, image, feats)
+    return {"gflops": observer_flops, "segnet_gflops": gflops(segnet, image),
+            "params": sum(p.numel() for p in observer.parameters())}
 
 
-def _cells(entry: dict) -> list[str]:
-    return [f"{100 * entry[block][key]:.1f}" if entry[block][key] is not None else "n/a"
-            for block, key in COLUMNS]
+def load_entry(path: Path, method: str) -> dict | None:
+    """A method's results in a results file, None when the file is missing."""
+    return json.loads(path.read_text())["methods"][method] if path.exists() else None
+
+
+def collect(args) -> dict[Variant, dict]:
+    """Every variant with results on SPLITS[0] so far: {variant: {split: entry, "seconds"}}."""
+    found = {}
+    for variant in all_variants(args):
+        entries = {s: load_entry(variant_results(args, variant, s), "obsnet") for s in SPLITS}
+        if entries[SPLITS[0]] is None:
+            continue
+        seconds_file = variant_folder(args, variant) / "seconds.json"
+        seconds = json.loads(seconds_file.read_text())["seconds"] if seconds_file.exists() else None
+        found[variant] = entries | {"seconds": seconds}
+    return found
 
 
 def wins(entry: dict, rivals) -> bool:
     """Ahead of every rival on both error and OOD AUROC, with both FPR95 below 100%."""
     ahead = all(entry["ood"]["auroc"] > r["ood"]["auroc"] and
-                entry["error"]["auroc"] > r["error"]["auroc"] for r in rivals if r is not entry)
+                entry["error"]["auroc"] > r["error"]["auroc"] for r in rivals)
     return ahead and entry["ood"]["fpr95"] < 1 and entry["error"]["fpr95"] < 1
 
 
-def table(baselines: dict, variants: dict) -> str:
-    """Markdown: the baselines, then each variant, with whether it wins against MCP, MC
-    dropout and ``--adv none``."""
-    none = variants.get("adv-none", {}).get("entry")
-    rivals = [e for e in (baselines.get("mcp"), baselines.get("mc_dropout"), none) if e is not None]
-    lines = ["| variant | OOD AUROC | OOD FPR95 | Err AUROC | Err FPR95 | beats MCP, MC dropout, "
-             "adv none | minutes |", "|---|---|---|---|---|---|---|"]
-    for name, entry in baselines.items():
-        lines.append(f"| {name} (recipe) | " + " | ".join(_cells(entry)) + " | | |")
-    for name, v in variants.items():
-        e = v["entry"]
-        minutes = "" if v["seconds"] is None else f"{v['seconds'] / 60:.0f}"
-        verdict = "(no attack)" if e is none else "yes" if wins(e, rivals) else "no"
-        lines.append(f"| {name} | " + " | ".join(_cells(e)) + f" | {verdict} | {minutes} |")
+def _pct(entry: dict | None, block: str, key: str) -> str:
+    value = None if entry is None else entry.get(block, {}).get(key)
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _metric_cells(entries: dict) -> list[str]:
+    first, second = entries.get(SPLITS[0]), entries.get(SPLITS[1])
+    return [_pct(first, "ood", "auroc"), _pct(first, "ood", "fpr95"), _pct(first, "error", "auroc"),
+            _pct(first, "error", "fpr95"), _pct(second, "ood", "auroc"),
+            _pct(second, "error", "auroc")]
+
+
+def table(baselines: dict, variants: dict, cost) -> str:
+    """Markdown: the baselines (``{method: {split: entry}}``), then each variant with its
+    cost (``cost(variant)``: see ``costs``) and whether it wins against every baseline."""
+    rivals = [b[SPLITS[0]] for m, b in baselines.items() if m in RIVALS and b.get(SPLITS[0])]
+    head = ["row", "inputs", "kind", "perturbation", "epochs", f"{SPLITS[0]} OOD AUROC",
+            "OOD FPR95", "Err AUROC", "Err FPR95", f"{SPLITS[1]} OOD AUROC", "Err AUROC",
+            "ms/img", "GFLOPs", "params", "beats all 5", "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    segnet_gflops = None
+    for variant, entries in variants.items():
+        c = cost(variant)
+        segnet_gflops = c["segnet_gflops"]
+        first = entries[SPLITS[0]]
+        minutes = "" if entries["seconds"] is None else f"{entries['seconds'] / 60:.0f}"
+        lines.append(f"| observer | {variant.inputs} | {variant.kind} | {variant.adv} | "
+                     f"{variant.epochs} | " + " | ".join(_metric_cells(entries)) +
+                     f" | {first['ms_per_image']:.0f} | {c['gflops']:.2f} | "
+                     f"{c['params'] / 1e6:.2f}M | {'yes' if wins(first, rivals) else 'no'} | "
+                     f"{minutes} |")
+    for method, entries in baselines.items():
+        first = entries.get(SPLITS[0]) or {}
+        flops = "" if segnet_gflops is None else f"{segnet_gflops:.2f} (SegNet)"
+        ms = f"{first['ms_per_image']:.0f}" if "ms_per_image" in first else ""
+        lines.append(f"| {method} | | | | | " + " | ".join(_metric_cells(entries)) +
+                     f" | {ms} | {flops} | | | |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     """Run the chosen variants and print the table of every variant with results."""
     p = build_parser()
-    names = [variant_name(c) for changes in GROUPS.values() for c in changes]
-    p.add_argument("--only", nargs="+", choices=list(GROUPS) + names, default=list(GROUPS),
-                   metavar="GROUP_OR_VARIANT", help=f"groups {list(GROUPS)} or variants {names}")
+    p.add_argument("--only", nargs="+", default=["inputs", "kind", "perturbation", "previous"],
+                   metavar="GROUP_OR_VARIANT",
+                   help="groups (inputs, kind, perturbation, epochs, previous) or variant names "
+                        "(default: every group but epochs)")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     link_camvid(args.camvid.expanduser().resolve(), args.out / "data")
-    recipe_results = results_file(args.out / "logs" / "val_ood", "val_ood")
-    if not recipe_results.exists():
-        raise SystemExit(f"ablations: error: {recipe_results} not found; run "
-                         "benchmarks.real_camvid first")
-    methods = json.loads(recipe_results.read_text())["methods"]
-    baselines = {m: methods[m] for m in ("obsnet", "mcp", "mc_dropout") if m in methods}
-    for change in chosen_changes(args.only):
-        run_variant(args, change, args.out / "ablations.log")
-    text = table(baselines, collect(args, methods["obsnet"]))
+    recipe_results = {s: results_file(args.out / "logs" / s, s) for s in SPLITS}
+    missing = [str(path) for path in recipe_results.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"ablations: error: {missing[0]} not found; run benchmarks.real_camvid "
+                         f"with --objects first")
+    chosen = chosen_variants(args, args.only)
+    for variant in chosen:
+        run_variant(args, variant, args.out / "ablations.log")
+    baselines = {m: {s: load_entry(path, m) for s, path in recipe_results.items()}
+                 for m in RIVALS}
+    text = table(baselines, collect(args), lambda v: costs(args.width_mult, v))
     (args.out / "ablations.md").write_text(text + "\n")
     print(text)
     return 0

@@ -47,63 +47,98 @@ def test_missing_camvid_entries_are_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- ablations
 
-def _entry(ood, ood_fpr, err, err_fpr):
-    return {"ood": {"auroc": ood, "fpr95": ood_fpr}, "error": {"auroc": err, "fpr95": err_fpr}}
+def _entry(ood, ood_fpr, err, err_fpr, ms=40.0):
+    return {"ood": {"auroc": ood, "fpr95": ood_fpr}, "error": {"auroc": err, "fpr95": err_fpr},
+            "ms_per_image": ms}
 
 
-def test_ablation_commands_change_only_their_flag(tmp_path):
-    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
-    for change, flag, value in (({"adv": "none"}, "--adv", "none"),
-                                ({"epsilon": 0.05}, "--epsilon", "0.05"),
-                                ({"obs_head": "original"}, "--obs_head", "original"),
-                                ({"obs_epochs_factor": 2}, "--epoch", str(2 * args.obs_epochs))):
-        train, test, results = ablations.variant_commands(args, change)
-        assert train[train.index(flag) + 1] == value
-        assert "--test_split" in test and test[test.index("--test_split") + 1] == "val_ood"
-        assert results.parent.parent.name == ablations.variant_name(change)
-    train, _, _ = ablations.variant_commands(args, {"no_pretrained": True})
-    assert "--no_pretrained" in train
-    assert "--no_pretrained" not in ablations.variant_commands(args, {"adv": "none"})[0]
+def _recipe_args(tmp_path, *extra):
+    return real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path), *extra])
+
+
+def test_ablation_commands_change_only_the_variants_observer(tmp_path):
+    args = _recipe_args(tmp_path)
+    base = ablations.recipe_variant(args)
+    assert base == ablations.Variant("features", "mirror", "min_random_patch", args.obs_epochs)
+    variant = ablations.Variant("maps", "layer", "paste+min_random_patch", 3)
+    train, tests = ablations.variant_commands(args, variant)
+    for flag, value in (("--obs_inputs", "maps"), ("--obs_kind", "layer"),
+                        ("--adv", "paste+min_random_patch"), ("--epoch", "3"),
+                        ("--epsilon", str(args.epsilon)), ("--obs_head", args.obs_head)):
+        assert train[train.index(flag) + 1] == value, flag
+    folder = tmp_path / "ablations" / "maps-layer-paste+min_random_patch-3ep"
+    assert train[train.index("--obsnet_file") + 1] == str(folder / "ckpt" / "obsnet")
+    assert [t[t.index("--test_split") + 1] for t in tests] == ["val_ood_real", "val_ood"]
+    assert all(t[t.index("--test_multi") + 1] == "obsnet" for t in tests)
+    assert ablations.variant_results(args, variant, "val_ood") == \
+        folder / "logs" / "val_ood" / "results_val_ood.json"
+    # the recipe's own observer is the recipe's folders: never trained again
+    assert ablations.variant_folder(args, base) == tmp_path
+    ablations.run_variant(args, base, tmp_path / "log")
+    assert not (tmp_path / "ablations").exists() and not (tmp_path / "log").exists()
+
+
+def test_groups_change_one_thing_of_the_recipes_observer(tmp_path):
+    args = _recipe_args(tmp_path, "--obs_inputs", "maps", "--adv", "paste")
+    base = ablations.recipe_variant(args)
+    for name, variants in ablations.groups(args).items():
+        if name == "previous":
+            assert variants == [ablations.Variant("features", "mirror", "min_random_patch",
+                                                  args.obs_epochs)]
+            continue
+        assert base in variants, name
+        for variant in variants:
+            assert sum(a != b for a, b in zip(variant, base)) <= 1, variant
+    picked = ablations.chosen_variants(args, ["kind", base.name, "inputs"])
+    assert picked[:2] == [base, base._replace(kind="layer")]
+    assert [v.inputs for v in picked[2:]] == ["features", "logits"]
+    with pytest.raises(SystemExit, match="--only bogus: not a group"):
+        ablations.chosen_variants(args, ["bogus"])
 
 
 def test_a_variant_wins_only_ahead_of_every_rival_with_both_fpr95_below_100():
     rivals = [_entry(0.70, 0.8, 0.78, 0.8), _entry(0.75, 0.7, 0.77, 0.8)]
     assert ablations.wins(_entry(0.76, 0.6, 0.80, 0.7), rivals)
     assert not ablations.wins(_entry(0.74, 0.6, 0.80, 0.7), rivals)  # behind on OOD AUROC
+    assert not ablations.wins(_entry(0.76, 0.6, 0.75, 0.7), rivals)  # behind on error AUROC
     assert not ablations.wins(_entry(0.76, 0.6, 0.80, 1.0), rivals)  # error FPR95 = 100%
-    text = ablations.table({"mcp": rivals[0]}, {"adv-none": {"entry": rivals[1], "seconds": 120}})
-    assert "| mcp (recipe) | 70.0 | 80.0 | 78.0 | 80.0 |" in text and "| adv-none |" in text
+    assert not ablations.wins(_entry(0.76, 1.0, 0.80, 0.7), rivals)  # OOD FPR95 = 100%
 
 
-def test_variants_equal_to_the_recipe_are_not_trained_and_only_picks_single_variants(tmp_path):
-    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
-    assert ablations.same_as_recipe(args, {"adv": "min_random_patch"})
-    assert ablations.same_as_recipe(args, {"epsilon": 0.025})
-    assert not ablations.same_as_recipe(args, {"epsilon": 0.05})
-    assert not ablations.same_as_recipe(args, {"no_pretrained": True})
-    ablations.run_variant(args, {"epsilon": 0.025}, tmp_path / "log")  # nothing to run
-    assert not (tmp_path / "ablations").exists()
-    picked = ablations.chosen_changes(["adv-none", "epsilon", "epsilon-0.1"])
-    assert [ablations.variant_name(c) for c in picked] == [
-        "adv-none", "epsilon-0.01", "epsilon-0.025", "epsilon-0.05", "epsilon-0.1"]
+def test_table_collects_every_variant_with_results_its_cost_and_verdict(tmp_path):
+    args = _recipe_args(tmp_path)
+    variant = ablations.Variant("maps", "mirror", "min_random_patch", args.obs_epochs)
+    for split, entry in (("val_ood_real", _entry(0.80, 0.5, 0.90, 0.4, ms=55.0)),
+                         ("val_ood", _entry(0.70, 0.6, 0.85, 0.5))):
+        path = ablations.variant_results(args, variant, split)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"methods": {"obsnet": entry}}))
+    (ablations.variant_folder(args, variant) / "seconds.json").write_text('{"seconds": 600}')
+    found = ablations.collect(args)
+    assert list(found) == [variant] and found[variant]["seconds"] == 600
+    baselines = {m: {"val_ood_real": _entry(0.75, 0.7, 0.85, 0.6), "val_ood": None}
+                 for m in ablations.RIVALS}
+    cost = {"gflops": 1.234, "segnet_gflops": 5.0, "params": 2_000_000}
+    text = ablations.table(baselines, found, lambda v: cost)
+    assert ("| observer | maps | mirror | min_random_patch | 10 | 80.0 | 50.0 | 90.0 | 40.0 | "
+            "70.0 | 85.0 | 55 | 1.23 | 2.00M | yes | 10 |") in text
+    assert "| mcp | | | | | 75.0 | 70.0 | 85.0 | 60.0 | n/a | n/a | 40 | 5.00 (SegNet) |" in text
+    baselines["energy"]["val_ood_real"] = _entry(0.81, 0.7, 0.85, 0.6)  # ahead on OOD AUROC
+    assert "| 2.00M | no |" in ablations.table(baselines, found, lambda v: cost)
 
 
-def test_table_collects_every_variant_with_results_and_its_time(tmp_path):
-    args = real_camvid.build_parser().parse_args(["--camvid", "x", "--out", str(tmp_path)])
-    recipe, none = _entry(0.60, 0.7, 0.85, 0.6), _entry(0.55, 0.7, 0.84, 0.6)
-    folder = ablations.variant_folder(args, {"adv": "none"})
-    (folder / "val_ood").mkdir(parents=True)
-    (folder / "val_ood" / "results_val_ood.json").write_text(json.dumps({"methods": {"obsnet": none}}))
-    (folder / "seconds.json").write_text(json.dumps({"seconds": 600}))
-    variants = ablations.collect(args, recipe)
-    assert list(variants) == ["adv-none", "adv-min_random_patch (= recipe)",
-                              "epsilon-0.025 (= recipe)"]
-    assert variants["adv-none"]["seconds"] == 600
-    mcp = _entry(0.5, 0.8, 0.8, 0.7)
-    text = ablations.table({"obsnet": recipe, "mcp": mcp, "mc_dropout": mcp}, variants)
-    # the recipe's observer beats MCP, MC dropout and adv none: it wins though it is "obsnet"
-    assert "| adv-min_random_patch (= recipe) | 60.0 | 70.0 | 85.0 | 60.0 | yes |  |" in text
-    assert "| adv-none | 55.0 | 70.0 | 84.0 | 60.0 | (no attack) | 10 |" in text
+def test_gflops_of_a_convolution_by_hand():
+    import torch
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    # 2 FLOPs (multiply, add) per weight per output pixel: 2 * 3 * 4 * 3 * 3 * 8 * 8
+    assert ablations.gflops(conv, torch.zeros(1, 3, 8, 8)) * 1e9 == 2 * 3 * 4 * 9 * 64
+
+
+def test_costs_count_the_observer_apart_from_the_segnet():
+    mirror = ablations.costs(0.0625, ablations.Variant("maps", "mirror", "none", 1))
+    layer = ablations.costs(0.0625, ablations.Variant("maps", "layer", "none", 1))
+    assert mirror["segnet_gflops"] == layer["segnet_gflops"] > 0
+    assert 0 < layer["gflops"] < mirror["gflops"] and layer["params"] < mirror["params"]
 
 
 def test_an_interrupted_training_stage_is_resumed(tmp_path):
