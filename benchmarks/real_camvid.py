@@ -62,6 +62,9 @@ SCALES = {
               "T": 2, "workers": 0, "cache_frames": True},
 }
 PLANNED = ("paper", "smoke")  # scales whose plan is measured and printed before the stages
+# The observer chosen on val_ood_real (BENCHMARKS.md, "Real objects"): it reads the logits'
+# maps and trains on pasted procedural objects plus the FGSM patch.
+DEFAULT_OBSERVER = {"obs_inputs": "maps", "adv": "paste+min_random_patch"}
 GPU_SPEEDUPS = ["--amp", "bfloat16", "--channels_last", "--cudnn_benchmark"]  # paper, on CUDA
 
 
@@ -212,13 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg_lr", type=float, default=0.003)
     p.add_argument("--seg_class_weights", choices=WEIGHTINGS, default="sqrt_median_freq",
                    help="the SegNet's cross-entropy class weights")
-    p.add_argument("--adv", default="min_random_patch")
+    p.add_argument("--adv", default=DEFAULT_OBSERVER["adv"],
+                   help="main.py --adv of the observer stage (default: the FGSM patch on a "
+                        "pasted procedural object, paste+min_random_patch)")
     p.add_argument("--epsilon", type=float, default=0.025)
     p.add_argument("--obs_epochs", type=int, default=cpu["obs_epochs"])
     p.add_argument("--obs_lr", type=float, default=0.2)
     p.add_argument("--obs_head", default="linear")
-    p.add_argument("--obs_inputs", choices=("features", "logits", "maps"), default=None,
-                   help="main.py --obs_inputs of the observer stage (default: main.py's, features)")
+    p.add_argument("--obs_inputs", choices=("features", "logits", "maps"),
+                   default=DEFAULT_OBSERVER["obs_inputs"],
+                   help="main.py --obs_inputs of the observer stage (default: maps, the logits' "
+                        "max softmax, entropy and energy)")
     p.add_argument("--obs_kind", choices=("mirror", "layer"), default=None,
                    help="main.py --obs_kind of the observer stage (default: main.py's, mirror)")
     p.add_argument("--T", type=int, default=cpu["T"])

@@ -229,7 +229,8 @@ def table(baselines: dict, variants: dict, cost) -> str:
                      f"{minutes} |")
     for method, entries in baselines.items():
         first = entries.get(SPLITS[0]) or {}
-        flops = "" if segnet_gflops is None else f"{segnet_gflops:.2f} (SegNet)"
+        passes = " x T" if method == "mc_dropout" else ""  # one SegNet pass per sample
+        flops = "" if segnet_gflops is None else f"{segnet_gflops:.2f}{passes} (SegNet)"
         ms = f"{first['ms_per_image']:.0f}" if "ms_per_image" in first else ""
         lines.append(f"| {method} | | | | | " + " | ".join(_metric_cells(entries)) +
                      f" | {ms} | {flops} | | | |")

@@ -59,7 +59,7 @@ def _recipe_args(tmp_path, *extra):
 def test_ablation_commands_change_only_the_variants_observer(tmp_path):
     args = _recipe_args(tmp_path)
     base = ablations.recipe_variant(args)
-    assert base == ablations.Variant("features", "mirror", "min_random_patch", args.obs_epochs)
+    assert base == ablations.Variant("maps", "mirror", "paste+min_random_patch", args.obs_epochs)
     variant = ablations.Variant("maps", "layer", "paste+min_random_patch", 3)
     train, tests = ablations.variant_commands(args, variant)
     for flag, value in (("--obs_inputs", "maps"), ("--obs_kind", "layer"),
@@ -123,6 +123,7 @@ def test_table_collects_every_variant_with_results_its_cost_and_verdict(tmp_path
     assert ("| observer | maps | mirror | min_random_patch | 10 | 80.0 | 50.0 | 90.0 | 40.0 | "
             "70.0 | 85.0 | 55 | 1.23 | 2.00M | yes | 10 |") in text
     assert "| mcp | | | | | 75.0 | 70.0 | 85.0 | 60.0 | n/a | n/a | 40 | 5.00 (SegNet) |" in text
+    assert "| 5.00 x T (SegNet) |" in text  # MC dropout: one SegNet pass per sample
     baselines["energy"]["val_ood_real"] = _entry(0.81, 0.7, 0.85, 0.6)  # ahead on OOD AUROC
     assert "| 2.00M | no |" in ablations.table(baselines, found, lambda v: cost)
 
@@ -157,7 +158,8 @@ def test_an_interrupted_training_stage_is_resumed(tmp_path):
     assert "--resume" in command and "--overwrite" not in command
     torch.save({"epoch": args.obs_epochs - 1, "args": {"epoch": args.obs_epochs}}, last)
     assert real_camvid.finished(last)
-    train, _, _ = ablations.variant_commands(args, {"adv": "none"})
+    variant = ablations.recipe_variant(args)._replace(adv="none")
+    train, _ = ablations.variant_commands(args, variant)
     assert "--overwrite" in train  # its own folder holds no last.pth
 
 

@@ -190,4 +190,7 @@ def test_observer_flags_and_objects_reach_their_stages(tmp_path):
         "test val_ood_real", "test val_ood", "test val"]
     plain = real_camvid.parse(["--camvid", "x", "--out", str(tmp_path)])
     stages = {name: cmd for name, cmd, _ in real_camvid.recipe(plain)}
-    assert "--obs_inputs" not in stages["train ObsNet"] and "paste val_ood_real" not in stages
+    observer = stages["train ObsNet"]
+    assert "paste val_ood_real" not in stages and "--obs_kind" not in observer  # main.py's
+    assert observer[observer.index("--obs_inputs") + 1] == "maps"  # the recipe's default
+    assert observer[observer.index("--adv") + 1] == "paste+min_random_patch"
