@@ -16,7 +16,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from benchmarks.common import MB, measure
-from obsnet.metrics import OODMeter
+from obsnet.metrics.ood import OODMeter
 
 
 def sorted_exact(scores: torch.Tensor, positive: torch.Tensor) -> tuple[float, float]:

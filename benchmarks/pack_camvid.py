@@ -26,10 +26,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from obsnet.cli_common import UsageError, run_friendly
-from obsnet.data.camvid import read_image, read_label, read_list
+from obsnet.data.base import read_image, read_label
+from obsnet.data.camvid import read_list
 from obsnet.data.errors import DatasetError
 from obsnet.data.paste import IMAGE_SUFFIXES
+from obsnet.errors import UsageError
+from obsnet.exit_codes import run_friendly
 from obsnet.outputs import atomic_write, temp_folder
 
 MARKER = ".written_by_pack_camvid"

@@ -42,7 +42,7 @@ import torch
 
 from benchmarks import paper_scale
 from benchmarks.common import code_version
-from obsnet.cli_common import explicit_flags
+from obsnet.exit_codes import explicit_flags
 from obsnet.data.class_weights import WEIGHTINGS
 from obsnet.report import format_table
 

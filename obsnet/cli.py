@@ -11,11 +11,12 @@ from pathlib import Path
 
 from obsnet import __version__
 from obsnet.attacks import ATTACK_CHOICES
-from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
-                               explicit_flags, parse_checked, run_friendly)
 from obsnet.data.class_weights import WEIGHTINGS
 from obsnet.data.specs import SPECS
+from obsnet.errors import UsageError
+from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
+from obsnet.model_flags import add_model_flags, check_model_flags, check_nclass_and_size
 from obsnet.preset import adopt_segmenter_preset
 from obsnet.score_export import check_export_data
 from obsnet.stages import run_stage

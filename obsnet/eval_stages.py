@@ -3,11 +3,10 @@ and --test_only (every method of --test_multi, its table and files)."""
 import warnings
 from pathlib import Path
 
-from obsnet.cli_common import UsageError
 from obsnet.component_eval import wants_components
 from obsnet.data.errors import DatasetError
 from obsnet.data.specs import DatasetSpec
-from obsnet.errors import ObsnetWarning
+from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig, parse_methods
 from obsnet.models.checkpoint import weights_fingerprint

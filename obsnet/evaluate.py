@@ -9,7 +9,9 @@ from obsnet.data.native import LabelGrid
 from obsnet.data.specs import DatasetSpec
 from obsnet.distributed import in_process_group
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
-from obsnet.metrics import ConfusionMeter, OODMeter, PerImageMeter
+from obsnet.metrics.confusion import ConfusionMeter
+from obsnet.metrics.ood import OODMeter
+from obsnet.metrics.per_image import PerImageMeter
 from obsnet.utils import autocast
 
 

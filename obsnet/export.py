@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from obsnet.cli_common import (MIN_SIDE, add_model_flags, check_model_flags, check_nclass_and_size,
-                               explicit_flags, model_flags, parse_checked, run_friendly)
 from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
+from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
+from obsnet.model_flags import (MIN_SIDE, add_model_flags, check_model_flags, check_nclass_and_size,
+                                model_flags)
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import logits_of
 from obsnet.models.registry import load_networks, merge_observer_flags, observer_path

@@ -20,10 +20,11 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from obsnet.cli_common import (UsageError, add_model_flags, check_model_flags, check_nclass_and_size,
-                               explicit_flags, model_flags, parse_checked, run_friendly)
-from obsnet.data.camvid import read_image
+from obsnet.data.base import read_image
 from obsnet.data.specs import SPECS
+from obsnet.errors import UsageError
+from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
+from obsnet.model_flags import add_model_flags, check_model_flags, check_nclass_and_size, model_flags
 from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
 from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import (Input, check_outputs_not_inputs, exists, listed_files, planned_in,

@@ -19,9 +19,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from obsnet.cli_common import MIN_SIDE
 from obsnet.data.specs import BENCHMARK_SPLITS, SPECS, DatasetSpec, anomaly_benchmark
 from obsnet.errors import UsageError
+from obsnet.model_flags import MIN_SIDE
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
 from obsnet.models.generic import TORCHVISION, torchvision_segmenters
 from obsnet.models.registry import SEGMENTERS

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
-from obsnet.cli_common import UsageError
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import dataset_builder
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import UNTOUCHED, claim, ensure_synthetic, is_complete
 from obsnet.data.synthetic import refusal as synthetic_refusal
+from obsnet.errors import UsageError
 from obsnet.methods import parse_methods
 from obsnet.models.registry import observer_path
 from obsnet.outputs import Output, OutputLock

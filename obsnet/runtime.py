@@ -1,15 +1,17 @@
 """What every stage of main.py shares: where the process runs (rank, device), rank-0 logging,
 the data loaders, DDP wrapping, and the checks on the networks a stage loads."""
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from obsnet.cli_common import UsageError
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.distributed import DistInfo
+from obsnet.errors import UsageError
 from obsnet.models.registry import OBSERVER_FLAGS
+
+LOG = logging.getLogger(__name__)
 
 
 def loader_for(args, spec, split: str, train: bool, rt=None):
@@ -79,6 +81,6 @@ class Runtime:
 
 
 def log(rt: Runtime, message: str) -> None:
-    """Print on rank 0 only, without breaking the progress bars."""
+    """A message of rank 0 only, to the ``obsnet`` logger (the command line prints it)."""
     if rt.is_main:
-        tqdm.write(message)
+        LOG.info(message)

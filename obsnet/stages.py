@@ -12,10 +12,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from obsnet.attacks import AttackConfig, parse_attack
-from obsnet.cli_common import Interrupted, StopSignal, UsageError, signal_name
 from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset
 from obsnet.distributed import cleanup, device_for, init_distributed_mode, unwrap
+from obsnet.errors import UsageError
 from obsnet.eval_stages import stage_fit_stats, stage_test
 from obsnet.evaluate import evaluate
 from obsnet.losses import CRITERIA
@@ -29,6 +29,7 @@ from obsnet.report import NullWriter, log_preview, log_scalars, write_json
 from obsnet.run_checks import stage_outputs_exist, start_run, tboard_files
 from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
                             segnet_last, set_epoch, wrap_ddp)
+from obsnet.signals import Interrupted, StopSignal, signal_name
 from obsnet.train import (ObserverConfig, TrainingStopped, make_scaler, train_observer_epoch,
                           train_segnet_epoch)
 from obsnet.training_state import make_optimizer, resume, training_state

@@ -1,5 +1,6 @@
 """The training state of a stage: optimizer and learning-rate schedule, the checkpoint dict
 that --resume continues from, and its checks."""
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from obsnet.models.checkpoint import (FINGERPRINT_KEY, CheckpointError, check_sa
 from obsnet.models.registry import observer_record
 from obsnet.preset import preset_record
 from obsnet.utils import rng_state, set_rng_state
+
+LOG = logging.getLogger(__name__)
 
 
 def make_optimizer(args, params, schedule: str = "multistep"):
@@ -102,5 +105,5 @@ def resume(path: Path, model, optimizer, scheduler, scaler,
         scaler.load_state_dict(state["scaler"])
     if "rng" in state:
         set_rng_state(state["rng"])
-    print(f"Resumed from {path} at epoch {state['epoch'] + 1}")
+    LOG.info(f"Resumed from {path} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["best"]

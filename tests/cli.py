@@ -40,7 +40,7 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ["numpy", "PIL.Image", "torch", "torchvision", "torch.utils.tensorboard",
            "obsnet.data.loaders", "obsnet.models.registry", "obsnet.evaluate", "obsnet.train",
-           "obsnet.stages", "obsnet.cli", "obsnet.inference", "obsnet.data.check", "obsnet.data.paste",
+           "obsnet.stages", "obsnet.cli", "obsnet.inference", "obsnet.check", "obsnet.paste",
            "obsnet.export"]
 SUBPROCESS = os.environ.get("OBSNET_TEST_SUBPROCESS") == "1"
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",

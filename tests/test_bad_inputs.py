@@ -22,7 +22,7 @@ from cli import python
 from conftest import ROOT
 from obsnet import cli as obsnet_cli
 from obsnet import inference
-from obsnet.cli_common import run_friendly
+from obsnet.exit_codes import run_friendly
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
 from obsnet.errors import ObsnetWarning

@@ -15,7 +15,7 @@ from benchmarks import attack_precision, eval_memory, inference, metrics, report
 from benchmarks import run as bench_run
 from benchmarks.common import MB, PeakRSS, Spread, machine
 from obsnet.attacks import MASKS, AttackConfig, fgsm
-from obsnet.metrics import OODMeter
+from obsnet.metrics.ood import OODMeter
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.segnet import SegNet, freeze
 

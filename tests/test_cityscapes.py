@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cli import main_py, python
-from obsnet.data.camvid import max_label_id
+from obsnet.data.base import max_label_id
 from obsnet.data.cityscapes import Cityscapes, label_ids_to_train_ids
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset

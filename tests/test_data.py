@@ -214,3 +214,30 @@ def test_real_camvid_sample():
     assert -3 < image.mean() < 3 and image.std() > 0.3  # normalised, not [0, 255] or [0, 1]
     assert int(label.max()) <= 11 and label.dtype == torch.int64
     assert 12 in test[0][1].unique().tolist()
+
+
+def _sleep_forever():
+    import time
+    time.sleep(600)
+
+
+def test_exit_hook_stops_our_workers_only(camvid):
+    """The exit hook kills the workers of a loader still alive, and no other process of the
+    host program (a library must leave its caller's children alone)."""
+    import multiprocessing
+
+    from obsnet.data import loaders
+    theirs = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=True)
+    theirs.start()
+    try:
+        data = build_dataset(SPEC, camvid, "train", (H, W), train=True)
+        batches = iter(build_loader(data, 2, train=True, num_workers=1, seed=3))
+        next(batches)
+        ours = list(loaders._OUR_WORKERS)
+        assert ours and all(worker.is_alive() for worker in ours)
+        loaders.stop_leftover_workers()
+        assert not any(worker.is_alive() for worker in ours)
+        assert theirs.is_alive()
+    finally:
+        theirs.kill()
+        theirs.join(5)

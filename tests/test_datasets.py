@@ -14,8 +14,8 @@ from PIL import Image
 
 from cli import python
 from conftest import SHARED
-from obsnet.data import check
-from obsnet.data.camvid import max_label_id
+from obsnet import check
+from obsnet.data.base import max_label_id
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset, build_loader, data_loader
 from obsnet.data.odgt import read_odgt

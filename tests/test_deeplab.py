@@ -1,4 +1,5 @@
 """DeepLabv3+ and its observer, backbone weight files, VGG16 initialisation of the SegNet."""
+import logging
 import urllib.error
 
 import pytest
@@ -66,21 +67,23 @@ def test_observer_output_ablations_and_gradients(image_and_feats):
         obs(x, feats[:-1])
 
 
-def test_random_init_message_and_training_batch_one(capsys):
-    net = DeepLabV3Plus(3, 3)
-    assert "randomly initialised" in capsys.readouterr().out
+def test_random_init_message_and_training_batch_one(caplog):
+    with caplog.at_level(logging.INFO, logger="obsnet"):
+        net = DeepLabV3Plus(3, 3)
+    assert "randomly initialised" in caplog.text
     out = net.train()(torch.randn(1, 3, 64, 64))  # image pooling has no batch norm
     assert out.shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="width_mult"):
         DeepLabV3Plus(3, 3, width_mult=0.5)
 
 
-def test_backbone_weights_from_file(tmp_path, capsys):
+def test_backbone_weights_from_file(tmp_path, caplog):
     reference = resnet101()  # a full torchvision state_dict: fc.* is ignored
     path = tmp_path / "resnet101.pth"
     torch.save(reference.state_dict(), path)
-    net = DeepLabV3Plus(3, NCLASS, backbone_weights=str(path))
-    assert str(path) in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="obsnet"):
+        net = DeepLabV3Plus(3, NCLASS, backbone_weights=str(path))
+    assert str(path) in caplog.text
     expected = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     loaded = net.backbone.state_dict()
     assert list(loaded) == list(expected)
@@ -134,10 +137,11 @@ def vgg_file(tmp_path_factory):
     return path, state
 
 
-def test_vgg16_initialises_the_13_encoder_convolutions(vgg_file, capsys):
+def test_vgg16_initialises_the_13_encoder_convolutions(vgg_file, caplog):
     path, state = vgg_file
-    net = SegNet(3, NCLASS, vgg_weights=str(path))
-    assert "13 convolutions" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="obsnet"):
+        net = SegNet(3, NCLASS, vgg_weights=str(path))
+    assert "13 convolutions" in caplog.text
     convs = [k for k in state if k.startswith("features.") and state[k].dim() == 4]
     assert len(convs) == len(VGG16_CONVS) == 13
     for key, name in zip(convs, VGG16_CONVS):

@@ -204,7 +204,7 @@ def test_cli_test_splits_export_without_labels_and_keep_the_results(tmp_path):
 
 
 def test_score_export_temporary_folder_is_its_own_and_removed(tmp_path):
-    from obsnet.data.camvid import Pair
+    from obsnet.data.base import Pair
     from obsnet.score_export import ScoreExport
 
     root = tmp_path / "export"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cli import main_py
-from obsnet.data.check import main as check_main
+from obsnet.check import main as check_main
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset
 from obsnet.data.specs import SPECS

@@ -1,4 +1,4 @@
-"""Tests of obsnet/metrics.py against scikit-learn and hand-computed cases."""
+"""Tests of obsnet/metrics/ against scikit-learn and hand-computed cases."""
 import math
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from obsnet.metrics import ConfusionMeter, OODMeter, score_bins
+from obsnet.metrics.confusion import ConfusionMeter
+from obsnet.metrics.ood import OODMeter, score_bins
 
 TOL = 1e-4
 TOL_FPR = 1e-3

@@ -14,7 +14,7 @@ from test_metrics import _assert_matches, _feed, _reference
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cli import spawn
-from obsnet.metrics import OODMeter, score_bins
+from obsnet.metrics.ood import OODMeter, score_bins
 
 TOL = 1e-4  # AUROC, AP, AP_neg
 TOL_FPR = 1e-3  # FPR95, FPR95_neg
@@ -208,7 +208,7 @@ def test_refinement_is_what_makes_odin_exact():
 
 
 def test_interleaved_precision_sum_by_brute_force():
-    from obsnet.metrics import _interleaved_precision_sum
+    from obsnet.metrics.ood import _interleaved_precision_sum
     # p positives spread evenly among n negatives (m = (p + n) / p integer): the k-th positive
     # ends the k-th group of m pixels after tp0 + fp0 pixels ranked above
     for tp0, fp0, p, n in ((0, 0, 3, 6), (5, 7, 4, 4), (100, 3, 2, 0), (0, 50, 5, 20)):

@@ -70,7 +70,7 @@ def test_synthetic_data_is_never_written_over_a_real_dataset(base, tmp_path):
     one_line_error(out, f"--dset_folder {real}: it holds files the synthetic generator did not "
                         f"write (test, test.txt, test_ood, test_ood.txt, ...); nothing was changed")
     assert listing(real) == before and not (base / "dataloss").exists()
-    with pytest.raises(DatasetError, match="did not write"):  # python -m obsnet.data.synthetic, tests
+    with pytest.raises(DatasetError, match="did not write"):  # python -m obsnet.synthetic, tests
         generate(real, seed=0, n_train=1, n_val=1, n_test=1, size=(32, 48))
     assert listing(real) == before
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from cli import TINY, main_py, paths
-from obsnet.metrics import OODMeter
+from obsnet.metrics.ood import OODMeter
 from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
 from obsnet.models.registry import build_models, merge_observer_flags

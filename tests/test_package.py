@@ -77,7 +77,8 @@ def test_wheel_declares_the_console_script(wheel):
 
 @pytest.mark.parametrize("module, usage", [("obsnet", "usage: python -m obsnet "),
                                            ("obsnet.check", "usage: python -m obsnet.check "),
-                                           ("obsnet.paste", "usage: python -m obsnet.paste ")])
+                                           ("obsnet.paste", "usage: python -m obsnet.paste "),
+                                           ("obsnet.synthetic", "usage: python -m obsnet.synthetic ")])
 def test_python_m_help(module, usage):
     out = python("-m", module, "--help", timeout=120)
     assert out.returncode == 0, out.stderr
@@ -146,6 +147,33 @@ def test_no_import_cycle_in_the_package():
     assert graph["obsnet.models.registry"] >= {"obsnet.models.checkpoint", "obsnet.models.segnet"}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     assert not graph["obsnet.models.checkpoint"] & {m for m in graph if m.startswith("obsnet.models.")}
+
+
+# The leaves every layer may use: errors, atomic writes, output ownership (they import only
+# each other). The data and model layers import nothing else above them: no command line.
+LEAVES = {"obsnet.errors", "obsnet.outputs", "obsnet.ownership"}
+LOWER_LAYERS = ("obsnet.data.", "obsnet.models.")
+
+
+def test_leaves_import_only_leaves():
+    graph = import_graph()
+    for leaf in LEAVES:
+        assert graph[leaf] <= LEAVES, (leaf, graph[leaf] - LEAVES)
+
+
+def test_data_and_models_do_not_import_upwards():
+    graph = import_graph()
+    for module, imported in graph.items():
+        if module.startswith(LOWER_LAYERS):
+            upwards = {m for m in imported if not m.startswith(LOWER_LAYERS)} - LEAVES
+            assert not upwards, (module, upwards)
+
+
+def test_command_lines_live_outside_data_and_models():
+    for path in (PACKAGE / "data").rglob("*.py"), (PACKAGE / "models").rglob("*.py"):
+        for file in path:
+            text = file.read_text()
+            assert "import argparse" not in text and "def main(" not in text, file
 
 
 def test_the_package_imports_neither_tests_nor_benchmarks():

@@ -8,9 +8,10 @@ from PIL import Image
 
 from conftest import SHARED
 from obsnet.data import paste
+from obsnet.paste import main
 from obsnet.data.camvid import read_list
 from obsnet.data.loaders import build_dataset
-from obsnet.data.paste import PasteConfig, frame_rng, load_cutouts, main, paste_objects
+from obsnet.data.paste import PasteConfig, frame_rng, load_cutouts, paste_objects
 from obsnet.data.specs import SPECS
 
 H, W = 40, 56

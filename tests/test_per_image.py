@@ -14,7 +14,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from obsnet.data.specs import SPECS
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
-from obsnet.metrics import OODMeter, PerImageMeter, anomaly_seg_fpr95, image_measures
+from obsnet.metrics.ood import OODMeter
+from obsnet.metrics.per_image import PerImageMeter, anomaly_seg_fpr95, image_measures
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
 from obsnet.report import format_table, write_csv

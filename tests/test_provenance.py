@@ -265,7 +265,7 @@ def reference_maps(nets, data: str) -> dict:
     """The observer's maps of the image folder computed with ``data``'s normalisation at the
     recorded size, as inference.py writes them (float16, each image's resolution)."""
     from obsnet.inference import predict, prepare
-    from obsnet.data.camvid import read_image
+    from obsnet.data.base import read_image
     segnet, observer = load_networks("segnet", 12, WIDTH, False, nets / "a.pth", nets / "obs")
     maps = {}
     for path in sorted((nets / "images").iterdir()):

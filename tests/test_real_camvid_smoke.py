@@ -10,10 +10,7 @@ from PIL import Image
 
 from benchmarks import pack_camvid, paper_scale, real_camvid
 from cli import SubprocessModule
-from obsnet.data import paste
 from obsnet.data.synthetic import generate
-
-PASTE_HAS_SUFFIX = "--suffix" in paste._parser().format_help()
 
 
 def _cutouts(folder, count: int = 2):
@@ -84,11 +81,10 @@ def test_packer_refuses_what_it_did_not_write_and_an_oversized_pack(tmp_path, ca
 
 def test_smoke_scale_runs_the_paper_path_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(real_camvid, "subprocess", SubprocessModule)  # each stage: a fresh process
-    pack = _pack(tmp_path, objects=PASTE_HAS_SUFFIX)
+    pack = _pack(tmp_path, objects=True)
     out = tmp_path / "run"
-    argv = ["--camvid", str(pack / "camvid"), "--scale", "smoke", "--out", str(out)]
-    if PASTE_HAS_SUFFIX:
-        argv += ["--objects", str(pack / "objects")]
+    argv = ["--camvid", str(pack / "camvid"), "--scale", "smoke", "--out", str(out),
+            "--objects", str(pack / "objects")]
     assert real_camvid.main(argv) == 0
     printed = capsys.readouterr().out
     assert "[plan] measured on cpu" in printed and "SegNet 1 epochs, observer 1 epochs" in printed
@@ -101,14 +97,10 @@ def test_smoke_scale_runs_the_paper_path_end_to_end(tmp_path, capsys, monkeypatc
             assert "--cache_frames" in line and "--size 32 48" in line
             assert "--amp" not in line  # bfloat16 and channels-last: paper scale on CUDA only
     assert any("--test_only" in line and "--T 2 " in line for line in commands)
-    splits = ("val_ood_real", "val_ood", "val") if PASTE_HAS_SUFFIX else ("val_ood", "val")
-    for split in splits:
+    for split in ("val_ood_real", "val_ood", "val"):
         assert f"split {split} " in printed
         results = json.loads((out / "logs" / split / f"results_{split}.json").read_text())
         assert set(results["methods"]) == set(real_camvid.METHODS.split(","))
-    if not PASTE_HAS_SUFFIX:
-        pytest.skip("val_ood_real part skipped: obsnet.paste has no --suffix in this branch yet "
-                    "(the rest of the smoke path ran)")
     assert "ood" in json.loads((out / "logs" / "val_ood_real" / "results_val_ood_real.json")
                                .read_text())["methods"]["obsnet"]
     # a second call reuses the plan and skips every stage

@@ -95,7 +95,7 @@ class _CurveWriter:
 
 
 def test_pr_curves_are_the_meter_counts():
-    from obsnet.metrics import OODMeter
+    from obsnet.metrics.ood import OODMeter
     from obsnet.report import log_pr_curves
     torch.manual_seed(0)
     meter = OODMeter()

@@ -197,7 +197,7 @@ def test_sigterm_during_a_test_run_is_one_line_and_cleans_up(bench, tmp_path):
 # forked inside dies of the signal as before), runs the finally blocks, restores the handler
 ANY_COMMAND = """
 import os, signal, sys, time
-from obsnet.cli_common import run_friendly
+from obsnet.exit_codes import run_friendly
 
 def command(argv):
     started, running = os.pipe()
@@ -231,7 +231,7 @@ def test_sigterm_is_an_interrupt_in_any_command():
 
 
 def test_sigint_outside_training_names_its_signal(capsys):
-    from obsnet.cli_common import run_friendly
+    from obsnet.exit_codes import run_friendly
 
     def command(argv):
         raise KeyboardInterrupt  # what Python raises on SIGINT

@@ -1,6 +1,7 @@
 """Tests of the synthetic CamVid-layout dataset generator (obsnet/data/synthetic.py)."""
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from obsnet import synthetic as synthetic_cli
 from obsnet.data import synthetic
 from obsnet.data.specs import SPECS
 
@@ -94,7 +96,7 @@ def test_deterministic(root, tmp_path):
     assert all(a[k] != b[k] for k in a if k.endswith(".png"))
 
 
-def test_marker_skips_and_redoes(tmp_path, capsys):
+def test_marker_skips_and_redoes(tmp_path, caplog):
     counts = {"n_train": 3, "n_val": 1, "n_test": 1}
     ds = synthetic.generate(tmp_path / "ds", seed=3, **counts)
     marker = json.loads((ds / synthetic.MARKER).read_text())
@@ -108,12 +110,13 @@ def test_marker_skips_and_redoes(tmp_path, capsys):
     assert probe.stat().st_mtime != 1 and (ds / synthetic.MARKER).exists()
     synthetic.generate(ds, seed=3, n_train=2, n_val=1, n_test=1)  # other parameters: redone
     assert len(list((ds / "trainannot").iterdir())) == 2
-    synthetic.ensure_synthetic(ds, seed=3, n_train=2, n_val=1, n_test=1)
-    assert "reusing" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="obsnet"):
+        synthetic.ensure_synthetic(ds, seed=3, n_train=2, n_val=1, n_test=1)
+    assert "reusing" in caplog.text
 
 
 def test_cli(tmp_path):
-    synthetic.main(["--out", str(tmp_path / "cli"), "--seed", "5", "--n_train", "2",
+    synthetic_cli.main(["--out", str(tmp_path / "cli"), "--seed", "5", "--n_train", "2",
                     "--n_val", "1", "--n_test", "1"])
     marker = json.loads((tmp_path / "cli" / synthetic.MARKER).read_text())
     assert marker["seed"] == 5 and marker["size"] == list(SPEC.size)

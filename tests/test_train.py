@@ -1,4 +1,6 @@
 """Training behaviour: flags do what their help says, AMP on CPU, reproducibility, resume."""
+import logging
+
 import pytest
 import torch
 
@@ -148,16 +150,17 @@ def test_epoch_reports_time_waiting_for_data(nets):
     assert 0 <= stats[0]["data_wait_share"] < stats[1]["data_wait_share"] <= 1
 
 
-def test_slow_data_is_reported_once_per_stage(capsys):
+def test_slow_data_is_reported_once_per_stage(caplog):
     from types import SimpleNamespace
 
     from obsnet.stages import log_data_wait
     from obsnet.report import NullWriter
     rt, writer = SimpleNamespace(is_main=True), NullWriter()
     stats = {"data_wait_share": 0.05, "seconds": 10.0}
+    caplog.set_level(logging.INFO, logger="obsnet")
     assert not log_data_wait(rt, writer, stats, 0, False)
-    assert "waiting for data" not in capsys.readouterr().out
+    assert "waiting for data" not in caplog.text
     stats["data_wait_share"] = 0.5
     assert log_data_wait(rt, writer, stats, 1, False)
     assert log_data_wait(rt, writer, stats, 2, True)
-    assert capsys.readouterr().out.count("50% of the time went to waiting for data") == 1
+    assert caplog.text.count("50% of the time went to waiting for data") == 1

@@ -18,6 +18,7 @@ from PIL import Image
 import cli
 from obsnet import cli as obsnet_cli
 from obsnet import export, inference, outputs
+from obsnet import paste as paste_cli
 from obsnet.data import paste
 from test_inference import save_tiny_networks
 from test_paste import NAMES, files_of, make_split, ood_files
@@ -330,7 +331,7 @@ def root(tmp_path) -> Path:
 
 def run_paste(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()
-    code = paste.main([*map(str, argv)])
+    code = paste_cli.main([*map(str, argv)])
     return code, (error_line(capsys.readouterr().err, paste.PROG) if code else "")
 
 

@@ -11,7 +11,6 @@ listing, path resolution and label decoding are the loaders' own
 (``obsnet.data.loaders.DATASETS``); no transform or resize is applied.
 Exit status: 0 when nothing is wrong, 1 when a problem was found, 2 for a usage error.
 """
-import argparse
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from obsnet.data.camvid import (Pair, PairDataset, check_ids, check_size, label_counts,
-                                max_label_id, read_image, read_label)
+from obsnet.data.base import (Pair, PairDataset, check_ids, check_size, label_counts, max_label_id,
+                              read_image, read_label)
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import DATASETS
 from obsnet.data.specs import SPECS, DatasetSpec
@@ -166,25 +165,3 @@ def check(name: str, root: Path, splits: Sequence[str] | None = None,
     lines = [header, *format_summary(spec, reports), "", *format_shares(spec, reports), "",
              *format_problems(reports)]
     return lines, not any(r.problems for r in reports)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (argparse exits with 2 on usage errors)."""
-    parser = argparse.ArgumentParser(prog="python -m obsnet.check",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, choices=sorted(DATASETS), help="dataset name")
-    parser.add_argument("--dset_folder", required=True, type=Path, help="dataset root folder")
-    parser.add_argument("--splits", nargs="+",
-                        help="splits to check (default: all known; the anomaly benchmarks: "
-                             "their labelled split, --splits test for the test frames)")
-    parser.add_argument("--workers", type=int, default=4, help="reading threads")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    lines, ok = check(args.data, args.dset_folder, args.splits, args.workers)
-    print("\n".join(lines))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from obsnet.data.camvid import PairDataset, label_counts, read_label
+from obsnet.data.base import PairDataset, label_counts, read_label
 
 # main.py --class_weights: each choice's exponent of median(freq) / freq(c) ("none": unweighted)
 WEIGHTING_POWERS = {"median_freq": 1.0, "sqrt_median_freq": 0.5}

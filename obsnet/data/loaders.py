@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from functools import partial
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+from obsnet.data.base import PairDataset
 from obsnet.data.bdd_anomaly import BddAnomaly
-from obsnet.data.camvid import CamVid, PairDataset
+from obsnet.data.camvid import CamVid
 from obsnet.data.cityscapes import Cityscapes
 from obsnet.data.errors import DatasetError, WorkerDied
 from obsnet.data.native import collate_native
@@ -92,20 +94,35 @@ def _quiet_dropped_connection(exc_type, value, traceback) -> None:
         sys.__excepthook__(exc_type, value, traceback)
 
 
-@atexit.register  # runs before multiprocessing's own exit hook (atexit: last in, first out)
+_OUR_WORKERS: "weakref.WeakSet[multiprocessing.Process]" = weakref.WeakSet()
+
+
+def remember_workers(batches) -> None:
+    """Note the worker processes of a loader iterator, ours, for ``stop_leftover_workers``; the
+    exit hook is registered with the first ones, after multiprocessing's own (atexit runs the
+    last registered first, so ours runs before it)."""
+    workers = getattr(batches, "_workers", ())
+    if workers and not _OUR_WORKERS:
+        atexit.unregister(stop_leftover_workers)
+        atexit.register(stop_leftover_workers)
+    _OUR_WORKERS.update(workers)
+
+
 def stop_leftover_workers() -> None:
-    """At exit, kill the DataLoader workers still alive.
+    """At exit, kill the DataLoader workers of our loaders still alive (no other process).
 
     Workers ignore SIGTERM (``init_worker``), the signal multiprocessing's exit hook stops
     them with; a loader not shut down yet (an error's traceback can keep it alive to the
     end) would otherwise make the exit wait for them forever. torch's SIGCHLD check is
     switched off first: these deaths are no error.
     """
+    alive = [worker for worker in list(_OUR_WORKERS) if worker.is_alive()]
+    if not alive:
+        return
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(1)
+    for worker in alive:
+        worker.kill()
+        worker.join(1)
 
 
 def dead_worker(batches, wait: float = 1.0) -> WorkerDied | None:
@@ -129,6 +146,7 @@ class WatchedLoader(DataLoader):
 
     def __iter__(self):
         batches = super().__iter__()
+        remember_workers(batches)
         if self.num_workers > 0 and threading.current_thread() is threading.main_thread():
             # torch's SIGCHLD handler raises its error wherever the main thread happens to
             # be, a __del__ included ("Exception ignored in ..." and a traceback); without

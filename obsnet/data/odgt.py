@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torchvision import tv_tensors
 
-from obsnet.data.camvid import Pair, PairDataset, numbered_lines, parse_all, require_dir
+from obsnet.data.base import Pair, PairDataset, numbered_lines, parse_all, require_dir
 from obsnet.data.errors import DatasetError
 from obsnet.data.specs import DatasetSpec
 

@@ -43,13 +43,13 @@ Tune on val_ood, never on the test split: a pasted val split is for choosing thr
 hyper-parameters and checkpoints; the test split (CamVid-OOD's test_ood) is for the final
 numbers only.
 """
-import argparse
 import colorsys
 import math
 import os
 import re
 import shutil
 import sys
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -60,9 +60,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from obsnet.cli_common import UsageError, run_friendly
-from obsnet.data.camvid import Pair, check_size, read_image, read_label, read_list
+from obsnet.data.base import Pair, check_size, read_image, read_label
+from obsnet.data.camvid import read_list
 from obsnet.data.errors import DatasetError
+from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.outputs import Output, OutputError, OutputLock, atomic_write, temp_folder
 from obsnet.ownership import (Input, Planned, check_outputs_not_inputs, exists, listed_files,
                               unlisted, write_listing)
@@ -441,15 +442,14 @@ def paste_inputs(split: str, list_file: Path, pairs: Sequence[Pair],
 
 def check_free_id(pairs: Sequence[Pair], anomaly_id: int, allow: bool) -> int:
     """Labels already holding ``anomaly_id``: DatasetError naming the first, or (``allow``)
-    their count after a warning on stderr."""
+    their count after an ObsnetWarning."""
     used = [pair for pair in pairs if (read_label(pair.label, pair.source).numpy() == anomaly_id).any()]
     if used and not allow:
         raise DatasetError(f"{used[0].source}: annotation {used[0].label} already holds id "
                            f"{anomaly_id} (--anomaly_id): pasted objects would mix with it; "
                            "choose another --anomaly_id or pass --allow_existing_id")
     if used:
-        print(f"{PROG}: warning: {len(used)} label map(s) already hold id {anomaly_id}",
-              file=sys.stderr)
+        warnings.warn(f"{len(used)} label map(s) already hold id {anomaly_id}", ObsnetWarning)
     return len(used)
 
 
@@ -543,56 +543,3 @@ def paste_split(root: Path, split: str, config: PasteConfig, out: Path | None = 
             for temp in temps:
                 shutil.rmtree(temp, ignore_errors=True)
     return outputs.list_file
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (a UsageError for ``run_friendly``)."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    """The command-line options."""
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--root", required=True, type=Path, help="dataset root (CamVid layout)")
-    p.add_argument("--split", required=True, help="split to paste into, e.g. val (root/val.txt)")
-    p.add_argument("--out", type=Path, help="root to write to (default: --root)")
-    p.add_argument("--suffix", default=DEFAULT_SUFFIX,
-                   help="name of the new split: {split}_SUFFIX (default ood; e.g. ood_real)")
-    p.add_argument("--objects", type=Path, help="folder of cut-outs: RGBA name.png, or name.png "
-                   f"+ name{MASK_SUFFIX}.png (default: procedural shapes)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--count", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
-                   help="objects per frame (default 1 1)")
-    p.add_argument("--size", type=float, nargs=2, default=(0.1, 0.3), metavar=("MIN", "MAX"),
-                   help="object size, fraction of the shorter image side (default 0.1 0.3)")
-    p.add_argument("--anomaly_id", type=int, default=12, help="label id of pasted pixels (12)")
-    p.add_argument("--feather", type=float, default=1.0,
-                   help="soften the image edge inwards by this many pixels (0: hard; default 1)")
-    p.add_argument("--allow_existing_id", action="store_true",
-                   help="warn instead of refusing when a label already holds the anomaly id")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace this tool's own previous output (never anything else)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 usage error, 1 bad data or existing output)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-
-    def run(argv: list[str]) -> int:
-        args = _parser().parse_args(argv)
-        config = PasteConfig(seed=args.seed, count=tuple(args.count), size=tuple(args.size),
-                             anomaly_id=args.anomaly_id, feather=args.feather)
-        list_file = paste_split(args.root, args.split, config, args.out, args.objects,
-                                args.overwrite, args.allow_existing_id, suffix=args.suffix)
-        print(f"{PROG}: wrote {list_file}")
-        return 0
-
-    return run_friendly(PROG, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

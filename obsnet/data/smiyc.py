@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from obsnet.data.camvid import Pair, PairDataset, parse_all, require_dir
+from obsnet.data.base import Pair, PairDataset, parse_all, require_dir
 from obsnet.data.errors import DatasetError
 from obsnet.data.specs import DatasetSpec
 

@@ -10,12 +10,12 @@ Only an empty or missing folder, or one marked as ours (``.synthetic``, or ``.co
 written by earlier versions, or nothing but this module's folders, image names and lists, as
 an interrupted earlier version leaves), is written to: anything else is refused untouched.
 
-CLI: ``python -m obsnet.data.synthetic --out DIR --seed S [--n_train N ...]``.
+CLI: ``python -m obsnet.synthetic --out DIR --seed S [--n_train N ...]``.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from obsnet.data.errors import DatasetError
 from obsnet.data.synthetic_scenes import MIN_OOD_SHARE, SPEC, VERSION, render_scene  # noqa: F401
 
+LOG = logging.getLogger(__name__)
 DEFAULT_COUNTS = {"train": 300, "val": 50, "test": 50}
 DIRS = {"train": ("train", "trainannot"), "val": ("val", "valannot"),
         "test": ("test", "testannot"), "test_ood": ("test_ood", "testannot_ood")}
@@ -161,38 +162,13 @@ def ensure_synthetic(root, seed: int = 0, n_train: int = DEFAULT_COUNTS["train"]
                      n_val: int = DEFAULT_COUNTS["val"], n_test: int = DEFAULT_COUNTS["test"],
                      size: tuple[int, int] = SPEC.size) -> Path:
     """Generate the dataset under ``root`` unless a complete one with the same parameters is
-    there; prints one line saying which."""
+    there; logs one line saying which."""
     root = Path(root)
     if _read_marker(root) == _params(seed, n_train, n_val, n_test, size):
-        print(f"synthetic dataset: reusing the complete one in {root} (seed {seed})")
+        LOG.info(f"synthetic dataset: reusing the complete one in {root} (seed {seed})")
         return root
     start = time.perf_counter()
     generate(root, seed, n_train, n_val, n_test, size)
-    print(f"synthetic dataset: generated {n_train}/{n_val}/{n_test} train/val/test scenes "
-          f"(+{n_test} OOD) in {root} (seed {seed}) in {time.perf_counter() - start:.1f} s")
+    LOG.info(f"synthetic dataset: generated {n_train}/{n_val}/{n_test} train/val/test scenes "
+             f"(+{n_test} OOD) in {root} (seed {seed}) in {time.perf_counter() - start:.1f} s")
     return root
-
-
-def main(argv=None) -> None:
-    """CLI: ``python -m obsnet.data.synthetic --out DIR --seed S``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="dataset root to write")
-    parser.add_argument("--seed", type=int, default=0)
-    for split, n in DEFAULT_COUNTS.items():
-        parser.add_argument(f"--n_{split}", type=int, default=n, help=f"{split} images")
-    parser.add_argument("--size", type=int, nargs=2, default=list(SPEC.size),
-                        metavar=("H", "W"))
-    parser.add_argument("--overwrite", action="store_true",
-                        help="regenerate even if complete (only a folder it generated)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        generate(args.out, args.seed, args.n_train, args.n_val, args.n_test, tuple(args.size),
-                 overwrite=args.overwrite, progress=True)
-    except DatasetError as exc:
-        raise SystemExit(f"obsnet.data.synthetic: error: {exc}") from None
-    print(f"{args.out}: done in {time.perf_counter() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,6 +3,7 @@
 ``DeepLabV3Plus(x, return_feat=True)`` returns the 7 maps of ``DeepLabV3Plus.FEATURES``
 (logits last), the interface every uncertainty method and the observer rely on.
 """
+import logging
 import math
 
 import torch
@@ -12,6 +13,8 @@ from torchvision.models import ResNet101_Weights, resnet101
 
 from obsnet.models.blocks import ConvBNReLU, conv_bn_relu, resize, scaled, shared_dropout
 from obsnet.models.checkpoint import CheckpointError, torchvision_state
+
+LOG = logging.getLogger(__name__)
 
 
 class ASPP(nn.Module):
@@ -77,11 +80,11 @@ class DeepLabV3Plus(nn.Module):
         self.decoder2 = conv_bn_relu(256, 256, 3)
         self.classifier = nn.Conv2d(256, output_channels, 1)
         if backbone_weights is None:
-            print("DeepLabV3Plus: ResNet-101 backbone randomly initialised "
-                  "(--backbone_weights imagenet|PATH to start from ImageNet weights)")
+            LOG.info("DeepLabV3Plus: ResNet-101 backbone randomly initialised "
+                     "(--backbone_weights imagenet|PATH to start from ImageNet weights)")
         else:
             source = load_resnet101_backbone(self.backbone, backbone_weights)
-            print(f"DeepLabV3Plus: ResNet-101 backbone loaded from {source}")
+            LOG.info(f"DeepLabV3Plus: ResNet-101 backbone loaded from {source}")
 
     def _drop(self, name, x, mc_drop):
         return shared_dropout(x, self.DROPOUT[name], self.training, mc_drop)

@@ -1,4 +1,5 @@
 """SegNet: the frozen segmentation network whose failures the observer learns to predict."""
+import logging
 import re
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn as nn
 from obsnet.models.blocks import EncoderDecoder
 from obsnet.models.checkpoint import CheckpointError, torchvision_state
 
+LOG = logging.getLogger(__name__)
 SEGNET_DROPOUT = (0.5, 0.5, 0.5, 0.5, 0.4, 0.3)
 
 
@@ -31,7 +33,7 @@ class SegNet(EncoderDecoder):
         self.in_channels, self.n_classes = input_channels, output_channels
         if vgg_weights is not None:
             copied = init_encoder_from_vgg16(self, vgg_weights)
-            print(f"SegNet encoder: {copied} convolutions initialised from VGG16 ({vgg_weights})")
+            LOG.info(f"SegNet encoder: {copied} convolutions initialised from VGG16 ({vgg_weights})")
 
     def forward(self, x, mc_drop: bool = False, return_feat: bool = False):
         """Class logits B×C×H×W, or the list of the 10 block outputs (logits last)."""

@@ -1,26 +1,15 @@
-"""Streaming, bounded-memory evaluation meters.
-
-``OODMeter`` ranks pixels by a score (OOD / error detection: AUROC, AP, FPR95,
-calibration); ``ConfusionMeter`` accumulates a segmentation confusion matrix.
-Both keep their state on one device, accumulate with ``torch.bincount`` and
-only move data to the host in ``compute()``.
-"""
+"""``OODMeter``: pixels ranked by a score, streamed into bounded memory (OOD and error
+detection: AUROC, AP, FPR95 and calibration), exact to the float32 score."""
 import numpy as np
 import torch
 import torch.distributed as dist
 from scipy.special import digamma
 
 from obsnet.distributed import in_process_group
+from obsnet.metrics.common import NAN, dist_device
 
-NAN = float("nan")
+
 CALIBRATION_GROUPS = 15
-
-
-def _dist_device():
-    """Device that collectives of the current process group accept."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -377,7 +366,7 @@ class OODMeter:
         """
         if not in_process_group():
             return self
-        device = _dist_device() if self.device is None else self.device
+        device = dist_device() if self.device is None else self.device
         if self._counts is None:
             self._init_state(device)
         votes = torch.zeros(self.ncoarse, dtype=torch.int32, device=self.device)
@@ -501,172 +490,3 @@ def _place_residual(fine: np.ndarray, residual: np.ndarray) -> float:
     fine[:, at] += residual
     neg_all, pos_all = fine[0].sum(), fine[1].sum()
     return float(residual[1] * neg_all + residual[0] * pos_all - residual[0] * residual[1])
-
-
-def anomaly_seg_fpr95(tp: np.ndarray, fp: np.ndarray) -> float:
-    """FPR at 95% recall as anomaly-seg's ``fpr_and_fdr_at_recall``: cumulative counts at each
-    distinct threshold from the highest score down; among the thresholds up to the first that
-    reaches full recall (plus a closing point of recall 1 and no false positive), the one
-    whose recall is *closest* to 0.95, the lowest threshold on a tie."""
-    n_pos, n_neg = tp[-1], fp[-1]
-    last = int(np.searchsorted(tp, n_pos))  # first threshold with every positive found
-    recall = np.r_[tp[last::-1] / n_pos, 1.0]
-    false_pos = np.r_[fp[last::-1], 0.0]
-    return float(false_pos[np.argmin(np.abs(recall - 0.95))] / n_neg)
-
-
-def image_measures(scores: np.ndarray, positive: np.ndarray):
-    """Exact (AUROC, AP, anomaly-seg's FPR95) of one image's pixels by one sort, as
-    anomaly-seg computes them (scikit-learn's AUROC and AP); None without both classes."""
-    if scores.size == 0:
-        return None
-    order = np.argsort(-scores, kind="stable")
-    ranked, y = scores[order], positive[order].astype(np.float64)
-    ends = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # tie blocks
-    tp = np.cumsum(y)[ends]
-    fp = (ends + 1) - tp
-    if tp[-1] == 0 or fp[-1] == 0:
-        return None
-    tp_prev, fp_prev = np.r_[0.0, tp[:-1]], np.r_[0.0, fp[:-1]]
-    auroc = float(np.sum((fp - fp_prev) * (tp + tp_prev)) / (2 * tp[-1] * fp[-1]))
-    ap = float(np.sum((tp - tp_prev) * tp / (tp + fp)) / tp[-1])
-    return auroc, ap, anomaly_seg_fpr95(tp, fp)
-
-
-class PerImageMeter:
-    """anomaly-seg's OOD protocol: AUROC, AUPR and FPR95 of each image, averaged over the
-    images that hold both anomaly and other pixels (the others are skipped, as there).
-
-    ``update`` takes one batch of B images; the sums live in a float64 tensor on the batch's
-    device, so ``merge`` and ``all_reduce`` add them up as for the other meters.
-    """
-
-    def __init__(self):
-        self.sums = None  # auroc, aupr, fpr95, images counted, images skipped
-
-    def update(self, scores, is_positive, valid=None):
-        """Add the B images of B×H×W ``scores`` (positives: ``is_positive``; only the pixels
-        with ``valid`` True count)."""
-        if self.sums is None:
-            self.sums = torch.zeros(5, dtype=torch.float64, device=scores.device)
-        s = scores.detach().float().cpu().numpy()
-        y = is_positive.cpu().numpy()
-        keep = np.ones_like(y) if valid is None else valid.cpu().numpy()
-        add = np.zeros(5)
-        for image in range(s.shape[0]):
-            measures = image_measures(s[image][keep[image]], y[image][keep[image]])
-            add += (*measures, 1.0, 0.0) if measures else (0.0, 0.0, 0.0, 0.0, 1.0)
-        self.sums += torch.from_numpy(add).to(self.sums.device)
-
-    def merge(self, other: "PerImageMeter"):
-        """Add the images of ``other``."""
-        if other.sums is None:
-            return self
-        if self.sums is None:
-            self.sums = torch.zeros_like(other.sums)
-        self.sums += other.sums.to(self.sums.device)
-        return self
-
-    def all_reduce(self):
-        """Sum over the default process group; a no-op without one."""
-        if in_process_group():
-            if self.sums is None:
-                self.sums = torch.zeros(5, dtype=torch.float64, device=_dist_device())
-            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-        return self
-
-    def compute(self) -> dict:
-        """Means over the counted images (NaN when none), and how many were counted / skipped."""
-        auroc, aupr, fpr, n, skipped = (0.0,) * 5 if self.sums is None else self.sums.tolist()
-        mean = (lambda v: v / n) if n else (lambda v: NAN)
-        return {"auroc": mean(auroc), "aupr": mean(aupr), "fpr95": mean(fpr),
-                "n_images": int(n), "n_skipped": int(skipped)}
-
-
-class ConfusionMeter:
-    """Segmentation confusion matrix (rows = label, columns = prediction) on device.
-
-    Pixels whose label is outside [0, nclass) or in ``ignore_ids`` are skipped.
-    """
-
-    def __init__(self, nclass: int, ignore_ids=(), device=None):
-        self.nclass = nclass
-        self.ignore_ids = tuple(int(i) for i in ignore_ids)
-        self.device = None if device is None else torch.device(device)
-        self.reset()
-
-    def reset(self):
-        """Forget every pixel seen."""
-        self.mat = None
-
-    def _init_state(self, device):
-        self.device = torch.device(device)
-        self.mat = torch.zeros(self.nclass, self.nclass, dtype=torch.int64, device=self.device)
-        self._keep = torch.ones(self.nclass, dtype=torch.bool, device=self.device)
-        for i in self.ignore_ids:
-            if 0 <= i < self.nclass:
-                self._keep[i] = False
-
-    def update(self, pred, label):
-        """Count int64 ``pred``/``label`` tensors of one shape.
-
-        Raises ``ValueError`` if a counted pixel's prediction is outside [0, nclass).
-        """
-        if pred.shape != label.shape:
-            raise ValueError(f"pred {tuple(pred.shape)} and label {tuple(label.shape)} differ")
-        if self.mat is None:
-            self._init_state(label.device if self.device is None else self.device)
-        n = self.nclass
-        pred = pred.to(self.device, torch.int64).flatten()
-        label = label.to(self.device, torch.int64).flatten()
-        in_range = (label >= 0) & (label < n)
-        valid = in_range & self._keep[label.clamp(0, n - 1)]
-        if ((pred < 0) | (pred >= n)).logical_and(valid).any():
-            raise ValueError(f"ConfusionMeter.update: predictions outside [0, {n})")
-        key = torch.where(valid, label * n + pred, n * n)
-        self.mat += torch.bincount(key, minlength=n * n + 1)[:-1].view(n, n)
-
-    def merge(self, other: "ConfusionMeter"):
-        """Add the counts of ``other`` (same ``nclass``) to this meter."""
-        if other.nclass != self.nclass:
-            raise ValueError("cannot merge meters with different nclass")
-        if other.mat is None:
-            return self
-        if self.mat is None:
-            self._init_state(other.device if self.device is None else self.device)
-        self.mat += other.mat.to(self.device)
-        return self
-
-    def all_reduce(self):
-        """Sum the matrix over the default process group; a no-op without one."""
-        if not in_process_group():
-            return self
-        if self.mat is None:
-            self._init_state(_dist_device() if self.device is None else self.device)
-        dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
-        return self
-
-    def compute(self) -> dict:
-        """``miou``, ``pixel_acc`` (floats) and per-class ``iou`` (list of floats).
-
-        A class absent from both predictions and labels has IoU NaN, and so does
-        every class in ``ignore_ids``; ``miou`` is the mean over the non-NaN
-        IoUs of the other classes (NaN if none). ``pixel_acc`` is NaN when no
-        pixel was counted.
-        """
-        if self.mat is None:
-            mat = np.zeros((self.nclass, self.nclass))
-        else:
-            mat = self.mat.cpu().numpy().astype(np.float64)
-        tp = np.diag(mat)
-        union = mat.sum(0) + mat.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(union > 0, tp / union, NAN)
-        for i in self.ignore_ids:
-            if 0 <= i < self.nclass:
-                iou[i] = NAN
-        defined = iou[~np.isnan(iou)]
-        total = mat.sum()
-        return {"miou": float(defined.mean()) if defined.size else NAN,
-                "pixel_acc": float(tp.sum() / total) if total > 0 else NAN,
-                "iou": [float(v) for v in iou]}
