@@ -1,5 +1,5 @@
 """The Python API (``obsnet.observe``, ``train_observer``, ``Observed.score``, ``OODMeter``):
-README's example runs as written, and each name does what it says on a toy segmenter."""
+docs/own-segmenter.md's example runs as written, and each name does what it says on a toy segmenter."""
 import re
 from pathlib import Path
 
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_api_example() -> str:
-    """The indented code block of README's "Python API" section, dedented."""
-    section = (ROOT / "README.md").read_text().split("### Python API", 1)[1].split("\n## ", 1)[0]
+    """The indented code block of docs/own-segmenter.md's "Python API" section, dedented."""
+    section = (ROOT / "docs" / "own-segmenter.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"(?:^    .*\n|^\n)+", section, flags=re.M)
     code = next(b for b in blocks if "import obsnet" in b)
     return "\n".join(line[4:] for line in code.splitlines()).strip() + "\n"
@@ -29,7 +29,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/own-segmenter.md", "exec"), scope)
     assert len(scope["history"]) == 2
     assert 0 <= scope["meter"].compute()["auroc"] <= 1
     saved = torch.load(tmp_path / "observer.pth", weights_only=True)

@@ -1,6 +1,6 @@
 """ONNX export (python -m obsnet.export): onnxruntime against PyTorch for SegNet + observer, DeepLabv3+ +
 observer and a torchvision segmentation model, at two image sizes and two batch sizes; the
-command line (parity line, one-line errors, atomic write); README's onnxruntime snippet.
+command line (parity line, one-line errors, atomic write); docs/export.md's onnxruntime snippet.
 
 Exports take 20-50 s each on 2 cores, so each model is exported once per module."""
 import re
@@ -182,12 +182,12 @@ def test_torchvision_segmenter_without_observer(tmp_path):
     assert_parity(path, graph, ["logits"], limit=max(TOLERANCE, 1e-5 * scale))
 
 
-# ----------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------- docs/export.md
 
 def readme_snippet() -> str:
-    """The onnxruntime snippet of README's "Export to ONNX" section (its indented block that
+    """The onnxruntime snippet of docs/export.md, "Export to ONNX" (its indented block that
     imports onnxruntime), dedented."""
-    section = (ROOT / "README.md").read_text().split("## Export to ONNX", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "export.md").read_text().split("# Export to ONNX", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"(?:^    .*\n|^\n)+", section, flags=re.M)
     code = next(b for b in blocks if "import onnxruntime" in b)
     return "\n".join(line[4:] for line in code.splitlines()).strip() + "\n"
@@ -200,7 +200,7 @@ def test_readme_snippet_runs(segnet_cli, ckpts, tmp_path, monkeypatch):
     Image.fromarray(rgb).save(tmp_path / "street.png")
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(readme_snippet(), "README.md", "exec"), scope)
+    exec(compile(readme_snippet(), "docs/export.md", "exec"), scope)
     args = export.build_parser().parse_args(export_args(ckpts, out))
     with torch.no_grad():
         logits, prob = export.load_graph(args, SPECS["Synthetic"])(
