@@ -28,7 +28,7 @@ from obsnet.attacks import ATTACK_CHOICES, AttackConfig, parse_attack
 from obsnet.losses import CRITERIA
 from obsnet.models.generic import FeatureTap, Naming, tap_and_observer
 from obsnet.models.segnet import freeze
-from obsnet.train import ObserverConfig, make_scaler, train_observer_epoch
+from obsnet.train import ObserverConfig, ObserverJob, make_scaler, train_observer_epoch
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The attack's region and shape sizes, as shares of the image's height: CamVid's at 360×480.
@@ -330,14 +330,14 @@ def train_observer(observed: Observed, loader, epochs: int = 1,
     cfg = ObserverConfig(attack_for(settings, nclass, images.shape[-2]),
                          ignore_id=settings.ignore_index)
     optimizer = torch.optim.SGD(observed.observer.parameters(), lr=settings.lr)
-    criterion = CRITERIA["bce"](settings.pos_weight).to(device)
+    job = ObserverJob(model=observed.observer, loader=batches, optimizer=optimizer, device=device,
+                      scaler=make_scaler(device, None), progress=progress, lr_name="settings.lr",
+                      segnet=observed.segmenter, criterion=CRITERIA["bce"](settings.pos_weight).to(device),
+                      config=cfg)
     history = []
     for epoch in range(epochs):
         try:
-            history.append(train_observer_epoch(
-                epoch, observed.observer, observed.segmenter, batches, optimizer, criterion,
-                device, cfg, progress=progress, scaler=make_scaler(device, None),
-                lr_name="settings.lr"))
+            history.append(train_observer_epoch(job, epoch))
         except FloatingPointError:
             batches.check()  # NaN images, not the learning rate, made the loss NaN
             raise

@@ -45,7 +45,7 @@ def tboard_files(args) -> RunFiles:
 
 def observer_files(args) -> list[str]:
     """The checkpoints an observer training run writes in --obsnet_file: best.pth, last.pth
-    and epochNNN.pth every 5 epochs (``stages.save_observer``)."""
+    and epochNNN.pth every 5 epochs (``fit.Saver``)."""
     return ["best.pth", "last.pth", *(f"epoch{e:03d}.pth" for e in range(5, args.epoch + 1, 5))]
 
 

@@ -1,9 +1,11 @@
 """One training epoch: of the observer against the frozen SegNet, or of the SegNet itself."""
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -23,7 +25,39 @@ class ObserverConfig:
     no_residual: bool = False
     no_img: bool = False
     ignore_id: int | None = None  # label of pixels that count nowhere (spec.ignore_id)
-    log_every: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochJob:
+    """What a training epoch works with: the network that takes the steps, its data and how."""
+
+    model: nn.Module  # trained (wrapped for DDP when distributed)
+    loader: Iterable
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = None  # None: a disabled one (float32, bfloat16)
+    amp: bool | str = False  # autocast (``obsnet.utils.autocast``)
+    writer: object = None  # a TensorBoard SummaryWriter, or None
+    progress: bool = True  # the epoch's progress bar
+    log_every: int = 10  # steps between loss logs (and non-finite checks)
+    lr_name: str = "--lr"  # how a divergence message names the learning rate (``NonFinite``)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegNetJob(EpochJob):
+    """A SegNet epoch: cross-entropy over ``nclass`` classes, weighted by ``class_weights``."""
+
+    nclass: int
+    class_weights: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObserverJob(EpochJob):
+    """An observer epoch against the frozen ``segnet``."""
+
+    segnet: nn.Module
+    criterion: nn.Module
+    config: ObserverConfig
 
 
 def make_scaler(device: torch.device, amp) -> torch.amp.GradScaler:
@@ -150,25 +184,25 @@ def attack_counts(attack, pred, error, valid, pasted=None) -> torch.Tensor:
                         outside.sum(), (error.bool() & outside).sum(), n_pasted]).double()
 
 
-def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scaler, amp: bool,
-               writer, progress: bool, log_every: int, stop, has_target,
-               lr_name: str = "--lr") -> dict:
+def _run_epoch(job: EpochJob, tag: str, epoch: int, batch_loss, has_target, stop) -> dict:
     """The loop both stages share: ``batch_loss(images, labels)`` returns the loss and a
     tensor of counts (observer correct, SegNet correct, pixels, then the attack's counts of
     ``observer_step`` for the observer); backward through the GradScaler, sums
-    kept on the device, ``.item()`` only every ``log_every`` steps. The summary also gives the
-    epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``).
+    kept on the device, ``.item()`` only every ``job.log_every`` steps. The summary also gives
+    the epoch's ``seconds`` and the part spent waiting for the loader (``data_wait``, ``_share``).
 
     A batch where ``has_target(labels)`` (on the CPU labels: no device sync) is false, every
     pixel ignored, is skipped (its loss would be NaN) and counted (``unlabelled_batches``);
     under DDP it still takes part in the step, with zero gradients from this rank. An epoch
     without any optimizer step is a DatasetError, raised before anything is saved.
-    ``lr_name``: see ``NonFinite``."""
+    ``stop``: a callable checked after every optimizer step; when true, TrainingStopped."""
     # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
+    device, loader, optimizer = job.device, job.loader, job.optimizer
+    scaler = job.scaler or make_scaler(device, False)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
-    nonfinite = NonFinite(tag, epoch, device, lr_name)
+    nonfinite = NonFinite(tag, epoch, device, job.lr_name)
     skipped: list[str] = []
-    bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not progress)
+    bar = tqdm(loader, desc=f"{tag} epoch {epoch}", leave=False, disable=not job.progress)
     clock = {"data_wait": 0.0, "start": time.perf_counter()}
     steps = unlabelled = 0
     for step, batch in enumerate(_timed_batches(bar, clock)):
@@ -181,7 +215,7 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
             if not in_process_group():
                 continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device, job.amp):
             loss, counts = batch_loss(images, labels)
         if not labelled:
             # Under DDP every rank must take part in each step's gradient all-reduce: this
@@ -192,9 +226,9 @@ def _run_epoch(tag: str, epoch: int, loader, device, batch_loss, optimizer, scal
         _step(loss, optimizer, scaler)
         totals[: 1 + len(counts)] += torch.cat([loss.detach().double().view(1), counts.double()])
         nonfinite.update(loss, step)
-        if step % log_every == 0:
+        if step % job.log_every == 0:
             nonfinite.check()
-            _log_step(writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
+            _log_step(job.writer, bar, f"Train/{tag.lower()}_loss", loss, epoch * len(loader) + step)
         if stop is not None and stop():
             raise TrainingStopped(epoch, step)
     nonfinite.check(all_ranks=True)
@@ -229,45 +263,41 @@ def _timed_batches(batches, clock: dict):
         yield batch
 
 
-def train_observer_epoch(epoch, obsnet, segnet, loader, optimizer, criterion, device,
-                         cfg: ObserverConfig, writer=None, progress=True, scaler=None,
-                         amp: bool = False, stop=None, lr_name: str = "--lr") -> dict:
+def train_observer_epoch(job: ObserverJob, epoch: int, stop=None) -> dict:
     """Train the observer for one epoch; returns mean loss, accuracies and ``skipped`` (the
     messages of unreadable samples left out by ``--skip_bad_samples``).
 
     ``stop``: a callable checked after every optimizer step; when true, TrainingStopped.
-    ``lr_name``: how a divergence message names the learning rate (``NonFinite``).
     """
-    obsnet.train()
-    segnet.eval()
+    job.model.train()
+    job.segnet.eval()
 
     def batch_loss(images, labels):
-        loss, error, logits, attacked = observer_step(images, labels, segnet, obsnet, criterion, cfg)
+        loss, error, logits, attacked = observer_step(images, labels, job.segnet, job.model,
+                                                      job.criterion, job.config)
         with torch.no_grad():
             counts = torch.stack([((logits > 0).float() == error).sum().double(),
                                   (error == 0).sum().double(),
                                   error.new_tensor(error.numel(), dtype=torch.float64)])
         return loss, torch.cat([counts, attacked])
 
-    return _run_epoch("ObsNet", epoch, loader, device, batch_loss, optimizer,
-                      scaler or make_scaler(device, False), amp, writer, progress, cfg.log_every,
-                      stop, partial(_has_pixel_besides, cfg.ignore_id), lr_name)
+    return _run_epoch(job, "ObsNet", epoch, batch_loss,
+                      partial(_has_pixel_besides, job.config.ignore_id), stop)
 
 
-def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=None,
-                       progress=True, log_every: int = 10, scaler=None, amp: bool = False,
-                       stop=None, class_weights=None) -> dict:
+def train_segnet_epoch(job: SegNetJob, epoch: int, stop=None) -> dict:
     """Train the SegNet with cross-entropy for one epoch (labels outside the classes ignored),
-    weighted per class by ``class_weights`` (a tensor of ``nclass`` weights) when given.
+    weighted per class by ``job.class_weights`` (a tensor of ``nclass`` weights) when given.
 
     ``stop`` and the ``skipped`` entry of the result: as in ``train_observer_epoch``.
     """
-    segnet.train()
-    weight = None if class_weights is None else class_weights.to(device)
+    job.model.train()
+    nclass = job.nclass
+    weight = None if job.class_weights is None else job.class_weights.to(job.device)
 
     def batch_loss(images, labels):
         target = labels.masked_fill((labels < 0) | (labels >= nclass), -100)
-        logits = segnet(images)
+        logits = job.model(images)
         loss = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=-100)
         with torch.no_grad():
             valid = target >= 0
@@ -275,9 +305,8 @@ def train_segnet_epoch(epoch, segnet, loader, optimizer, nclass, device, writer=
             counts = torch.stack([correct, correct, valid.sum()]).double()
         return loss, counts
 
-    return _run_epoch("SegNet", epoch, loader, device, batch_loss, optimizer,
-                      scaler or make_scaler(device, False), amp, writer, progress, log_every, stop,
-                      lambda labels: bool(((labels >= 0) & (labels < nclass)).any()))
+    return _run_epoch(job, "SegNet", epoch, batch_loss,
+                      lambda labels: bool(((labels >= 0) & (labels < nclass)).any()), stop)
 
 
 def _has_pixel_besides(ignore_id: int | None, labels: torch.Tensor) -> bool:

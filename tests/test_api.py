@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_api_example() -> str:
     """The indented code block of docs/own-segmenter.md's "Python API" section, dedented."""
-    section = (ROOT / "docs" / "own-segmenter.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "own-segmenter.md").read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"(?:^    .*\n|^\n)+", section, flags=re.M)
     code = next(b for b in blocks if "import obsnet" in b)
     return "\n".join(line[4:] for line in code.splitlines()).strip() + "\n"

@@ -14,7 +14,7 @@ from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
 from obsnet.stages import attack_config
 from obsnet.training_state import make_optimizer
-from obsnet.train import ObserverConfig, _epoch_summary, attack_counts, train_observer_epoch
+from obsnet.train import ObserverConfig, ObserverJob, _epoch_summary, attack_counts, train_observer_epoch
 from obsnet.utils import amp_dtype, autocast
 
 CPU = torch.device("cpu")
@@ -148,8 +148,9 @@ def test_observer_epoch_reports_the_attack_at_every_precision(segnet, amp):
     optimizer = torch.optim.SGD(obsnet.parameters(), lr=0.01)
     cfg = ObserverConfig(config(eps=0.5, mask="square_patch"))
     torch.manual_seed(1)
-    stats = train_observer_epoch(0, obsnet, segnet, loader, optimizer, CRITERIA["bce"](2.0), CPU,
-                                 cfg, progress=False, amp=amp)
+    stats = train_observer_epoch(ObserverJob(model=obsnet, loader=loader, optimizer=optimizer,
+                                             device=CPU, amp=amp, progress=False, segnet=segnet,
+                                             criterion=CRITERIA["bce"](2.0), config=cfg), 0)
     assert math.isfinite(stats["loss"])
     assert 0.05 < stats["attack_flip_rate"] <= 1  # a large epsilon flips pixels in every precision
     assert 0 <= stats["segnet_error_outside_mask"] <= 1

@@ -365,7 +365,7 @@ def test_table_printed_before_results_files_and_unpool_warning_in_our_words(base
 
 def test_batches_with_every_pixel_ignored_are_skipped_in_both_stages():
     from obsnet.data.errors import DatasetError
-    from obsnet.train import ObserverConfig, train_observer_epoch, train_segnet_epoch
+    from obsnet.train import ObserverConfig, ObserverJob, SegNetJob, train_observer_epoch, train_segnet_epoch
     from obsnet.losses import CRITERIA
     torch.manual_seed(0)
     segnet, obsnet = SegNet(3, 12, width_mult=0.0625), Obsnet_Seg(3, 1, width_mult=0.0625)
@@ -374,8 +374,9 @@ def test_batches_with_every_pixel_ignored_are_skipped_in_both_stages():
     cpu, bce = torch.device("cpu"), CRITERIA["bce"](2.0)
     observer = ObserverConfig(None, ignore_id=255)
     for loader, unlabelled in (([(images, ignored), (images, labelled)], 1), ([(images, ignored)], None)):
-        for epoch in (partial_observer(train_observer_epoch, obsnet, segnet, bce, cpu, observer),
-                      partial_segnet(train_segnet_epoch, segnet, cpu)):
+        for epoch in (partial_observer(train_observer_epoch, ObserverJob, obsnet, segnet, bce, cpu,
+                                       observer),
+                      partial_segnet(train_segnet_epoch, SegNetJob, segnet, cpu)):
             if unlabelled is None:
                 with pytest.raises(DatasetError, match="made no training step"):
                     epoch(loader)
@@ -384,15 +385,16 @@ def test_batches_with_every_pixel_ignored_are_skipped_in_both_stages():
             assert stats["unlabelled_batches"] == 1 and np.isfinite(stats["loss"]), stats
 
 
-def partial_observer(fn, obsnet, segnet, criterion, device, cfg):
+def partial_observer(fn, job, obsnet, segnet, criterion, device, cfg):
     optimizer = torch.optim.SGD(obsnet.parameters(), lr=0.01)
-    return lambda loader: fn(0, obsnet, segnet, loader, optimizer, criterion, device, cfg,
-                             progress=False)
+    return lambda loader: fn(job(model=obsnet, loader=loader, optimizer=optimizer, device=device,
+                                 progress=False, segnet=segnet, criterion=criterion, config=cfg), 0)
 
 
-def partial_segnet(fn, segnet, device):
+def partial_segnet(fn, job, segnet, device):
     optimizer = torch.optim.SGD(segnet.parameters(), lr=0.01)
-    return lambda loader: fn(0, segnet, loader, optimizer, 12, device, progress=False)
+    return lambda loader: fn(job(model=segnet, loader=loader, optimizer=optimizer, device=device,
+                                 progress=False, nclass=12), 0)
 
 
 def test_our_warnings_print_as_one_line_others_pass_on(capsys):

@@ -110,7 +110,7 @@ def _unlabelled_batch_worker(rank, world, init_file, out):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from obsnet.train import train_segnet_epoch
+    from obsnet.train import SegNetJob, train_segnet_epoch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
@@ -123,8 +123,9 @@ def _unlabelled_batch_worker(rank, world, init_file, out):
         if rank == 1:
             batches[0][1].fill_(255)
         optimizer = torch.optim.SGD(segnet.parameters(), lr=0.1, momentum=0.9)
-        summary = train_segnet_epoch(0, segnet, batches, optimizer, 12, torch.device("cpu"),
-                                     progress=False)
+        summary = train_segnet_epoch(SegNetJob(model=segnet, loader=batches, optimizer=optimizer,
+                                               device=torch.device("cpu"), progress=False,
+                                               nclass=12), 0)
         weights = {n: p.detach() for n, p in segnet.module.named_parameters()}  # BN stats: per rank
         torch.save({"weights": weights, "summary": summary},
                    out / f"rank{rank}.pt")

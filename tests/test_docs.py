@@ -104,13 +104,15 @@ def test_every_relative_link_resolves():
 
 def test_readme_is_short():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
-    assert lines <= README_MAX_LINES, f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference to docs/"
+    assert lines <= README_MAX_LINES, \
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference to docs/"
 
 
 @pytest.mark.parametrize("title, expected", [
     ("Real data (CamVid)", "real-data-camvid"),
     ("Metrics: three protocols, always all", "metrics-three-protocols-always-all"),
-    ("Pasted OOD splits for tuning (`python -m obsnet.paste`)", "pasted-ood-splits-for-tuning-python--m-obsnetpaste"),
+    ("Pasted OOD splits for tuning (`python -m obsnet.paste`)",
+     "pasted-ood-splits-for-tuning-python--m-obsnetpaste"),
     ("ONNX export (2026-12-02)", "onnx-export-2026-12-02"),
     ("The original project's commands", "the-original-projects-commands"),
     ("snake_case and [a link](x.md)", "snake_case-and-a-link"),

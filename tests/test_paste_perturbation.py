@@ -190,14 +190,14 @@ def test_pasted_pixels_are_never_ignored(nets):
 
 
 def test_epoch_summary_reports_the_paste(nets):
-    from obsnet.train import train_observer_epoch
+    from obsnet.train import ObserverJob, train_observer_epoch
     loader = [batch(b=2, seed=s) for s in range(2)]
     optimizer = torch.optim.SGD(nets[1].parameters(), lr=0.0)
     for adv, flip in (("paste", False), ("paste+min_random_patch", True)):
         torch.manual_seed(0)
-        stats = train_observer_epoch(0, nets[1], nets[0], loader, optimizer,
-                                     CRITERIA["bce"](2.0), CPU, ObserverConfig(config(adv)),
-                                     progress=False)
+        stats = train_observer_epoch(ObserverJob(
+            model=nets[1], loader=loader, optimizer=optimizer, device=CPU, progress=False,
+            segnet=nets[0], criterion=CRITERIA["bce"](2.0), config=ObserverConfig(config(adv))), 0)
         assert 0 < stats["pasted_share"] < 0.5 and 0 <= stats["segnet_error_outside_mask"] <= 1
         assert ("attack_flip_rate" in stats) == flip
 

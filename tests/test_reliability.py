@@ -164,7 +164,7 @@ def test_skip_bad_samples_counts_and_continues(bad_image_data):
 
 
 def test_first_best_checkpoint_is_kept_even_when_the_metric_is_undefined():
-    from obsnet.stages import improves
+    from obsnet.fit import improves
     nan = float("nan")
     assert improves(nan, -1.0) and improves(0.0, -1.0)  # nothing kept yet: keep this one
     assert not improves(nan, 0.5) and not improves(0.4, 0.5)

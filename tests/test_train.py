@@ -9,7 +9,7 @@ from obsnet.data.synthetic import generate
 from obsnet.losses import CRITERIA
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
-from obsnet.train import ObserverConfig, observer_step, train_observer_epoch
+from obsnet.train import ObserverConfig, ObserverJob, observer_step, train_observer_epoch
 
 
 @pytest.fixture()
@@ -18,6 +18,13 @@ def nets():
     obsnet = Obsnet_Seg(3, 1, width_mult=0.0625)
     obsnet.up1.conv2.cbr_unit[1].bias.data.fill_(1.0)  # a fresh 1-channel ReLU is often all zero
     return freeze(SegNet(3, 12, width_mult=0.0625)), obsnet
+
+
+def observer_job(nets, loader, optimizer, criterion, amp=False):
+    """One observer epoch's job on the CPU, clean images, no progress bar."""
+    return ObserverJob(model=nets[1], loader=loader, optimizer=optimizer, device=torch.device("cpu"),
+                       amp=amp, progress=False, segnet=nets[0], criterion=criterion,
+                       config=ObserverConfig(None))
 
 
 def step(nets, cfg, seed=0):
@@ -61,9 +68,8 @@ def test_ignored_pixels_leave_the_loss(nets):
 def test_amp_on_cpu_trains(nets):
     loader = [(torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48)))] * 2
     optimizer = torch.optim.SGD(nets[1].parameters(), lr=0.01)
-    stats = train_observer_epoch(0, nets[1], nets[0], loader, optimizer, CRITERIA["bce"](2.0),
-                                 torch.device("cpu"), ObserverConfig(None), progress=False,
-                                 amp=True)
+    stats = train_observer_epoch(observer_job(nets, loader, optimizer, CRITERIA["bce"](2.0),
+                                              amp=True), 0)
     assert torch.isfinite(torch.tensor(stats["loss"]))
 
 
@@ -104,8 +110,7 @@ def test_nan_loss_stops_with_epoch_and_step(nets):
     loader = [(torch.randn(2, 3, 32, 48), torch.randint(0, 12, (2, 32, 48)))] * 3
     optimizer = torch.optim.SGD(nets[1].parameters(), lr=0.01)
     with pytest.raises(FloatingPointError, match="loss is nan at epoch 4, step 0"):
-        train_observer_epoch(4, nets[1], nets[0], loader, optimizer, _NanLoss(),
-                             torch.device("cpu"), ObserverConfig(None), progress=False)
+        train_observer_epoch(observer_job(nets, loader, optimizer, _NanLoss()), 4)
 
 
 def test_nan_score_in_evaluation_names_the_method(nets, monkeypatch):
@@ -142,9 +147,8 @@ class SlowLoader:
 def test_epoch_reports_time_waiting_for_data(nets):
     segnet, obsnet = nets
     optimizer = torch.optim.SGD(obsnet.parameters(), lr=0.01)
-    stats = [train_observer_epoch(0, obsnet, segnet, SlowLoader(delay), optimizer,
-                                  CRITERIA["bce"](2.0), torch.device("cpu"), ObserverConfig(None),
-                                  progress=False) for delay in (0.0, 0.25)]
+    stats = [train_observer_epoch(observer_job((segnet, obsnet), SlowLoader(delay), optimizer,
+                                               CRITERIA["bce"](2.0)), 0) for delay in (0.0, 0.25)]
     assert stats[1]["data_wait"] >= 0.5 > stats[0]["data_wait"]
     assert stats[1]["seconds"] >= stats[1]["data_wait"]
     assert 0 <= stats[0]["data_wait_share"] < stats[1]["data_wait_share"] <= 1
@@ -153,7 +157,7 @@ def test_epoch_reports_time_waiting_for_data(nets):
 def test_slow_data_is_reported_once_per_stage(caplog):
     from types import SimpleNamespace
 
-    from obsnet.stages import log_data_wait
+    from obsnet.fit import log_data_wait
     from obsnet.report import NullWriter
     rt, writer = SimpleNamespace(is_main=True), NullWriter()
     stats = {"data_wait_share": 0.05, "seconds": 10.0}

@@ -449,7 +449,8 @@ def check_free_id(pairs: Sequence[Pair], anomaly_id: int, allow: bool) -> int:
                            f"{anomaly_id} (--anomaly_id): pasted objects would mix with it; "
                            "choose another --anomaly_id or pass --allow_existing_id")
     if used:
-        warnings.warn(f"{len(used)} label map(s) already hold id {anomaly_id}", ObsnetWarning)
+        warnings.warn(f"{len(used)} label map(s) already hold id {anomaly_id}", ObsnetWarning,
+                      stacklevel=2)
     return len(used)
 
 
