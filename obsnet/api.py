@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from obsnet.attacks import ATTACK_CHOICES, AttackConfig, parse_attack
+from obsnet.attacks import AttackConfig, attack_choices, parse_attack
 from obsnet.losses import CRITERIA
 from obsnet.models.generic import FeatureTap, Naming, tap_and_observer
 from obsnet.models.segnet import freeze
@@ -269,8 +269,9 @@ class TrainingSettings:
     ignore_index: int | None = 255  # label of pixels that count nowhere
 
     def __post_init__(self):
-        if not isinstance(self.attack, str) or self.attack not in ATTACK_CHOICES:
-            raise ValueError(f"attack: {self.attack!r} is not one of {', '.join(ATTACK_CHOICES)}")
+        choices = attack_choices()
+        if not isinstance(self.attack, str) or self.attack not in choices:
+            raise ValueError(f"attack: {self.attack!r} is not one of {', '.join(choices)}")
         for name in ("epsilon", "lr", "pos_weight"):
             object.__setattr__(self, name, positive_number(getattr(self, name), name))
         object.__setattr__(self, "mean", _three(self.mean, "mean", positive=False))

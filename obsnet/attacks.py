@@ -263,10 +263,24 @@ MASKS = {
     "fractal": mask_fractal,
 }
 ALIASES = {"fractal": "max_fractal"}  # the original's plain ``--adv fractal``
-FGSM_CHOICES = tuple(f"{m}_{k}" for m in MODES for k in MASKS)
-PASTE = "paste"  # ``paste`` alone, or ``paste+ATTACK`` with an FGSM_CHOICES attack
-ATTACK_CHOICES = (("none",) + FGSM_CHOICES + tuple(ALIASES) + (PASTE,)
-                  + tuple(f"{PASTE}+{name}" for name in FGSM_CHOICES))
+PASTE = "paste"  # ``paste`` alone, or ``paste+ATTACK`` with an FGSM attack (``fgsm_choices``)
+
+
+def fgsm_choices() -> tuple[str, ...]:
+    """The FGSM ``--adv`` values MODE_MASK, from MASKS as it is now (a mask registered after
+    import, by a plugin or a test, is one too)."""
+    return tuple(f"{m}_{k}" for m in MODES for k in MASKS)
+
+
+def attack_choices() -> tuple[str, ...]:
+    """Every ``--adv`` value: none, MODE_MASK, the aliases, paste, paste+MODE_MASK."""
+    fgsm_values = fgsm_choices()
+    return (("none",) + fgsm_values + tuple(ALIASES) + (PASTE,)
+            + tuple(f"{PASTE}+{name}" for name in fgsm_values))
+
+
+FGSM_CHOICES = fgsm_choices()  # the built-in masks' (as imported)
+ATTACK_CHOICES = attack_choices()  # the built-in masks' (as imported)
 
 
 class ParsedAttack(NamedTuple):
@@ -287,7 +301,7 @@ def parse_attack(name: str) -> ParsedAttack | None:
     paste = name.startswith(f"{PASTE}+")
     mode, _, mask = (name[len(PASTE) + 1:] if paste else ALIASES.get(name, name)).partition("_")
     if mode not in MODES or mask not in MASKS:
-        raise ValueError(f"--adv {name}: expected one of {', '.join(ATTACK_CHOICES)}")
+        raise ValueError(f"--adv {name}: expected one of {', '.join(attack_choices())}")
     return ParsedAttack(mode, mask, paste)
 
 

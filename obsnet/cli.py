@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from obsnet import __version__
-from obsnet.attacks import ATTACK_CHOICES
+from obsnet.attacks import attack_choices
 from obsnet.data.class_weights import WEIGHTINGS
 from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
@@ -72,7 +72,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
       help="decode every frame once and keep it in memory (uint8), so later epochs skip the "
            "JPEG / PNG decoding; forked workers share it (about 0.5 MB per 360x480 frame)")
     a("--num_nodes", type=int, default=1, help="number of nodes")
-    a("--adv", default="none", choices=ATTACK_CHOICES, help="local adversarial attack")
+    a("--adv", default="none", choices=attack_choices(), help="local adversarial attack")
     a("--optim", default="SGD", choices=("SGD", "AdamW"), help="optimizer")
     a("--drop", action="store_true", help="dropout active in the SegNet while training ObsNet")
     a("--no_img", action="store_true", help="ablation: ObsNet does not see the image")

@@ -137,7 +137,3 @@ BENCHMARK_SPLITS = {"RoadAnomaly21": "validation", "RoadObstacle21": "validation
                     "FishyscapesLAF": "val"}
 for _name, _split in BENCHMARK_SPLITS.items():
     SPECS[_name] = anomaly_benchmark(_name, _split, SPECS["Cityscapes"])
-
-# Datasets whose loader exists in this version (obsnet.data.loaders.DATASETS).
-LOADABLE = ("CamVid", "Synthetic", "StreetHazard", "BddAnomaly", "Cityscapes",
-            "RoadAnomaly21", "RoadObstacle21", "FishyscapesLAF")
