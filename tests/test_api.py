@@ -1,17 +1,14 @@
 """The Python API (``obsnet.observe``, ``train_observer``, ``Observed.score``, ``OODMeter``):
 docs/own-segmenter.md's example runs as written, and each name does what it says on a toy segmenter."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import obsnet
 from obsnet.models.generic import FeatureTap, LayerObserver
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+from tests.helpers.api_toys import toy_loader, toy_segmenter
 
 
 def readme_api_example() -> str:
@@ -35,23 +32,6 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert 0 <= scope["meter"].compute()["auroc"] <= 1
     saved = torch.load(tmp_path / "observer.pth", weights_only=True)
     assert saved.keys() == scope["observed"].observer.state_dict().keys()
-
-
-def toy_segmenter(nclass: int = 4) -> nn.Sequential:
-    """A small network of no known family: stem, stride-2 block, classifier, upsampling."""
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.2)),
-        nn.Conv2d(16, nclass, 1),
-        nn.Upsample(scale_factor=2, mode="bilinear"))
-
-
-def toy_loader(nclass: int = 4, n: int = 8, size=(32, 48)) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(n, 3, *size, generator=generator)
-    labels = torch.randint(0, nclass, (n, *size), generator=generator)
-    labels[:, :2] = 255
-    return DataLoader(TensorDataset(images, labels), batch_size=4)
 
 
 def test_observe_freezes_the_segmenter_and_reads_its_layers():

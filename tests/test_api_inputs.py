@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import obsnet
-from tests import toy_segmenter
+from tests.helpers import toy_segmenter
 
 NCLASS = 4
 SIZE = (32, 48)

@@ -171,7 +171,7 @@ def test_milestones_as_the_original(epochs, after):
 
 
 def test_cli_amp_float16_logs_the_attack(tmp_path):
-    from cli import TINY, main_py, paths
+    from tests.helpers.runner import TINY, main_py, paths
     from obsnet.data.synthetic import generate
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     generate(tmp_path / "data", seed=0, n_train=8, n_val=2, n_test=2)

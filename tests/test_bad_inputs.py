@@ -18,8 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import python
-from conftest import ROOT
 from obsnet import cli as obsnet_cli
 from obsnet import inference
 from obsnet.exit_codes import run_friendly
@@ -30,10 +28,12 @@ from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.registry import build_models
 from obsnet.models.segnet import SegNet
+from tests.helpers import ROOT
+from tests.helpers.runner import ENV, python
+from tests.helpers.runner import run_paths as paths
 
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0", "--epoch", "1"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def cli(*args, timeout=300):
@@ -48,11 +48,6 @@ def last_line(out, program, rc):
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith(f"{program}: "), out.stderr
     return line
-
-
-def paths(root, data="data", obsnet="obsnet"):
-    return ["--dset_folder", str(root / data), "--segnet_file", str(root / "segnet.pth"),
-            "--obsnet_file", str(root / obsnet), "--tboard", str(root / f"logs_{obsnet}")]
 
 
 def bomb_png(path, width=20000, height=10000):

@@ -4,51 +4,19 @@ Folders are generated in tmp_path with the real layout and file names (64×128 P
 """
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cli import main_py, python
 from obsnet.data.base import max_label_id
 from obsnet.data.cityscapes import Cityscapes, label_ids_to_train_ids
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset
-from obsnet.data.specs import IMAGENET_MEAN, IMAGENET_STD, SPECS
-
-SPEC = SPECS["Cityscapes"]
-H, W = 64, 128
-CITIES = {"train": ("bremen", "aachen"), "val": ("lindau", "frankfurt")}
-FRAMES = 2  # per city
-
-
-def write_frame(root: Path, split: str, city: str, k: int, rng, kind: str = "trainIds") -> str:
-    """One frame: image + label (``kind``: "trainIds", "labelIds" or "both"); its stem."""
-    stem = f"{city}_{k:06d}_{19 + 7 * k:06d}"
-    image_dir, gt_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
-    image_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
-        image_dir / f"{stem}_leftImg8bit.png")
-    train = rng.integers(0, SPEC.nclass, (H, W), dtype=np.uint8)
-    train[:4] = 255
-    if kind in ("trainIds", "both"):
-        Image.fromarray(train).save(gt_dir / f"{stem}_gtFine_labelTrainIds.png")
-    if kind in ("labelIds", "both"):
-        ids = rng.integers(0, 34, (H, W), dtype=np.uint8)  # every label id, void ones included
-        Image.fromarray(ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
-    return stem
-
-
-def make_cityscapes(root: Path, kind: str = "trainIds") -> Path:
-    rng = np.random.default_rng(0)
-    for split, cities in CITIES.items():
-        for city in cities:
-            for k in range(FRAMES):
-                write_frame(root, split, city, k, rng, kind)
-    return root
+from obsnet.data.specs import IMAGENET_MEAN, IMAGENET_STD
+from tests.helpers.cityscapes import SPEC, H, W, make_cityscapes, write_frame
+from tests.helpers.runner import main_py, python
 
 
 def test_label_ids_to_train_ids_official_table():

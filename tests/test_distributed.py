@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cli import ROOT, main_py, spawn
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
@@ -16,6 +15,8 @@ from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
+from tests.helpers import ROOT
+from tests.helpers.runner import main_py, spawn
 
 SIZE = (32, 48)
 

@@ -15,13 +15,13 @@ from PIL import Image
 from torchvision.models.resnet import Bottleneck
 
 from obsnet import export
-from cli import python
-from conftest import ROOT
 from obsnet.data.specs import IMAGENET_MEAN, IMAGENET_STD, SPECS
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.registry import build_models
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet
+from tests.helpers import ROOT
+from tests.helpers.runner import python
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cli import main_py
+from tests.helpers.runner import main_py
 from obsnet.errors import UsageError
 from obsnet.score_export import (IDENTITY, LOG1P, apply_mapping, choose_mapping, frame_target,
                                  write_score_map)
-from test_cityscapes import H, W, make_cityscapes
-from test_smiyc import (ANOMALY_STEMS, FISHY, OBSTACLE_STEMS, make_anomaly, make_fishy, make_track,
+from tests.helpers.cityscapes import H, W, make_cityscapes
+from tests.helpers.smiyc import (ANOMALY_STEMS, FISHY, OBSTACLE_STEMS, make_anomaly, make_fishy, make_track,
                         mcp_reference)
 
 h5py = pytest.importorskip("h5py")

@@ -15,8 +15,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import obsnet
-import test_attack as mask_contract  # the tests the doc tells a new mask to pass
-import test_methods as method_contract  # the tests the doc tells a new method to pass
 from obsnet import cli
 from obsnet.attacks import MASKS, AttackConfig, parse_attack, select_attack
 from obsnet import check
@@ -29,8 +27,9 @@ from obsnet.models.generic import FeatureTap, LayerObserver
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.registry import OBSERVERS, SEGMENTERS, build_models
 from obsnet.models.segnet import SegNet, freeze
+from tests.helpers import ROOT, contracts  # contracts: the tests the doc tells a new method or mask to pass
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = ROOT / "docs" / "extending.md"
 SIZE = (32, 48)
 
 
@@ -72,7 +71,7 @@ def tiny_batches(nclass: int = 12, anomaly: int = 12, n: int = 2, seed: int = 0)
 
 def test_method_recipe_is_scored_by_the_evaluation(monkeypatch):
     """--test_multi takes it, its help lists it, evaluate() scores it with the same meters
-    (AUROC as scikit-learn's on its maps), and it passes test_methods.py's contract tests."""
+    (AUROC as scikit-learn's on its maps), and it passes the method contract (tests/helpers/contracts.py)."""
     (code,) = doc_blocks("1.")
     scope = follow(code, monkeypatch, (METHODS, "margin"))
     assert "margin" in help_of(cli.build_parser(), "test_multi").split(": ", 1)[1].split(",")
@@ -95,24 +94,24 @@ def test_method_recipe_is_scored_by_the_evaluation(monkeypatch):
     assert scope["margin_score"].__doc__  # house rule: the doc's functions have docstrings
 
     nets = (freeze(SegNet(3, 12, width_mult=0.125)), Obsnet_Seg(3, 1, width_mult=0.125).eval(), ())
-    method_contract.test_shape_range_and_no_side_effects("margin", nets)
-    method_contract.test_batch_of_four_equals_four_batches_of_one("margin", nets)
+    contracts.shape_range_and_no_side_effects("margin", nets)
+    contracts.batch_of_four_equals_four_batches_of_one("margin", nets)
 
 
 # ----------------------------------------------------------------------------- 2. attack mask
 
 def check_band(mask, labels):
-    """Every image: one full-width band of the region's height (test_attack's REGION)."""
+    """Every image: one full-width band of the region's height (the mask contract's REGION)."""
     for m in mask[:, 0]:
         rows = m.amax(dim=1)
         assert torch.equal(m, rows[:, None].expand_as(m))  # each row all 0 or all 1
         top = int(rows.argmax())
-        assert rows.sum() == mask_contract.REGION[0] and rows[top:top + mask_contract.REGION[0]].all()
+        assert rows.sum() == contracts.REGION[0] and rows[top:top + contracts.REGION[0]].all()
 
 
 def test_attack_mask_recipe_drives_the_attack(monkeypatch):
     """--adv min_band / paste+max_band are choices (CLI, Python API); select_attack perturbs
-    exactly the band; the mask passes test_attack.py's contract tests, with its COVERAGE."""
+    exactly the band; the mask passes the mask contract (tests/helpers/contracts.py), with its COVERAGE."""
     (code,) = doc_blocks("2.")
     follow(code, monkeypatch, (MASKS, "band"))
     parser = cli.build_parser()
@@ -133,12 +132,12 @@ def test_attack_mask_recipe_drives_the_attack(monkeypatch):
     changed = (out.images != images).any(dim=1)
     assert not changed[~band].any() and changed[band].float().mean() > 0.9
 
-    monkeypatch.setitem(mask_contract.COVERAGE, "band", check_band)
-    mask_contract.test_mask_shape_binary_values_and_device("band", "cpu")
-    mask_contract.test_mask_stays_inside_bounds("band")
-    mask_contract.test_mask_coverage("band")
-    mask_contract.test_each_image_of_a_batch_draws_its_own_mask("band")
-    mask_contract.test_mask_of_an_image_ignores_the_other_images_content("band")
+    monkeypatch.setitem(contracts.COVERAGE, "band", check_band)
+    contracts.mask_shape_binary_values_and_device("band", "cpu")
+    contracts.mask_stays_inside_bounds("band")
+    contracts.mask_coverage("band")
+    contracts.each_image_of_a_batch_draws_its_own_mask("band")
+    contracts.mask_of_an_image_ignores_the_other_images_content("band")
 
 
 # ----------------------------------------------------------------------------- 3. dataset preset

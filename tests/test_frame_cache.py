@@ -5,7 +5,7 @@ import torch
 
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset, build_loader
-from test_data import SPEC, make_camvid
+from tests.helpers.camvid import SPEC, make_camvid
 
 
 def _batches(root, train: bool, cached: bool, workers: int, epochs: int = 2) -> list:

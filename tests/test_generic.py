@@ -4,14 +4,14 @@
 Unit: FeatureTap's maps and logits (default layers, odd sizes, plain torchvision state_dicts
 in and out), Monte Carlo dropout only inside a call, hooks that follow fold_batchnorm's
 replacements, one-line ValueErrors for unknown or non-map layers and for bad user factories
-(``tests/toy_segmenter.py``), backbone weights from a torchvision classification file, no tied
+(``tests/helpers/toy_segmenter.py``), backbone weights from a torchvision classification file, no tied
 observer scores.
 CLI (one lraspp_mobilenet_v3_large segmenter + observer trained once at 32x48 by main.py):
 what the checkpoints record, --test_only (and its refusals: mc_dropout without dropout
 layers, other --observe_layers or --model than the checkpoint's), bad model flags, inference.py,
 ``python -m obsnet.export`` and onnxruntime parity of its file at two sizes and batch sizes,
 and a user factory trained and tested end to end.
-Flawed user factories (``tests/toy_segmenter.py``: a dict output without "out", float16
+Flawed user factories (``tests/helpers/toy_segmenter.py``: a dict output without "out", float16
 weights, a fixed input size, TorchScript, a classifier, NaN outputs) are one line naming
 --model; a network that takes only --size's images is probed at --size, and one that changes
 its input in place trains with the attack.
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from cli import inference_py, main_py, python
+from tests.helpers.runner import inference_py, main_py, python
 from obsnet import export
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
@@ -39,12 +39,12 @@ from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
 from obsnet.models.generic import (FeatureTap, auto_layers, build_generic, family_layers,
                                    probe_maps, resolve_factory)
-from tests import toy_segmenter
+from tests.helpers import toy_segmenter
 
 LRASPP = "torchvision:lraspp_mobilenet_v3_large"
 DEEPLAB = "torchvision:deeplabv3_mobilenet_v3_large"
 MOBILENET_LAYERS = ("backbone.3", "backbone.6", "backbone.12", "backbone.16")
-TOY = "tests.toy_segmenter"
+TOY = "tests.helpers.toy_segmenter"
 NCLASS = 5
 WIDTH = 0.25
 TOLERANCE = 1e-4
@@ -493,7 +493,7 @@ def test_onnx_parity_with_the_tap_and_observer(exported, trained):
 
 
 def test_user_factory_end_to_end(trained, tmp_path):
-    """--model tests.toy_segmenter:build: segmenter, observer and --test_only all run."""
+    """--model tests.helpers.toy_segmenter:build: segmenter, observer and --test_only all run."""
     (tmp_path / "data").symlink_to(trained / "data", target_is_directory=True)
     train(tmp_path, f"{TOY}:build")
     record = load_checkpoint(tmp_path / "obsnet" / "best.pth")["observer"]
@@ -532,7 +532,7 @@ def test_float16_autocast_attack_and_observer():
 def test_failing_factory_is_one_value_error():
     """A user factory that raises is a ValueError naming --model and the factory's error (the
     CLI prints it in one line)."""
-    with pytest.raises(ValueError, match=r"--model tests.toy_segmenter:broken: the factory failed "
+    with pytest.raises(ValueError, match=r"--model tests.helpers.toy_segmenter:broken: the factory failed "
                                          r"\(TypeError: cannot build 5 classes\)"):
         build_generic(f"{TOY}:broken", 5, WIDTH)
 
@@ -548,7 +548,7 @@ def toy_data(tmp_path_factory):
 
 
 def toy_run(toy_data, root, factory, *flags, script=main_py):
-    """main.py (or ``script``) with --model tests.toy_segmenter:``factory`` on ``toy_data``,
+    """main.py (or ``script``) with --model tests.helpers.toy_segmenter:``factory`` on ``toy_data``,
     its files in ``root``; ``flags`` last (a --size there wins)."""
     return script(*CLI_TINY, "--model", f"{TOY}:{factory}", "--dset_folder", str(toy_data),
                   "--segnet_file", str(root / "segnet.pth"), "--obsnet_file", str(root / "obsnet"),

@@ -1,23 +1,10 @@
 """inference.py on a folder of mixed-size PNG and JPEG files."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from cli import inference_py
-from obsnet.models.checkpoint import save_checkpoint
-from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.segnet import SegNet
-
-
-def save_tiny_networks(root):
-    """A freshly initialised tiny SegNet (``root/segnet.pth``) and observer
-    (``root/obsnet/best.pth``), plain state_dicts; returns ``root``."""
-    torch.manual_seed(0)
-    save_checkpoint(root / "segnet.pth", {"model": SegNet(3, 12, width_mult=0.0625).state_dict()})
-    save_checkpoint(root / "obsnet" / "best.pth",
-                    {"model": Obsnet_Seg(3, 1, width_mult=0.0625).state_dict()})
-    return root
+from tests.helpers.nets import save_tiny_networks
+from tests.helpers.runner import inference_py
 
 
 @pytest.fixture(scope="module")

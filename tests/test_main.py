@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cli import TINY, main_py, paths
 from obsnet.data.synthetic import generate
+from tests.helpers.runner import TINY, main_py, paths
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ README_COMMANDS = {  # the original README's flags; --bsize lowered to fit the t
 
 @pytest.mark.parametrize("name", sorted(README_COMMANDS))
 def test_readme_commands_on_generated_real_layouts(name, tmp_path):
-    from test_datasets import MAKERS
+    from tests.helpers.anomaly_seg import MAKERS
     data = MAKERS[name](tmp_path / "data")
     train_flags, test_flags = README_COMMANDS[name]
     common = ["--dset_folder", f"{data}/", "--segnet_file", str(tmp_path / "segnet.pth"),

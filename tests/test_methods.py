@@ -8,46 +8,20 @@ import torch.nn as nn
 
 import obsnet.methods as U
 from obsnet.methods import ALIASES, METHODS, EvalBatch, MethodConfig, parse_methods
-from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
-from obsnet.stats import toy_class_stats
+from tests.helpers import contracts
+from tests.helpers.contracts import CFG, SHAPE, make_batch, same_state, scores_for, state
+from tests.helpers.nets import tiny_nets
 
-SHAPE = (3, 32, 48)
-CFG = MethodConfig(mc_passes=3, void_class=11, class_stats=toy_class_stats(12, 8))
 DETERMINISTIC = ["obsnet", "mcp", "temp_scale", "entropy", "max_logit", "energy", "odin",
                  "void", "ensemble", "sml", "sml_post", "mahalanobis"]
 SEEDED = ["gauss", "mcda", "mc_dropout"]  # random, one draw per pass shared by the batch
-PROBABILITY_SCORES = [n for n, m in METHODS.items() if m.to_prob is U._identity]
 
 
 @pytest.fixture(scope="module")
 def nets():
-    torch.manual_seed(0)
-    segnet = freeze(SegNet(3, 12, width_mult=0.125))
-    obsnet = Obsnet_Seg(3, 1, width_mult=0.125).eval()
-    members = tuple(freeze(SegNet(3, 12, width_mult=0.125)) for _ in range(2))
-    return segnet, obsnet, members
-
-
-def make_batch(images, segnet, obsnet=None, ensemble=()):
-    with torch.no_grad():
-        return EvalBatch(images, segnet, obsnet, segnet(images, return_feat=True), ensemble)
-
-
-def scores_for(name, nets, images, cfg=CFG, seed=0):
-    segnet, obsnet, members = nets
-    torch.manual_seed(seed)
-    batch = make_batch(images, segnet, obsnet, members)
-    with torch.no_grad():
-        return METHODS[name].fn(batch, cfg)
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same_state(model, before):
-    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    """A SegNet, an observer and a two-member ensemble (replaces conftest's ``nets``)."""
+    return tiny_nets(0.125, members=2)
 
 
 def test_registry_names_and_descriptions():
@@ -68,32 +42,12 @@ def test_registry_names_and_descriptions():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_shape_range_and_no_side_effects(name, nets):
-    segnet, obsnet, members = nets
-    images = torch.randn(2, *SHAPE)
-    images_before = images.clone()
-    before = [state(m) for m in (segnet, obsnet, *members)]
-    scores = scores_for(name, nets, images)
-    assert scores.shape == (2, 32, 48) and scores.dtype == torch.float32
-    assert torch.isfinite(scores).all()
-    if name in PROBABILITY_SCORES:
-        assert (scores >= 0).all() and (scores <= 1).all()
-    to_prob = METHODS[name].to_prob
-    probs = None if to_prob is None else to_prob(scores, CFG)
-    if probs is not None:
-        assert probs.shape == scores.shape and (probs >= 0).all() and (probs <= 1).all()
-    assert torch.equal(images, images_before)
-    for model, saved in zip((segnet, obsnet, *members), before):
-        assert not model.training and same_state(model, saved)
-    assert all(not p.requires_grad for p in segnet.parameters())
+    contracts.shape_range_and_no_side_effects(name, nets)
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC + SEEDED)
 def test_batch_of_four_equals_four_batches_of_one(name, nets):
-    """Exact for every method (random draws are shared within a pass: same seed, same scores)."""
-    images = torch.randn(4, *SHAPE)
-    whole = scores_for(name, nets, images, seed=7)
-    single = torch.cat([scores_for(name, nets, images[i:i + 1], seed=7) for i in range(4)])
-    assert torch.allclose(whole, single, atol=1e-5)
+    contracts.batch_of_four_equals_four_batches_of_one(name, nets)
 
 
 def test_mc_dropout_masks_are_shared_by_the_batch(nets):

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_metrics import _assert_matches, _feed, _reference
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cli import spawn
 from obsnet.metrics.ood import OODMeter, score_bins
+from tests.helpers.reference import _assert_matches, _feed, _reference
+from tests.helpers.runner import spawn
 
 TOL = 1e-4  # AUROC, AP, AP_neg
 TOL_FPR = 1e-3  # FPR95, FPR95_neg

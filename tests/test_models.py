@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from conftest import SHARED
 from obsnet.models.checkpoint import CheckpointError, load_weights, model_state, save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small
 from obsnet.models.registry import init_from_segnet
 from obsnet.models.segnet import SegNet
+from tests.helpers import SHARED
 
 REFERENCE = SHARED / "reference"
 

@@ -14,21 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-from conftest import ROOT
 from obsnet import cli as obsnet_cli
 from obsnet import outputs
 from obsnet.data.errors import DatasetError
 from obsnet.data.synthetic import MARKER, OWNER, generate, refusal
 from obsnet.models.registry import build_models
-from test_reliability import ENV, TINY, one_line_error, paths, segnet_file, small_data  # noqa: F401
+from tests.helpers import ROOT, runner
+from tests.helpers.runner import ENV, one_line_error
+from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
 
 
 def main_py(*args, umask=None):
     """``python main.py ARGS`` as a new process (a new interpreter with ``umask`` when given,
     else one forked from the test runner's preloaded server: see ``cli``)."""
     if umask is None:
-        return cli.main_py(*args, env=ENV)
+        return runner.main_py(*args, env=ENV)
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: os.umask(umask))
@@ -51,8 +51,8 @@ def listing(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(small_data):  # noqa: F811  (the imported fixture, by pytest)
-    """Tiny synthetic data and a SegNet checkpoint (test_reliability's ``small_data``)."""
+def base(small_data):
+    """Tiny synthetic data and a SegNet checkpoint (conftest's ``small_data``)."""
     return small_data
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli import TINY, main_py, paths
 from obsnet.metrics.ood import OODMeter
 from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
 from obsnet.models.registry import build_models, merge_observer_flags
 from obsnet.models.segnet import SegNet
+from tests.helpers.runner import TINY, main_py, paths
 
 WIDTH, NCLASS = 0.0625, 12
 

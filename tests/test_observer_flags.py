@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import TINY, inference_py, main_py, paths
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.data.specs import SPECS
 from obsnet.evaluate import evaluate
@@ -18,6 +17,7 @@ from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.registry import (OBSERVER_FLAGS, load_networks, merge_observer_flags, observer_flags,
                                     observer_path)
+from tests.helpers.runner import TINY, inference_py, main_py, paths
 
 SPEC = SPECS["Synthetic"]
 NCLASS, WIDTH, SIZE = 12, 0.0625, (32, 48)  # as TINY

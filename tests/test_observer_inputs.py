@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy.special import logsumexp, softmax
 
-from cli import TINY, inference_py, main_py, paths, python
 from obsnet.models.checkpoint import CheckpointError, save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small, SegNetLayerObserver
 from obsnet.models.output_maps import INPUTS, OutputHead, derived_maps
 from obsnet.models.registry import KINDS, build_models, merge_observer_flags, observer_flags
 from obsnet.models.segnet import SegNet
+from tests.helpers.runner import TINY, inference_py, main_py, paths, python
 
 NCLASS, WIDTH = 12, 0.0625
 

@@ -9,9 +9,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.helpers import ROOT
+from tests.helpers.runner import python
 
-from cli import python
-from conftest import ROOT
 
 PACKAGE = ROOT / "obsnet"
 # left out of the copy the wheel is built from: build outputs anywhere, run outputs at the top

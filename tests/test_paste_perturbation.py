@@ -4,15 +4,14 @@ import pytest
 import torch
 
 import obsnet
-from cli import TINY, main_py, paths
 from obsnet.attacks import (AttackConfig, _valid_range, parse_attack, paste_procedural, perturb,
                             smooth_texture)
 from obsnet.losses import CRITERIA
-from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.segnet import SegNet, freeze
+from tests.helpers.nets import tiny_nets
 from obsnet.train import ObserverConfig, observer_step
 from obsnet.utils import autocast
-from test_api import toy_loader, toy_segmenter
+from tests.helpers.api_toys import toy_loader, toy_segmenter
+from tests.helpers.runner import TINY, main_py, paths
 
 REGION = (32, 40)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -47,10 +46,8 @@ def bbox(mask):
 
 @pytest.fixture(scope="module")
 def nets():
-    torch.manual_seed(0)
-    obs = Obsnet_Seg(3, 1, width_mult=0.0625)
-    obs.eval()
-    return freeze(SegNet(3, 12, width_mult=0.0625)), obs
+    """The narrowest SegNet and observer (replaces conftest's ``nets``)."""
+    return tiny_nets(0.0625, observer_first=True)
 
 
 # ----------------------------------------------------------------------------- the generator

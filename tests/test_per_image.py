@@ -16,8 +16,6 @@ from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
 from obsnet.metrics.ood import OODMeter
 from obsnet.metrics.per_image import PerImageMeter, anomaly_seg_fpr95, image_measures
-from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.segnet import SegNet, freeze
 from obsnet.report import format_table, write_csv
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -325,12 +323,6 @@ def test_per_image_meter_empty_and_all_skipped():
 
 
 # --------------------------------------------------------------------------- 5. evaluate
-
-@pytest.fixture(scope="module")
-def nets():
-    torch.manual_seed(0)
-    return freeze(SegNet(3, 12, width_mult=0.125)), Obsnet_Seg(3, 1, width_mult=0.125).eval()
-
 
 def _ood_loader():
     g = torch.Generator().manual_seed(5)

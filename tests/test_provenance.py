@@ -14,8 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import TINY, inference_py, main_py, paths, python
-from conftest import ROOT
 from obsnet.data.specs import SPECS
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_fingerprint
@@ -24,7 +22,9 @@ from obsnet.models.registry import load_networks, observer_flags
 from obsnet.models.segnet import SegNet, freeze
 from obsnet.preset import preset_of, recorded_preset
 from obsnet.stats import ClassStats, load_stats, toy_class_stats
-from test_smiyc import make_anomaly
+from tests.helpers import ROOT
+from tests.helpers.smiyc import make_anomaly
+from tests.helpers.runner import TINY, inference_py, main_py, paths, python
 
 WIDTH, SIZE = 0.0625, (32, 48)
 OBSERVER = {"obs_mlp": False, "no_residual": False, "no_img": False, "head": "linear",

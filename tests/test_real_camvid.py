@@ -7,11 +7,12 @@ import pytest
 
 from benchmarks import real_camvid
 from benchmarks import real_camvid_ablations as ablations
-from cli import ROOT, SubprocessModule
 from obsnet.data.synthetic import generate
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
         "--T", "2", "--workers", "0"]
+from tests.helpers import ROOT
+from tests.helpers.runner import SubprocessModule
 
 
 def test_recipe_runs_links_and_resumes(tmp_path, capsys, monkeypatch):

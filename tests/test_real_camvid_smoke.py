@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from benchmarks import pack_camvid, paper_scale, real_camvid
-from cli import SubprocessModule
 from obsnet.data.synthetic import generate
+from tests.helpers.runner import SubprocessModule
 
 
 def _cutouts(folder, count: int = 2):

@@ -1,6 +1,5 @@
 """What main.py does when things go wrong: a stop signal mid-epoch (exact --resume), a
 checkpoint that would run code or is broken, and an unreadable training image."""
-import os
 import pickle
 import re
 import signal
@@ -10,37 +9,11 @@ import sys
 import pytest
 import torch
 
-from cli import ROOT, main_py
-from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
-from obsnet.models.checkpoint import save_checkpoint
-from obsnet.models.registry import build_models
-
-TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
-        "--seed", "0", "--num_workers", "0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # for the real process
-
-
-def segnet_file(path, width_mult=0.0625):
-    """A freshly initialised SegNet checkpoint (no training needed to train an observer)."""
-    torch.manual_seed(0)
-    net = build_models("segnet", SPECS["Synthetic"].nclass, width_mult, False)[0]
-    save_checkpoint(path, {"model": net.state_dict()})
-    return path
-
-
-def paths(root, data="data", segnet="segnet.pth", obsnet="obsnet"):
-    return ["--dset_folder", str(root / data), "--segnet_file", str(root / segnet),
-            "--obsnet_file", str(root / obsnet), "--tboard", str(root / f"logs_{obsnet}")]
-
-
-def one_line_error(out, *fragments):
-    lines = out.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("main.py: error: "), out.stderr
-    assert "Traceback" not in out.stderr and "DataLoader worker" not in out.stderr, out.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], out.stderr
-    return lines[-1]
+from tests.helpers import ROOT
+from tests.helpers.nets import segnet_file
+from tests.helpers.runner import ENV, main_py, one_line_error
+from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
 
 
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
@@ -87,14 +60,6 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small")
-    generate(root / "data", seed=0, n_train=8, n_val=2, n_test=2, size=(32, 48))
-    segnet_file(root / "segnet.pth")
-    return root
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
 from obsnet import cli as obsnet_cli
 from obsnet import score_export
 from obsnet.data.specs import SPECS
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.registry import build_models
-from test_reliability import ENV, TINY, paths, small_data  # noqa: F401  (the fixture, by pytest)
-from test_smiyc import make_anomaly
+from tests.helpers.runner import ENV
+from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
+from tests.helpers import ROOT
+from tests.helpers.smiyc import make_anomaly
 
 pytest.importorskip("h5py")
 MANIFEST = ".obsnet-written.json"  # obsnet.run_files.MANIFEST, spelled out: the name users see

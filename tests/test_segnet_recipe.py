@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cli import TINY, main_py, paths
 from obsnet.data.class_weights import class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
 from obsnet.data.transforms import train_transform
+from tests.helpers.runner import TINY, main_py, paths
 
 CAMVID = SPECS["CamVid"]
 

@@ -6,7 +6,8 @@ import torch
 
 from obsnet import __version__, cli, run_checks
 from obsnet.data.synthetic import OWNER, generate
-from test_reliability import TINY, segnet_file
+from tests.helpers.nets import segnet_file
+from tests.helpers.runner import TINY_SERIAL as TINY
 
 
 def call(capsys, *argv, prog="main.py") -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ frames of different sizes; labels hold 0 in-distribution, 1 anomaly, 255 void.
 """
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torchvision import tv_tensors
 
-from cli import main_py
 from obsnet.component_eval import pixel_curve, split_components
 from obsnet.components import SIZE_LIMITS, ComponentMeter, f1_optimal_threshold
 from obsnet.data.errors import DatasetError
@@ -22,67 +20,10 @@ from obsnet.data.loaders import build_dataset
 from obsnet.data.smiyc import decode_benchmark
 from obsnet.data.specs import SPECS
 from obsnet.evaluate import _label_masks
-from obsnet.models.registry import load_networks
-from test_cityscapes import H, W, make_cityscapes
-
-SIZES = ((72, 160), (96, 192), (80, 136))  # larger than --size: scores are upsampled
-
-
-def _label(h: int, w: int, rng, stray: bool = True) -> np.ndarray:
-    label = np.zeros((h, w), np.uint8)
-    label[: h // 4] = 255  # void band
-    # anomaly: large enough (> 900 px) to pass the component size limits
-    label[h // 2: h // 2 + h // 4, w // 4: w // 4 + w // 3] = 1
-    value = rng.integers(2, 5)  # drawn either way: the same images with or without it
-    if stray:  # another value: void, as the official code (python -m obsnet.check reports it)
-        label[-2:, :3] = value
-    return label
-
-
-def upsample(score: np.ndarray, size) -> np.ndarray:
-    """Bilinear upsampling with PIL (an independent reference for torch's, half-pixel centres)."""
-    return np.asarray(Image.fromarray(score.astype(np.float32), mode="F").resize(
-        (size[1], size[0]), Image.BILINEAR))
-
-
-def make_track(datasets: Path, folder: str, stems, ext: str, stray: bool = True) -> Path:
-    """``datasets/folder/images/<stem>.<ext>`` + ``labels_masks/<stem>_labels_semantic.png``
-    (``stray``: a few label pixels of a value other than 0, 1, 255)."""
-    rng = np.random.default_rng(0)
-    root = datasets / folder
-    (root / "images").mkdir(parents=True)
-    (root / "labels_masks").mkdir()
-    for stem, (h, w) in zip(stems, SIZES * 4):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            root / "images" / f"{stem}.{ext}")
-        Image.fromarray(_label(h, w, rng, stray)).save(
-            root / "labels_masks" / f"{stem}_labels_semantic.png")
-    return root
-
-
-ANOMALY_STEMS = ("validation0001", "validation0000", "validation0002")
-OBSTACLE_STEMS = ("validation_2", "validation_1", "validation_21", "validation_19")
-FISHY = ("04_Maurener_Weg_8_000000_000030", "01_Hanns_Klemm_Str_45_000000_000080")
-
-
-def make_anomaly(datasets: Path) -> Path:
-    root = make_track(datasets, "dataset_AnomalyTrack", ANOMALY_STEMS, "jpg")
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "cow0000.jpg")  # test
-    return root
-
-
-def make_fishy(datasets: Path) -> tuple[Path, Path]:
-    rng = np.random.default_rng(1)
-    fishy, laf = datasets / "dataset_FishyLAF", datasets / "dataset_LostAndFound"
-    (fishy / "labels" / "val").mkdir(parents=True)
-    for fid, split, (h, w) in zip(FISHY, ("train", "test"), SIZES):
-        scene = "_".join(fid.split("_")[:-2])
-        folder = laf / "leftImg8bit" / split / scene
-        folder.mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            folder / f"{fid}_leftImg8bit.png")
-        Image.fromarray(_label(h, w, rng)).save(fishy / "labels" / "val" / f"{fid}_fishy-labels.png")
-    return fishy, laf
+from tests.helpers.cityscapes import H, W, make_cityscapes
+from tests.helpers.smiyc import (ANOMALY_STEMS, FISHY, OBSTACLE_STEMS, make_anomaly, make_fishy,
+                                 make_track, mcp_reference)
+from tests.helpers.runner import main_py
 
 
 def test_specs_are_cityscapes_ones_and_test_only():
@@ -194,22 +135,6 @@ def check_components(results, stdout, maps, labels, scores, truth):
         # PIL's and torch's bilinear upsampling differ by ~2e-6, which moves a few pixels
         # across the threshold
         assert want is None or abs(comp[key] - want) <= 1e-4, (key, comp, expected)
-
-
-def mcp_reference(segnet_file: Path, datasets: Path):
-    """MCP's score maps on RoadAnomaly21's frames (sorted), computed here at --size and
-    upsampled with PIL to each label's resolution, and the 0 / 1 / 255 labels."""
-    spec = SPECS["RoadAnomaly21"]
-    segnet, _ = load_networks("segnet", 19, 0.0625, False, segnet_file)
-    maps, labels = [], []
-    with torch.no_grad():
-        for image, label in build_dataset(spec, datasets, "validation", (H, W)):
-            assert image.shape[-2:] == (H, W) and label.shape != (H, W)  # the file's resolution
-            probs = torch.softmax(segnet(image[None]).float(), dim=1)[0]
-            maps.append(upsample(1 - probs.amax(0).numpy(), label.shape))
-            label = label.numpy()
-            labels.append(np.where(label == 19, 1, np.where(label != 255, 0, 255)).astype(np.uint8))
-    return maps, labels
 
 
 def test_cli_test_only_and_refusals(tmp_path):

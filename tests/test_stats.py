@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli import TINY, main_py, paths
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
 from obsnet.models.segnet import SegNet, freeze
 from obsnet.stats import (fit_class_stats, load_stats, save_stats, stats_path, toy_class_stats)
+from tests.helpers.runner import TINY, main_py, paths
 
 NCLASS, IGNORE = 5, 255
 

@@ -4,20 +4,19 @@ import logging
 import pytest
 import torch
 
-from cli import main_py
+from tests.helpers.runner import main_py
 from obsnet.data.synthetic import generate
 from obsnet.losses import CRITERIA
-from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.segnet import SegNet, freeze
+from tests.helpers.nets import tiny_nets
 from obsnet.train import ObserverConfig, ObserverJob, observer_step, train_observer_epoch
 
 
 @pytest.fixture()
 def nets():
-    torch.manual_seed(0)
-    obsnet = Obsnet_Seg(3, 1, width_mult=0.0625)
+    """A SegNet and an observer in training mode (replaces conftest's ``nets``)."""
+    segnet, obsnet = tiny_nets(0.0625, observer_first=True, observer_eval=False)
     obsnet.up1.conv2.cbr_unit[1].bias.data.fill_(1.0)  # a fresh 1-channel ReLU is often all zero
-    return freeze(SegNet(3, 12, width_mult=0.0625)), obsnet
+    return segnet, obsnet
 
 
 def observer_job(nets, loader, optimizer, criterion, amp=False):

@@ -6,14 +6,6 @@ import torch
 from obsnet.data.specs import SPECS
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig, max_softmax_uncertainty, mean_softmax_uncertainty
-from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.segnet import SegNet, freeze
-
-
-@pytest.fixture(scope="module")
-def nets():
-    torch.manual_seed(0)
-    return freeze(SegNet(3, 12, width_mult=0.125)), Obsnet_Seg(3, 1, width_mult=0.125).eval()
 
 
 def test_max_softmax_uncertainty_range():

@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 from obsnet import cli as obsnet_cli
 from obsnet import export, inference, outputs
 from obsnet import paste as paste_cli
 from obsnet.data import paste
-from test_inference import save_tiny_networks
-from test_paste import NAMES, files_of, make_split, ood_files
-from test_reliability import TINY, paths, small_data  # noqa: F401
+from tests.helpers import runner
+from tests.helpers.nets import save_tiny_networks
+from tests.helpers.pasted import NAMES, files_of, make_split, ood_files
+from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
 
 ENOSPC = os.strerror(errno.ENOSPC)
 
@@ -148,7 +148,7 @@ def test_a_real_main_py_refuses_the_observer_over_its_segnet(base, tmp_path):
     folder.mkdir()
     seg = folder / "last.pth"
     seg.write_bytes((base / "segnet.pth").read_bytes())
-    out = cli.main_py(*TINY, *paths(base), "--segnet_file", str(seg), "--obsnet_file",
+    out = runner.main_py(*TINY, *paths(base), "--segnet_file", str(seg), "--obsnet_file",
                       str(folder), "--tboard", str(tmp_path / "logs"), "--epoch", "1",
                       "--overwrite")
     assert out.returncode == 2, out.stderr
@@ -313,7 +313,7 @@ def test_inference_out_a_file_is_one_line(ckpts, tmp_path):
     images = make_images(tmp_path / "photos")
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    run = cli.inference_py("--segnet_file", str(ckpts / "segnet.pth"), "--obsnet_file",
+    run = runner.inference_py("--segnet_file", str(ckpts / "segnet.pth"), "--obsnet_file",
                            str(ckpts / "obsnet"), "--img_folder", str(images), "--out", str(afile),
                            "--width_mult", "0.0625")
     assert run.returncode == 1, run.stderr
@@ -440,7 +440,7 @@ def test_paste_removes_the_temporary_folders_of_a_killed_run(root, capsys):
 def test_paste_out_a_file_is_one_line(root, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    run = cli.python("-m", "obsnet.paste", "--root", str(root), "--split", "val",
+    run = runner.python("-m", "obsnet.paste", "--root", str(root), "--split", "val",
                      "--out", str(afile))
     assert run.returncode == 1, run.stderr
     assert one_line(run.stderr) == (f"python -m obsnet.paste: error: --out {afile}: cannot be "

@@ -37,7 +37,8 @@ from multiprocessing import forkserver
 from pathlib import Path
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 PRELOAD = ["numpy", "PIL.Image", "torch", "torchvision", "torch.utils.tensorboard",
            "obsnet.data.loaders", "obsnet.models.registry", "obsnet.evaluate", "obsnet.train",
            "obsnet.stages", "obsnet.cli", "obsnet.inference", "obsnet.check", "obsnet.paste",
@@ -45,12 +46,31 @@ PRELOAD = ["numpy", "PIL.Image", "torch", "torchvision", "torch.utils.tensorboar
 SUBPROCESS = os.environ.get("OBSNET_TEST_SUBPROCESS") == "1"
 TINY = ["--data", "Synthetic", "--size", "32", "48", "--width_mult", "0.0625", "--bsize", "4",
         "--seed", "0"]
+TINY_SERIAL = [*TINY, "--num_workers", "0"]  # the loader in the main process
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # for a real process
 
 
 def paths(root) -> list[str]:
     """main.py's data, checkpoint and log flags for a run folder ``root``."""
     return ["--dset_folder", str(root / "data"), "--segnet_file", str(root / "segnet.pth"),
             "--obsnet_file", str(root / "obsnet"), "--tboard", str(root / "logs")]
+
+
+def run_paths(root, data="data", segnet="segnet.pth", obsnet="obsnet") -> list[str]:
+    """As :func:`paths`, each file named, the logs in ``logs_<obsnet>``: runs of one folder that
+    write beside each other."""
+    return ["--dset_folder", str(root / data), "--segnet_file", str(root / segnet),
+            "--obsnet_file", str(root / obsnet), "--tboard", str(root / f"logs_{obsnet}")]
+
+
+def one_line_error(out, *fragments) -> str:
+    """main.py's single error line of a failed run (no traceback), holding each fragment."""
+    lines = out.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("main.py: error: "), out.stderr
+    assert "Traceback" not in out.stderr and "DataLoader worker" not in out.stderr, out.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], out.stderr
+    return lines[-1]
 
 
 def main_py(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
