@@ -15,6 +15,7 @@ from tests.helpers import ROOT
 from tests.helpers.runner import SubprocessModule
 
 
+@pytest.mark.slow
 def test_recipe_runs_links_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(real_camvid, "subprocess", SubprocessModule)  # each stage: a fresh process
     camvid = generate(tmp_path / "camvid", seed=0, n_train=8, n_val=4, n_test=2)

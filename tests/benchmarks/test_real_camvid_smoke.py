@@ -79,6 +79,7 @@ def test_packer_refuses_what_it_did_not_write_and_an_oversized_pack(tmp_path, ca
     assert pack_camvid.main(["--camvid", str(camvid), "--out", str(packed), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_smoke_scale_runs_the_paper_path_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(real_camvid, "subprocess", SubprocessModule)  # each stage: a fresh process
     pack = _pack(tmp_path, objects=True)

@@ -181,6 +181,7 @@ def finish(proc, seen):
     return out.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_gracefully(base):
     proc = start_training(base, "term", "--epoch", "2")
     seen = wait_for_step(proc, 1)

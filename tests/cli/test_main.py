@@ -147,6 +147,7 @@ def test_readme_commands_on_generated_real_layouts(name, tmp_path):
     assert all("ood" in entry for entry in results["methods"].values())  # anomaly pixels found
 
 
+@pytest.mark.slow
 def test_deeplabv3plus_end_to_end(tmp_path):
     generate(tmp_path / "data", seed=0, n_train=4, n_val=2, n_test=2)
     common = ["--model", "deeplabv3plus", "--data", "Synthetic", "--dset_folder",

@@ -53,7 +53,7 @@ def bench(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic(small_data):  # noqa: F811  (the imported fixture, by pytest)
-    """Tiny synthetic data and a SegNet checkpoint (test_reliability's ``small_data``)."""
+    """Tiny synthetic data and a SegNet checkpoint (conftest's ``small_data``)."""
     return small_data
 
 

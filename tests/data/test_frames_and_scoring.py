@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers.runner import main_py
 from obsnet.check import main as check_main
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import build_dataset
@@ -24,6 +23,7 @@ from obsnet.inference import main as inference_main
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet
+from tests.helpers.runner import main_py
 from tests.helpers.smiyc import ANOMALY_STEMS, FISHY, OBSTACLE_STEMS, make_anomaly, make_fishy, make_track
 
 LAF_TEST = "leftImg8bit/test/02_Hanns_Klemm_Str_44"

@@ -150,6 +150,7 @@ def test_check_skipped_without_onnxruntime(segnet_cli, ckpts, monkeypatch):
 
 # ----------------------------------------------------------------------------- other models
 
+@pytest.mark.slow
 def test_deeplab_parity(tmp_path):
     """A randomly initialised ResNet-101 is ill-conditioned: its residual sums grow block after
     block, and PyTorch's own float32 logits differ from float64 by 5.5e-4 (observer_prob by
@@ -167,6 +168,7 @@ def test_deeplab_parity(tmp_path):
     assert_parity(path, graph, ["observer_prob", "logits"])
 
 
+@pytest.mark.slow
 def test_torchvision_segmenter_without_observer(tmp_path):
     """A torchvision model's ``{"out": ...}`` is read as its logits (``export.logits_of``).
     Its logits reach about 30 after calibration and PyTorch's own float32 differs from float64

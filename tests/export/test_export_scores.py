@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from tests.helpers.runner import main_py
 from obsnet.errors import UsageError
 from obsnet.score_export import (IDENTITY, LOG1P, apply_mapping, choose_mapping, frame_target,
                                  write_score_map)
+from tests.helpers.runner import main_py
 from tests.helpers.cityscapes import H, W, make_cityscapes
 from tests.helpers.smiyc import (ANOMALY_STEMS, FISHY, OBSTACLE_STEMS, make_anomaly, make_fishy, make_track,
                         mcp_reference)

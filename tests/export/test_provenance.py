@@ -213,6 +213,7 @@ def test_statistics_file_entries_are_checked(tmp_path):
 
 # ------------------------------------------- item 9: export and inference adopt the preset
 
+@pytest.mark.slow
 def test_export_without_data_adopts_the_recorded_normalisation(nets, tmp_path):
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")

@@ -2,6 +2,7 @@
 
 - runner: the in-process command-line runner (``main_py``, ``python``, ``spawn``...) and the
   flags of a tiny run (``TINY``, ``paths``);
+- devices: the CPU, and CUDA marked ``gpu`` (skipped without a device);
 - nets: tiny SegNets and observers, in memory or as checkpoint files;
 - camvid, cityscapes, anomaly_seg, smiyc, pasted: dataset folders in each real layout;
 - reference: scikit-learn's values for the metric tests;

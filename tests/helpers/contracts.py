@@ -35,6 +35,7 @@ def bbox(m):
 
 
 def mask_shape_binary_values_and_device(name, device):
+    """A B×1×H×W float mask of 0 and 1 on the images' device, every image attacked somewhere."""
     images, labels = batch()
     mask = make_mask(name, images.to(device), labels.to(device))
     assert mask.shape == (3, 1, 64, 80) and mask.dtype == torch.float32
@@ -96,6 +97,7 @@ COVERAGE = {"all_image": check_all_image, "pixels_sparse": check_pixels_sparse,
 
 
 def mask_coverage(name):
+    """The share and shape of the attacked region the mask promises (its COVERAGE check)."""
     assert name in COVERAGE, f"mask {name!r}: add its expected coverage to COVERAGE"
     b, (h, w) = (4, (384, 512)) if name == "pixels_sparse" else (32, (64, 80))
     images, labels = batch(b=b, h=h, w=w)
@@ -155,6 +157,8 @@ def same_state(model, before):
 
 
 def shape_range_and_no_side_effects(name, nets):
+    """B×H×W finite float32 scores (probabilities in [0, 1]), nothing changed: images, weights,
+    eval mode, the SegNet's frozen parameters."""
     segnet, obsnet, members = nets
     images = torch.randn(2, *SHAPE)
     images_before = images.clone()

@@ -1,9 +1,10 @@
-"""Tiny user segmenters for ``--model tests.toy_segmenter:<factory>`` (tests/test_generic.py).
+"""Tiny user segmenters for ``--model tests.helpers.toy_segmenter:<factory>``
+(tests/models/test_generic.py).
 
 Each factory builds a network of a few thousand weights that takes B×3×H×W images; ``build``
 and ``build_dict`` are valid segmenters, the others each have one flaw a test looks at (those
-under "flawed factories": tests/test_generic.py through main.py, tests/test_api_inputs.py
-through the Python API).
+under "flawed factories": tests/models/test_generic.py through main.py,
+tests/api/test_api_inputs.py through the Python API).
 """
 from collections import OrderedDict
 

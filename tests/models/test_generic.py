@@ -31,7 +31,6 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from tests.helpers.runner import inference_py, main_py, python
 from obsnet import export
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
@@ -39,6 +38,7 @@ from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
 from obsnet.models.generic import (FeatureTap, auto_layers, build_generic, family_layers,
                                    probe_maps, resolve_factory)
+from tests.helpers.runner import inference_py, main_py, python
 from tests.helpers import toy_segmenter
 
 LRASPP = "torchvision:lraspp_mobilenet_v3_large"
@@ -457,6 +457,7 @@ def exported(trained):
     return result, out
 
 
+@pytest.mark.slow
 def test_export_cli_writes_and_checks(exported):
     """The export of a torchvision segmenter and its observer: exit 0, the file, one parity
     line (batch 1 at the traced size, batch 2 at another) within 1e-4."""
@@ -471,6 +472,7 @@ def test_export_cli_writes_and_checks(exported):
     assert len(diffs) == 2 and max(diffs) <= TOLERANCE, parity[0]
 
 
+@pytest.mark.slow
 def test_onnx_parity_with_the_tap_and_observer(exported, trained):
     """onnxruntime runs the exported file like ExportGraph(tap, observer) built here from the
     checkpoints in PyTorch: observer_prob within 1e-4 at the traced size and another, batch 1

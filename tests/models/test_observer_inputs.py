@@ -196,6 +196,7 @@ def test_inference_uses_the_recorded_inputs(trained, tmp_path):
     assert np.load(tmp_path / "out" / "a.png.npy").shape == (32, 48)
 
 
+@pytest.mark.slow
 def test_onnx_export_follows_the_maps_observer(trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

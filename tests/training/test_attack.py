@@ -9,6 +9,7 @@ from obsnet.attacks import ATTACK_CHOICES, MASKS, fgsm, parse_attack, select_att
 from obsnet.models.segnet import SegNet, freeze
 from tests.helpers import contracts
 from tests.helpers.contracts import batch, bbox, config, make_mask
+from tests.helpers.devices import DEVICES
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +18,6 @@ def segnet():
     return freeze(SegNet(3, 5, width_mult=0.125))
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 # ----------------------------------------------------------------------------- the mask contract

@@ -84,6 +84,7 @@ def torchrun(*args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_and_tests_like_one_process(data):
     common = ["--data", "Synthetic", "--dset_folder", str(data / "data"), "--size", "32", "48",
               "--width_mult", "0.0625", "--bsize", "2", "--seed", "0", "--segnet_file",

@@ -7,15 +7,14 @@ import obsnet
 from obsnet.attacks import (AttackConfig, _valid_range, parse_attack, paste_procedural, perturb,
                             smooth_texture)
 from obsnet.losses import CRITERIA
-from tests.helpers.nets import tiny_nets
 from obsnet.train import ObserverConfig, observer_step
 from obsnet.utils import autocast
+from tests.helpers.nets import tiny_nets
 from tests.helpers.api_toys import toy_loader, toy_segmenter
 from tests.helpers.runner import TINY, main_py, paths
+from tests.helpers.devices import DEVICES
 
 REGION = (32, 40)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
 CPU = torch.device("cpu")
 
 

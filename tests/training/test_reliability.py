@@ -16,6 +16,7 @@ from tests.helpers.runner import ENV, main_py, one_line_error
 from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     # 96 images: an epoch lasts long enough for the signal to land inside epoch 1
     generate(tmp_path / "data", seed=0, n_train=96, n_val=2, n_test=2, size=(32, 48))

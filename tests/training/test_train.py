@@ -4,11 +4,11 @@ import logging
 import pytest
 import torch
 
-from tests.helpers.runner import main_py
 from obsnet.data.synthetic import generate
 from obsnet.losses import CRITERIA
-from tests.helpers.nets import tiny_nets
 from obsnet.train import ObserverConfig, ObserverJob, observer_step, train_observer_epoch
+from tests.helpers.runner import main_py
+from tests.helpers.nets import tiny_nets
 
 
 @pytest.fixture()
