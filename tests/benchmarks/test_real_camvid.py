@@ -8,11 +8,11 @@ import pytest
 from benchmarks import real_camvid
 from benchmarks import real_camvid_ablations as ablations
 from obsnet.data.synthetic import generate
+from tests.helpers import ROOT
+from tests.helpers.runner import SubprocessModule
 
 TINY = ["--size", "32", "48", "--width_mult", "0.0625", "--seg_epochs", "1", "--obs_epochs", "1",
         "--T", "2", "--workers", "0"]
-from tests.helpers import ROOT
-from tests.helpers.runner import SubprocessModule
 
 
 @pytest.mark.slow
