@@ -21,6 +21,7 @@ from obsnet.models.registry import build_models
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet
 from tests.helpers import ROOT
+from tests.helpers.nets import calibrate
 from tests.helpers.runner import python
 
 pytest.importorskip("onnxruntime")
@@ -32,16 +33,9 @@ TOLERANCE = 1e-4
 
 
 def calibrate_batchnorm(graph: nn.Module, size=(64, 96)) -> nn.Module:
-    """Give every batch norm the statistics of one random batch (as training would), so that
-    randomly initialised deep networks (ResNet-101) keep their activations near unit scale."""
-    for module in graph.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    graph.train()
-    with torch.no_grad():
-        graph(torch.rand(4, 3, *size, generator=torch.Generator().manual_seed(1)))
-    return graph.eval()
+    """``graph`` with every batch norm given the statistics of one random batch, in eval mode."""
+    calibrate(graph, [graph], size)
+    return graph
 
 
 def export_to(graph: export.ExportGraph, path, size=(64, 96)):

@@ -1,5 +1,6 @@
 """Tiny SegNets and observers (width_mult 0.0625 or 0.125, 12 classes), in memory or saved."""
 import torch
+import torch.nn as nn
 
 from obsnet.data.specs import SPECS
 from obsnet.models.checkpoint import save_checkpoint
@@ -43,3 +44,18 @@ def save_tiny_networks(root):
     save_checkpoint(root / "obsnet" / "best.pth",
                     {"model": Obsnet_Seg(3, 1, width_mult=0.0625).state_dict()})
     return root
+
+
+def calibrate(forward, modules, size=(64, 96)) -> None:
+    """Give every batch norm of ``modules`` the statistics of one random batch through
+    ``forward`` (as training would), then put the modules in eval mode."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        module.train()
+    with torch.no_grad():
+        forward(torch.rand(4, 3, *size, generator=torch.Generator().manual_seed(1)))
+    for module in modules:
+        module.eval()

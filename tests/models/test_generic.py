@@ -40,6 +40,7 @@ from obsnet.models.generic import (FeatureTap, auto_layers, build_generic, famil
                                    probe_maps, resolve_factory)
 from tests.helpers.runner import inference_py, main_py, python
 from tests.helpers import toy_segmenter
+from tests.helpers.nets import calibrate
 
 LRASPP = "torchvision:lraspp_mobilenet_v3_large"
 DEEPLAB = "torchvision:deeplabv3_mobilenet_v3_large"
@@ -57,21 +58,6 @@ def plain_torchvision(spec: str, nclass: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     builder = getattr(torchvision.models.segmentation, spec.removeprefix("torchvision:"))
     return builder(weights=None, weights_backbone=None, num_classes=nclass).eval()
-
-
-def calibrate(forward, modules, size=(64, 96)) -> None:
-    """Give every batch norm of ``modules`` the statistics of one random batch through
-    ``forward`` (as training would), then put the modules in eval mode."""
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None
-        module.train()
-    with torch.no_grad():
-        forward(torch.rand(4, 3, *size, generator=torch.Generator().manual_seed(1)))
-    for module in modules:
-        module.eval()
 
 
 def capture_outputs(net: nn.Module, names) -> dict:
