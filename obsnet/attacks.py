@@ -279,9 +279,6 @@ def attack_choices() -> tuple[str, ...]:
             + tuple(f"{PASTE}+{name}" for name in fgsm_values))
 
 
-FGSM_CHOICES = fgsm_choices()  # the built-in masks' (as imported)
-ATTACK_CHOICES = attack_choices()  # the built-in masks' (as imported)
-
 
 class ParsedAttack(NamedTuple):
     """An ``--adv`` value: the FGSM step's mode and mask (None for ``paste`` alone) and

@@ -128,27 +128,29 @@ class Stopper:
 class Stage:
     """What ``fit`` asks of a stage, each epoch: train (``train_epoch(epoch, stop)``: its
     stats), validate (``validate(epoch, stats)``: the metric to keep the best of and the
-    epoch line), the checkpoint (``state(epoch, best)``); and the closing line (``done(best)``)."""
+    epoch line), the checkpoint (``state(epoch, best)``); and the closing line (``done(best)``).
+    Its name and files are its run's ``saver``'s."""
 
-    what: str
     train_epoch: Callable[[int, Callable[[], bool]], dict]
     validate: Callable[[int, dict], tuple[float, str]]
     state: Callable[[int, float], dict]
     done: Callable[[float], str]
 
 
-def fit(stage: Stage, run, saver: Saver, rt: Runtime, writer, epochs: int, seed: int) -> float:
-    """The epochs of ``run`` (``obsnet.stages.TrainingRun``) from ``run.start`` to ``epochs``;
-    returns the best validation metric. A stop signal ends it at the next step (nothing of the
-    epoch saved) or once the epoch is saved; a diverged network ends it before anything is."""
-    stopper, best, warned = Stopper(run.stop_flag, rt, stage.what, saver.last), run.best, False
-    for epoch in tqdm(range(run.start, epochs), desc=f"{stage.what} epochs", disable=not rt.is_main):
+def fit(stage: Stage, run, rt: Runtime, writer, epochs: int, seed: int) -> float:
+    """The epochs of ``run`` (``obsnet.stages.TrainingRun``) from ``run.start`` to ``epochs``,
+    saved by ``run.saver``; returns the best validation metric. A stop signal ends it at the
+    next step (nothing of the epoch saved) or once the epoch is saved; a diverged network ends
+    it before anything is."""
+    saver, what = run.saver, run.saver.what
+    stopper, best, warned = Stopper(run.stop_flag, rt, what, saver.last), run.best, False
+    for epoch in tqdm(range(run.start, epochs), desc=f"{what} epochs", disable=not rt.is_main):
         set_epoch(run.train_loader, epoch, seed)
         stats = stopper.train(partial(stage.train_epoch, epoch, stopper.check), epoch)
         saver.check(run.net, epoch)
         metric, line = stage.validate(epoch, stats)
         warned = log_data_wait(rt, writer, stats, epoch, warned)
-        log(rt, f"{stage.what} epoch {epoch}: {line}{unlabelled_note(stats)}")
+        log(rt, f"{what} epoch {epoch}: {line}{unlabelled_note(stats)}")
         run.scheduler.step()
         saver.save(stage.state(epoch, max(best, metric)), epoch, improves(metric, best), rt.is_main)
         best = max(best, metric)

@@ -101,7 +101,7 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
         run.start, run.best = resume(saver.last, segnet, optimizer, scheduler, run.scaler)
     run.model = wrap_ddp(segnet, rt)
     with run.stop_flag:
-        fit(segnet_stage(args, spec, rt, writer, run), run, saver, rt, writer, args.epoch, args.seed)
+        fit(segnet_stage(args, spec, rt, writer, run), run, rt, writer, args.epoch, args.seed)
 
 
 def segnet_class_weights(args, spec, rt):
@@ -131,7 +131,7 @@ def segnet_stage(args, spec, rt, writer, run: SegNetRun) -> Stage:
         return miou, (f"loss {stats['loss']:.4f}, train acc {stats['segnet_acc']:.3f}, "
                       f"val mIoU {miou:.3f}")
 
-    return Stage("SegNet", lambda epoch, stop: train_segnet_epoch(job, epoch, stop), validate,
+    return Stage(lambda epoch, stop: train_segnet_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
                                                     run.scaler, epoch, best, args),
                  lambda best: f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
@@ -174,8 +174,7 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
                                      (fingerprint, f"--segnet_file {args.segnet_file}"))
     run.model = wrap_ddp(obsnet, rt)
     with run.stop_flag:
-        fit(observer_stage(args, spec, rt, writer, run), run, saver, rt, writer, args.epoch,
-            args.seed)
+        fit(observer_stage(args, spec, rt, writer, run), run, rt, writer, args.epoch, args.seed)
 
 
 ATTACK_STATS = (("attack_flip_rate", "attack flip rate"),
@@ -213,7 +212,7 @@ def observer_stage(args, spec, rt, writer, run: ObserverRun) -> Stage:
         return auroc, (f"loss {stats['loss']:.4f}, obsnet acc {stats['obsnet_acc']:.3f}"
                        f"{attack_summary(writer, stats, epoch)}, val error AUROC {auroc:.4f}")
 
-    return Stage("ObsNet", lambda epoch, stop: train_observer_epoch(job, epoch, stop), validate,
+    return Stage(lambda epoch, stop: train_observer_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
                                                     run.scaler, epoch, best, args,
                                                     segmenter=run.segmenter_fingerprint),

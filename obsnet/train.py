@@ -196,9 +196,9 @@ def _run_epoch(job: EpochJob, tag: str, epoch: int, batch_loss, has_target, stop
     under DDP it still takes part in the step, with zero gradients from this rank. An epoch
     without any optimizer step is a DatasetError, raised before anything is saved.
     ``stop``: a callable checked after every optimizer step; when true, TrainingStopped."""
-    # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     device, loader, optimizer = job.device, job.loader, job.optimizer
     scaler = job.scaler or make_scaler(device, False)
+    # loss, observer correct, SegNet correct, pixels, the attack's counts (zeros for the SegNet)
     totals = torch.zeros(4 + ATTACK_COUNTS, device=device, dtype=torch.float64)
     nonfinite = NonFinite(tag, epoch, device, job.lr_name)
     skipped: list[str] = []
