@@ -100,8 +100,7 @@ def run(args) -> dict:
         torch.manual_seed(0)
         segnet = SegNet(3, spec.nclass, width_mult=args.width_mult)
     segnet = fold_batchnorm(freeze(segnet).eval())
-    cfg = attack_config(argparse.Namespace(adv=args.adv, epsilon=args.epsilon, nclass=spec.nclass,
-                                           size=tuple(args.size)), spec)
+    cfg = attack_config(args.adv, args.epsilon, tuple(args.size), spec.nclass, spec)
     totals = {p: torch.zeros(5, dtype=torch.float64) for p in PRECISIONS}
     for i, (images, labels) in enumerate(batches(args, spec)):
         for precision, counts in measure_batch(segnet, images, labels, cfg, seed=i).items():

@@ -16,7 +16,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +118,7 @@ def measure(setting: Setting, device: torch.device) -> Throughput:
     fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
     images = torch.randn(setting.bsize, 3, *setting.size, device=device).to(memory_format=fmt)
     labels = torch.randint(0, spec.nclass, (setting.bsize, *setting.size), device=device)
-    attack = attack_config(SimpleNamespace(adv="min_random_patch", size=tuple(setting.size),
-                                           epsilon=0.025, nclass=spec.nclass), spec)
+    attack = attack_config("min_random_patch", 0.025, tuple(setting.size), spec.nclass, spec)
     criterion = CRITERIA["bce"](2.0).to(device)
     seg_opt = torch.optim.AdamW(segnet.parameters(), lr=1e-4)
     obs_opt = torch.optim.SGD(observer.parameters(), lr=1e-4)

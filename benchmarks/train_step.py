@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -115,8 +114,7 @@ def measure_size(root, size, bsize, width, amp, runs, workers, device) -> dict:
     trainable = copy.deepcopy(unfolded).requires_grad_(True)
     segnet = fold_batchnorm(copy.deepcopy(unfolded))  # as the observer stage does
     obsnet = Obsnet_Seg(3, 1, width_mult=width).to(device).train()
-    attack = attack_config(SimpleNamespace(adv="min_random_patch", size=tuple(size), epsilon=0.025,
-                                           nclass=spec.nclass), spec)
+    attack = attack_config("min_random_patch", 0.025, tuple(size), spec.nclass, spec)
     optimizer = torch.optim.SGD(obsnet.parameters(), lr=0.01)
     batches = forever(loader)
     steps = [timed_step(batches, (segnet, unfolded, trainable, obsnet), attack, optimizer,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from obsnet import __version__
 from obsnet.attacks import attack_choices
+from obsnet.config import DataConfig, ModelConfig, OptimConfig, PathsConfig, RunConfig, TestConfig
 from obsnet.data.class_weights import WEIGHTINGS
-from obsnet.data.specs import SPECS
+from obsnet.data.specs import SPECS, DatasetSpec
 from obsnet.errors import UsageError
 from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
@@ -182,10 +183,19 @@ def check_observer_ablations(args) -> None:
                          f"map alone, so --{ignored[0]} cannot apply to it; leave one of them out")
 
 
-def resolve_args(args, explicit=frozenset()):
-    """Fill per-dataset defaults in place; returns the dataset spec. ``explicit``: the flags
-    the command line gave (an evaluation-only benchmark adopts the rest from the segmenter's
-    recorded preset: ``obsnet/preset.py``)."""
+def resolve_config(args, explicit=frozenset()) -> tuple[RunConfig, DatasetSpec]:
+    """The frozen run config of the parsed flags and its dataset spec: ``resolve_args``, then
+    ``run_config``."""
+    spec, methods = resolve_args(args, explicit)
+    return run_config(args, methods), spec
+
+
+def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ...]]:
+    """Check the parsed flags and fill their per-dataset defaults in place (the one place
+    they change, before ``run_config`` freezes them); returns the dataset spec. ``explicit``:
+    the flags the command line gave (an evaluation-only benchmark adopts the rest from the
+    segmenter's recorded preset: ``obsnet/preset.py``). Returns the dataset spec and the
+    methods of --test_multi (parsed, aliases expanded)."""
     spec = SPECS[args.data]
     if spec.test_only and not args.test_only:
         raise UsageError(f"--data {args.data} is an evaluation-only benchmark (no training "
@@ -193,7 +203,8 @@ def resolve_args(args, explicit=frozenset()):
     tag = args.data.lower()
     args.segnet_file = args.segnet_file or f"ckpt/{tag}/segnet.pth"
     if spec.test_only:
-        spec = adopt_segmenter_preset(args, spec, explicit)
+        spec, adopted = adopt_segmenter_preset(vars(args), spec, explicit)
+        vars(args).update(adopted)
     check_args(args, spec)
     args.dset_folder = args.dset_folder or (f"data/{args.data}" if args.data == "Synthetic" else None)
     if args.dset_folder is None:
@@ -214,7 +225,7 @@ def resolve_args(args, explicit=frozenset()):
     if "void" in names and spec.void_logit is None:
         raise UsageError(f"--test_multi void: {spec.name} has no void class")
     check_fit_stats(args, names)
-    return spec
+    return spec, tuple(names)
 
 
 def check_fit_stats(args, names) -> None:
@@ -226,6 +237,48 @@ def check_fit_stats(args, names) -> None:
     if args.test_only and fitted and not stats_path(args.segnet_file).is_file():
         raise UsageError(f"--test_multi {fitted[0]}: {stats_path(args.segnet_file)} not found; "
                          f"run main.py --fit_stats with this --segnet_file first")
+
+
+def stage_of(args) -> str:
+    """The stage the resolved flags ask for (``obsnet.config.STAGES``)."""
+    if args.fit_stats:
+        return "fit_stats"
+    return "test" if args.test_only else "train_segnet" if args.train_segnet else "train_obsnet"
+
+
+def run_config(args, methods: tuple[str, ...]) -> RunConfig:
+    """The frozen run config of resolved flags (``resolve_args``) and their ``methods``."""
+    return RunConfig(
+        stage=stage_of(args),
+        data=DataConfig(name=args.data, folder=args.dset_folder, size=tuple(args.size),
+                        bsize=args.bsize, num_workers=args.num_workers,
+                        cache_frames=args.cache_frames, scale_jitter=args.scale_jitter,
+                        skip_bad_samples=args.skip_bad_samples),
+        model=ModelConfig(model=args.model, nclass=args.nclass, width_mult=args.width_mult,
+                          vgg_weights=args.vgg_weights, backbone_weights=args.backbone_weights,
+                          observe_layers=args.observe_layers, obs_mlp=args.obs_mlp,
+                          obs_head=args.obs_head, obs_inputs=args.obs_inputs,
+                          obs_kind=args.obs_kind, no_residual=args.no_residual,
+                          no_img=args.no_img),
+        optim=OptimConfig(optim=args.optim, lr=args.lr, epoch=args.epoch, adv=args.adv,
+                          epsilon=args.epsilon, noise=args.noise, drop=args.drop,
+                          focal=args.focal, no_pretrained=args.no_pretrained,
+                          class_weights=args.class_weights),
+        paths=PathsConfig(segnet_file=args.segnet_file, obsnet_file=args.obsnet_file,
+                          tboard=args.tboard, ensemble=ensemble_files(args.ensemble),
+                          export_scores=args.export_scores, resume=args.resume,
+                          overwrite=args.overwrite),
+        test=TestConfig(split=args.test_split, methods=methods,
+                        T=args.T, Temp=args.Temp, sampling_score=args.sampling_score,
+                        gauss_lambda=args.gauss_lambda, odin_eps=args.odin_eps,
+                        odin_temp=args.odin_temp),
+        seed=args.seed, amp=args.amp, channels_last=args.channels_last,
+        cudnn_benchmark=args.cudnn_benchmark, num_nodes=args.num_nodes)
+
+
+def ensemble_files(value: str | None) -> tuple[str, ...]:
+    """--ensemble's comma-separated checkpoint files (empty entries left out)."""
+    return tuple(f.strip() for f in (value or "").split(",") if f.strip())
 
 
 PATH_FLAGS = ("dset_folder", "segnet_file", "obsnet_file", "tboard", "export_scores",
@@ -245,13 +298,13 @@ def run(argv, prog: str = "main.py") -> int:
     parser = build_parser(prog)
     args = parse_checked(parser, argv)
     check_path_flags(args)
-    spec = resolve_args(args, explicit_flags(parser, argv))
+    config, spec = resolve_config(args, explicit_flags(parser, argv))
     rank = int(os.environ.get("RANK", "0"))
     seed_everything((args.seed + rank) % (MAX_SEED + 1) if args.seed >= 0 else -1,
                     fastest_kernels=args.cudnn_benchmark)
     if args.seed >= 0 and args.model == "segnet" and rank == 0:
         print(UNPOOL_NOTE, flush=True)  # stdout: stderr is kept for errors (one line)
-    run_stage(args, spec)
+    run_stage(config, spec)
     return 0
 
 

@@ -4,107 +4,111 @@ import warnings
 from pathlib import Path
 
 from obsnet.component_eval import wants_components
+from obsnet.config import RunConfig, TestConfig
 from obsnet.data.errors import DatasetError
 from obsnet.data.specs import DatasetSpec
 from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.evaluate import evaluate
-from obsnet.methods import MethodConfig, parse_methods
+from obsnet.methods import MethodConfig
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, load_networks,
                                     merge_observer_flags)
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
-from obsnet.runtime import loader_for, log, observer_given, refuse_missing_dropout
+from obsnet.runtime import loader_for, log, refuse_missing_dropout
 from obsnet.score_export import ScoreExport, check_export_targets
-from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
+from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats
 
 
-def method_config(args, spec, observer: dict, segnet=None) -> MethodConfig:
-    """Hyper-parameters of the uncertainty methods, from the command line, the spec and the
-    observer's flags (``observer``, as its checkpoint records them); ``segnet``: the loaded
-    segmenter, which the --fit_stats statistics must have been fitted on."""
-    void = None if spec.void_logit is None else spec.void_logit % args.nclass
-    return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
-                        odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
-                        void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
+def method_config(test: TestConfig, spec, nclass: int, observer: dict,
+                  class_stats=None) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the run's ``test`` settings, the spec
+    (its void class among the segmenter's ``nclass`` outputs) and the observer's flags
+    (``observer``, as its checkpoint records them); ``class_stats``: the --fit_stats
+    statistics (``class_stats_for``)."""
+    void = None if spec.void_logit is None else spec.void_logit % nclass
+    return MethodConfig(mc_passes=test.T, temperature=test.Temp, odin_eps=test.odin_eps,
+                        odin_temp=test.odin_temp, gauss_lambda=test.gauss_lambda,
+                        void_class=void, sampling_score=test.sampling_score, mean=spec.mean,
                         std=spec.std, progress=True, no_residual=observer["no_residual"],
-                        no_img=observer["no_img"], class_stats=class_stats_for(args, segnet))
+                        no_img=observer["no_img"], class_stats=class_stats)
 
 
-def class_stats_for(args, segnet=None):
+def class_stats_for(cfg: RunConfig, segnet=None):
     """The --fit_stats statistics of --segnet_file when --test_multi asks for them, else None;
     refused when they were fitted on another segmenter than ``segnet`` (when given)."""
-    asked = getattr(args, "test_multi", None)
-    wanted = [n for n in parse_methods(asked) if n in FITTED_METHODS] if asked else []
+    wanted = [n for n in cfg.test.methods if n in FITTED_METHODS]
     if not wanted:
         return None
     segmenter = None if segnet is None else (weights_fingerprint(segnet),
-                                             f"--segnet_file {args.segnet_file}")
-    return load_stats(stats_path(args.segnet_file), args.nclass, wanted[0], segmenter)
+                                             f"--segnet_file {cfg.paths.segnet_file}")
+    return load_stats(cfg.paths.stats_file, cfg.model.nclass, wanted[0], segmenter)
 
 
-def stage_fit_stats(args, spec, rt, writer) -> None:
+def stage_fit_stats(cfg: RunConfig, spec, rt, writer) -> None:
     """--fit_stats: one pass of the frozen --segnet_file over the training split; writes the
     statistics of sml and mahalanobis to ``<segnet stem>.stats.pth``."""
     if rt.distributed:
         raise UsageError("--fit_stats runs in one process: run it without torchrun")
-    loader = loader_for(args, spec, spec.train_split, False, rt)
-    segnet = load_networks(args.model, args.nclass, args.width_mult, False, args.segnet_file,
-                           device=rt.device, layers=args.observe_layers, probe_size=args.size)[0]
-    stats = fit_class_stats(segnet, loader, args.nclass, rt.device, spec.ignore_id,
+    m = cfg.model
+    loader = loader_for(cfg.data, spec, spec.train_split, False, rt, cfg.seed)
+    segnet = load_networks(m.model, m.nclass, m.width_mult, False, cfg.paths.segnet_file,
+                           device=rt.device, layers=m.observe_layers, probe_size=cfg.data.size)[0]
+    stats = fit_class_stats(segnet, loader, m.nclass, rt.device, spec.ignore_id,
                             progress=rt.is_main)
-    path = stats_path(args.segnet_file)
+    path = cfg.paths.stats_file
     save_stats(stats, path)
     log(rt, f"statistics of {int(stats.label_counts.sum())} labelled training pixels "
             f"({stats.nclass} classes, {stats.feat_dim}-channel features) written to {path}")
 
 
-def load_ensemble(args, device) -> list:
-    """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
-    files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
-    return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
-                          device=device, segnet_label="--ensemble member",
-                          probe_size=args.size)[0] for f in files]
+def load_ensemble(cfg: RunConfig, device) -> list:
+    """The frozen SegNets of --ensemble."""
+    m = cfg.model
+    return [load_networks(m.model, m.nclass, m.width_mult, False, f, device=device,
+                          segnet_label="--ensemble member", probe_size=cfg.data.size)[0]
+            for f in cfg.paths.ensemble]
 
 
-def stage_test(args, spec, rt, writer) -> None:
+def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
     """Evaluate every method of --test_multi on the test split; table, TensorBoard,
     results_<split>.json and .csv in --tboard (and --export_scores' files, last)."""
     if rt.distributed and wants_components(spec):  # the kept frames are not gathered across ranks
         raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
                          f"frame in one process; run it without torchrun (one process)")
-    names = parse_methods(args.test_multi)
-    loader = loader_for(args, spec, args.test_split, False, rt)
-    export_dir = getattr(args, "export_scores", None)
+    m, paths, names, split = cfg.model, cfg.paths, list(cfg.test.methods), cfg.test.split
+    loader = loader_for(cfg.data, spec, split, False, rt, cfg.seed)
+    export_dir = paths.export_scores
     if export_dir is not None:  # refused before any work: files of an earlier export
-        check_export_targets(export_dir, spec.name, names, loader.dataset.samples, args.overwrite)
-    observer = observer_given(args)
+        check_export_targets(export_dir, spec.name, names, loader.dataset.samples, paths.overwrite)
+    observer = m.observer_given()
     if "obsnet" in names:
-        observer = merge_observer_flags(observer, args.obsnet_file)
-    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
-                                   args.segnet_file, args.obsnet_file if "obsnet" in names else None,
+        observer = merge_observer_flags(observer, paths.obsnet_file)
+    segnet, obsnet = load_networks(m.model, m.nclass, m.width_mult, observer["obs_mlp"],
+                                   paths.segnet_file, paths.obsnet_file if "obsnet" in names else None,
                                    rt.device, head=observer["head"] or DEFAULT_HEAD,
-                                   layers=observer["layers"], probe_size=args.size,
+                                   layers=observer["layers"], probe_size=cfg.data.size,
                                    inputs=observer["inputs"] or DEFAULT_INPUTS,
                                    kind=observer["kind"] or DEFAULT_KIND)
-    refuse_missing_dropout(segnet, args.model,
+    refuse_missing_dropout(segnet, m.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
-    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
+    segnet, obsnet = (net.to(memory_format=rt.memory_format) for net in (segnet, obsnet))
     obsnet = obsnet if "obsnet" in names else None
     export = None
     if export_dir is not None and rt.is_main:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
     try:
+        methods = method_config(cfg.test, spec, m.nclass, observer, class_stats_for(cfg, segnet))
         results, preview, meters = evaluate(
-            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer, segnet),
-            args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
-            ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
-        files = tboard_files(args)
+            segnet, obsnet, loader, names, spec, rt.device, methods, m.nclass, split,
+            amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),
+            on_scores=export and export.add)
+        files = tboard_files(cfg)
         if getattr(loader.dataset, "labelled", True):
             report_test(rt, writer, results, preview, meters, spec, files)
         else:  # nothing scored: no results file
-            log(rt, f"--test_split {args.test_split}: no labels, nothing scored; "
+            log(rt, f"--test_split {split}: no labels, nothing scored; "
                     f"{files.results_json.name} and {files.results_csv.name} not written")
         if export is not None:  # after the table: a failed export must not hide it
             written = export.finish()

@@ -236,7 +236,8 @@ def load_graph(args, spec) -> ExportGraph:
 def resolve_args(args, explicit=frozenset()):
     """The dataset spec, with what --segnet_file records of its preset adopted
     (``obsnet.preset.adopt_recorded_preset``: --data defaults to its training data)."""
-    spec = adopt_recorded_preset(args, explicit)
+    spec, adopted = adopt_recorded_preset(vars(args), explicit)
+    vars(args).update(adopted)  # resolved here, once; read-only from now on
     check_args(args, spec)
     return spec
 

@@ -155,7 +155,8 @@ def run(argv, prog: str | None = None) -> int:
     lock and claim --out, then ``infer`` (``prog``: see ``build_parser``)."""
     parser = build_parser(prog)
     args = parse_checked(parser, argv)
-    spec = adopt_recorded_preset(args, explicit_flags(parser, argv))  # as main.py and the export
+    spec, adopted = adopt_recorded_preset(vars(args), explicit_flags(parser, argv))  # as main.py
+    vars(args).update(adopted)  # resolved here, once; read-only from now on
     check_nclass_and_size(args, spec)
     if args.bsize < 1:
         raise UsageError("--bsize must be at least 1")

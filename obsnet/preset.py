@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Mapping
 
 from obsnet.data.specs import BENCHMARK_SPLITS, SPECS, DatasetSpec, anomaly_benchmark
 from obsnet.errors import UsageError
@@ -32,11 +33,6 @@ MAX_SIDE = 16384  # the largest recorded image side taken (the ONNX graph's own 
 MAX_WIDTH = 8.0  # the widest recorded network built (8x the original's channels: GBs of weights)
 # package.module:factory, as data: dotted Python names, one colon
 USER_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-
-
-def preset_record(args) -> dict:
-    """What a training checkpoint records of the segmenter's preset (``args`` resolved)."""
-    return preset_of(args.data, args.model, args.width_mult, args.nclass, args.size)
 
 
 def preset_of(data: str, model: str, width_mult: float, nclass: int, size) -> dict:
@@ -121,14 +117,14 @@ def check_preset(preset: dict, where: str, entry: str = "preset") -> dict:
     return preset
 
 
-def _preset_from_args(args: dict, where: str) -> dict:
+def _preset_from_args(flags: dict, where: str) -> dict:
     """The preset of a checkpoint of an earlier version, rebuilt from its resolved ``args``
     (each field checked before it is used)."""
-    data, nclass = args.get("data"), args.get("nclass")
-    raw = {"data": data, "model": args.get("model", "segnet"),
-           "width_mult": args.get("width_mult", 1.0), "nclass": nclass}
+    data, nclass = flags.get("data"), flags.get("nclass")
+    raw = {"data": data, "model": flags.get("model", "segnet"),
+           "width_mult": flags.get("width_mult", 1.0), "nclass": nclass}
     if isinstance(data, str) and data in SPECS and _is_int(nclass) and 0 <= nclass <= MAX_NCLASS:
-        raw |= _spec_fields(data, nclass) | {"size": args.get("size") or list(SPECS[data].size)}
+        raw |= _spec_fields(data, nclass) | {"size": flags.get("size") or list(SPECS[data].size)}
     check_preset(raw, where, "args")  # data and nclass are checked before what they give
     return preset_of(data, raw["model"], raw["width_mult"], nclass, raw["size"])
 
@@ -143,9 +139,9 @@ def recorded_preset(segnet_file, label: str = "--segnet_file") -> dict | None:
         return None
     if isinstance(checkpoint.get("preset"), dict):
         return check_preset(checkpoint["preset"], where)
-    args = checkpoint.get("args")
-    if isinstance(args, dict) and "data" in args and "nclass" in args:
-        return _preset_from_args(args, where)
+    flags = checkpoint.get("args")
+    if isinstance(flags, dict) and "data" in flags and "nclass" in flags:
+        return _preset_from_args(flags, where)
     return None
 
 
@@ -163,19 +159,20 @@ def check_recorded_model(preset: dict, given: str, explicit, segnet_file) -> Non
 
 # ------------------------------------------------------------------------------- adoption
 
-def _adopt_architecture(args, preset: dict, explicit) -> None:
-    """Set ``args.model``, ``width_mult``, ``nclass`` (and ``size`` when not given) from the
-    checked ``preset``; a flag of ``explicit`` that contradicts it is a UsageError."""
+def adopted_architecture(given: Mapping, explicit, preset: dict) -> dict:
+    """The flags the checked ``preset`` dictates: ``model``, ``width_mult``, ``nclass``, and
+    ``size`` unless given. ``given``: the command line's values (``--segnet_file`` among them);
+    a flag of ``explicit`` that contradicts the preset is a UsageError."""
+    segnet_file = given["segnet_file"]
     for flag in ARCHITECTURE:
-        if flag in explicit and getattr(args, flag) != preset[flag]:
+        if flag in explicit and given[flag] != preset[flag]:
             hint = (f"leave --{flag} out" if flag != "model" or is_builtin_model(preset[flag])
                     else f"pass --model {preset[flag]} if you trust it")
-            raise UsageError(f"--{flag} {getattr(args, flag)}: --segnet_file {args.segnet_file} "
+            raise UsageError(f"--{flag} {given[flag]}: --segnet_file {segnet_file} "
                              f"was trained with --{flag} {preset[flag]}; {hint}")
-    check_recorded_model(preset, args.model, explicit, args.segnet_file)
-    for flag in ARCHITECTURE:
-        setattr(args, flag, preset[flag])
-    args.size = tuple(args.size or preset["size"])
+    check_recorded_model(preset, given["model"], explicit, segnet_file)
+    return {flag: preset[flag] for flag in ARCHITECTURE} | \
+        {"size": tuple(given.get("size") or preset["size"])}
 
 
 def preset_spec(data: str, preset: dict) -> DatasetSpec:
@@ -192,14 +189,14 @@ def preset_spec(data: str, preset: dict) -> DatasetSpec:
     return base
 
 
-def adopt_preset(args, explicit, preset: dict | None, data: str) -> DatasetSpec:
-    """The one adoption of main.py, export and inference: with a ``preset`` (checked), set the
-    architecture flags of ``args`` from it (``_adopt_architecture``) and return the spec of
-    ``data`` with its classes and normalisation; without one, ``SPECS[data]`` as it is."""
+def adopt_preset(given: Mapping, explicit, preset: dict | None,
+                 data: str) -> tuple[DatasetSpec, dict]:
+    """The one adoption of main.py, export and inference: with a ``preset`` (checked), the spec
+    of ``data`` with its classes and normalisation, and the flags it dictates
+    (``adopted_architecture``); without one, ``SPECS[data]`` as it is and nothing."""
     if preset is None:
-        return SPECS[data]
-    _adopt_architecture(args, preset, explicit)
-    return preset_spec(data, preset)
+        return SPECS[data], {}
+    return preset_spec(data, preset), adopted_architecture(given, explicit, preset)
 
 
 def _preset_of_file(segnet_file) -> dict | None:
@@ -208,31 +205,36 @@ def _preset_of_file(segnet_file) -> dict | None:
     return recorded_preset(segnet_file) if Path(segnet_file).is_file() else None
 
 
-def adopt_segmenter_preset(args, spec: DatasetSpec, explicit=frozenset()) -> DatasetSpec:
+def adopt_segmenter_preset(given: Mapping, spec: DatasetSpec,
+                           explicit=frozenset()) -> tuple[DatasetSpec, dict]:
     """main.py, for an evaluation-only benchmark ``spec``: ``adopt_preset`` with
-    ``--segnet_file``'s preset; ``spec`` itself for other data or without a preset.
-    ``explicit``: the flags given on the command line; one that contradicts the preset is a
-    UsageError (the weights could not be loaded)."""
+    ``--segnet_file``'s preset; ``spec`` itself (and nothing adopted) for other data or
+    without a preset. ``given``: the command line's values; ``explicit``: the flags it gave,
+    one that contradicts the preset is a UsageError (the weights could not be loaded)."""
     if spec.name not in BENCHMARK_SPLITS:
-        return spec
-    preset = _preset_of_file(args.segnet_file)
-    return spec if preset is None else adopt_preset(args, explicit, preset, spec.name)
+        return spec, {}
+    preset = _preset_of_file(given["segnet_file"])
+    return (spec, {}) if preset is None else adopt_preset(given, explicit, preset, spec.name)
 
 
 DEFAULT_DATA = "CamVid"  # of export and inference without --data, for a file without a preset
 
 
-def adopt_recorded_preset(args, explicit=frozenset()) -> DatasetSpec:
-    """python -m obsnet.export and inference.py: ``args.data`` (None: not given) becomes the
-    recorded training data (``DEFAULT_DATA`` without a preset), and ``adopt_preset`` applies.
-    A --data that is neither the recorded one nor an evaluation-only benchmark is a UsageError:
-    the normalisation and classes would be another dataset's."""
-    preset = _preset_of_file(args.segnet_file)
+def adopt_recorded_preset(given: Mapping, explicit=frozenset()) -> tuple[DatasetSpec, dict]:
+    """python -m obsnet.export and inference.py: ``data`` (``given["data"]`` None: not given)
+    is the recorded training data (``DEFAULT_DATA`` without a preset), and ``adopt_preset``
+    applies; the adopted flags include ``data``. A --data that is neither the recorded one nor
+    an evaluation-only benchmark is a UsageError: the normalisation and classes would be
+    another dataset's."""
+    segnet_file = given["segnet_file"]
+    preset = _preset_of_file(segnet_file)
     recorded = preset["data"] if preset else None
-    if args.data is None:
-        args.data = recorded or DEFAULT_DATA
-    elif recorded and args.data not in (recorded, *BENCHMARK_SPLITS):
-        raise UsageError(f"--data {args.data}: --segnet_file {args.segnet_file} was trained on "
+    data = given["data"]
+    if data is None:
+        data = recorded or DEFAULT_DATA
+    elif recorded and data not in (recorded, *BENCHMARK_SPLITS):
+        raise UsageError(f"--data {data}: --segnet_file {segnet_file} was trained on "
                          f"{recorded}, whose classes and normalisation (mean, std) it needs; "
                          f"leave --data out (or give --data {recorded})")
-    return adopt_preset(args, explicit, preset, args.data)
+    spec, adopted = adopt_preset(given, explicit, preset, data)
+    return spec, adopted | {"data": data}

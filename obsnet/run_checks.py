@@ -5,216 +5,220 @@ from pathlib import Path
 
 import torch
 
+from obsnet.config import DataConfig, RunConfig
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import dataset_builder
 from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import UNTOUCHED, claim, ensure_synthetic, is_complete
 from obsnet.data.synthetic import refusal as synthetic_refusal
 from obsnet.errors import UsageError
-from obsnet.methods import parse_methods
 from obsnet.models.registry import observer_path
 from obsnet.outputs import Output, OutputLock
 from obsnet.ownership import Input, Planned, check_outputs_not_inputs, planned_in
 from obsnet.run_files import MANIFEST, RunFiles, stage_name
-from obsnet.runtime import segnet_last
 from obsnet.score_export import planned_files as export_files
-from obsnet.stats import FITTED_METHODS, stats_path
+from obsnet.stats import FITTED_METHODS
 
 
-def stage_outputs(args) -> list[Output]:
-    """The locations the stage of ``args`` writes: probed and locked before it starts."""
-    outputs = [Output("--tboard", Path(args.tboard), folder=True)]
-    if getattr(args, "fit_stats", False):
-        return [Output("--fit_stats", stats_path(args.segnet_file), folder=False), *outputs]
-    if args.test_only:
-        export = getattr(args, "export_scores", None)
+def stage_outputs(cfg: RunConfig) -> list[Output]:
+    """The locations the stage of ``cfg`` writes: probed and locked before it starts."""
+    paths = cfg.paths
+    outputs = [Output("--tboard", Path(paths.tboard), folder=True)]
+    if cfg.stage == "fit_stats":
+        return [Output("--fit_stats", paths.stats_file, folder=False), *outputs]
+    if cfg.stage == "test":
+        export = paths.export_scores
         return [Output("--export_scores", Path(export), folder=True), *outputs] \
             if export is not None else outputs
-    if args.train_segnet:
-        return [Output("--segnet_file", Path(args.segnet_file), folder=False), *outputs]
-    return [Output("--obsnet_file", Path(args.obsnet_file), folder=True), *outputs]
+    if cfg.stage == "train_segnet":
+        return [Output("--segnet_file", Path(paths.segnet_file), folder=False), *outputs]
+    return [Output("--obsnet_file", Path(paths.obsnet_file), folder=True), *outputs]
 
 
-def tboard_files(args) -> RunFiles:
-    """The files the stage of ``args`` writes into --tboard: its config, a test's results
+def tboard_files(cfg: RunConfig) -> RunFiles:
+    """The files the stage of ``cfg`` writes into --tboard: its config, a test's results
     (TensorBoard's event files aside: each run gives its own a new name)."""
-    fit_stats = getattr(args, "fit_stats", False)
-    split = args.test_split if args.test_only and not fit_stats else None
-    return RunFiles(Path(args.tboard), stage_name(args.train_segnet, fit_stats, split), split)
+    split = cfg.test.split if cfg.stage == "test" else None
+    return RunFiles(Path(cfg.paths.tboard),
+                    stage_name(cfg.stage == "train_segnet", cfg.stage == "fit_stats", split), split)
 
 
-def observer_files(args) -> list[str]:
+def observer_files(epochs: int) -> list[str]:
     """The checkpoints an observer training run writes in --obsnet_file: best.pth, last.pth
     and epochNNN.pth every 5 epochs (``fit.Saver``)."""
-    return ["best.pth", "last.pth", *(f"epoch{e:03d}.pth" for e in range(5, args.epoch + 1, 5))]
+    return ["best.pth", "last.pth", *(f"epoch{e:03d}.pth" for e in range(5, epochs + 1, 5))]
 
 
-def planned_files(args) -> list[Planned]:
-    """Every file the stage of ``args`` writes (what ``check_inputs`` compares with its inputs)."""
-    files = tboard_files(args)
-    planned = planned_in("--tboard", args.tboard, [*(p.name for p in files.planned), MANIFEST])
-    segnet = Path(args.segnet_file)
-    if getattr(args, "fit_stats", False):
-        return [Planned("--segnet_file", segnet, stats_path(segnet)), *planned]
-    if args.test_only:
-        return [*export_planned(args), *planned]
-    if args.train_segnet:
+def planned_files(cfg: RunConfig) -> list[Planned]:
+    """Every file the stage of ``cfg`` writes (what ``check_inputs`` compares with its inputs)."""
+    paths, files = cfg.paths, tboard_files(cfg)
+    planned = planned_in("--tboard", paths.tboard, [*(p.name for p in files.planned), MANIFEST])
+    segnet = Path(paths.segnet_file)
+    if cfg.stage == "fit_stats":
+        return [Planned("--segnet_file", segnet, paths.stats_file), *planned]
+    if cfg.stage == "test":
+        return [*export_planned(cfg), *planned]
+    if cfg.stage == "train_segnet":
         return [Planned("--segnet_file", segnet, segnet),
-                Planned("--segnet_file", segnet, segnet_last(segnet)), *planned]
-    return [*planned_in("--obsnet_file", args.obsnet_file, observer_files(args)), *planned]
+                Planned("--segnet_file", segnet, paths.segnet_last), *planned]
+    return [*planned_in("--obsnet_file", paths.obsnet_file, observer_files(cfg.optim.epoch)),
+            *planned]
 
 
-def model_inputs(args) -> list[Input]:
-    """The checkpoint and weight files the stage of ``args`` reads (--resume's file aside: it
+def model_inputs(cfg: RunConfig) -> list[Input]:
+    """The checkpoint and weight files the stage of ``cfg`` reads (--resume's file aside: it
     is the run's own output, read to continue it)."""
-    if getattr(args, "fit_stats", False):
-        return [Input("--segnet_file", Path(args.segnet_file))]
-    if args.train_segnet:
-        weights = [(flag, getattr(args, flag.lstrip("-"), None))
-                   for flag in ("--vgg_weights", "--backbone_weights")]
+    paths = cfg.paths
+    if cfg.stage == "fit_stats":
+        return [Input("--segnet_file", Path(paths.segnet_file))]
+    if cfg.stage == "train_segnet":
+        weights = [("--vgg_weights", cfg.model.vgg_weights),
+                   ("--backbone_weights", cfg.model.backbone_weights)]
         return [Input(flag, Path(value)) for flag, value in weights
                 if value and value != "imagenet"]
-    inputs = [Input("--segnet_file", Path(args.segnet_file))]
-    if not args.test_only:
+    inputs = [Input("--segnet_file", Path(paths.segnet_file))]
+    if cfg.stage != "test":
         return inputs
-    names = parse_methods(args.test_multi)
+    names = cfg.test.methods
     if "obsnet" in names:
-        inputs.append(Input("--obsnet_file", observer_path(args.obsnet_file)))
+        inputs.append(Input("--obsnet_file", observer_path(paths.obsnet_file)))
     if any(name in FITTED_METHODS for name in names):
-        inputs.append(Input("--segnet_file's statistics", stats_path(args.segnet_file)))
-    members = [m.strip() for m in (args.ensemble or "").split(",") if m.strip()]
-    return inputs + [Input("--ensemble member", Path(m)) for m in members]
+        inputs.append(Input("--segnet_file's statistics", paths.stats_file))
+    return inputs + [Input("--ensemble member", Path(m)) for m in paths.ensemble]
 
 
-def stage_splits(args) -> list[str]:
-    """The dataset splits the stage of ``args`` reads."""
-    spec = SPECS[args.data]
-    if getattr(args, "fit_stats", False):
+def stage_splits(cfg: RunConfig) -> list[str]:
+    """The dataset splits the stage of ``cfg`` reads."""
+    spec = SPECS[cfg.data.name]
+    if cfg.stage == "fit_stats":
         return [spec.train_split]
-    return [args.test_split] if args.test_only else [spec.train_split, spec.val_split]
+    return [cfg.test.split] if cfg.stage == "test" else [spec.train_split, spec.val_split]
 
 
-def split_listing(args, split: str):
+def split_listing(data: DataConfig, split: str):
     """(list file or folder, pairs) of a split of --dset_folder, or None when it cannot be
     read (its loader says why, before anything is written)."""
     try:
-        return dataset_builder(args.data).read_pairs(Path(args.dset_folder).expanduser(), split)
+        return dataset_builder(data.name).read_pairs(Path(data.folder).expanduser(), split)
     except (DatasetError, OSError):
         return None
 
 
-def export_planned(args) -> list[Planned]:
+def export_planned(cfg: RunConfig) -> list[Planned]:
     """The score maps and notes --export_scores writes for the frames of --test_split."""
-    root = getattr(args, "export_scores", None)
-    listing = split_listing(args, args.test_split) if root is not None else None
+    root = cfg.paths.export_scores
+    listing = split_listing(cfg.data, cfg.test.split) if root is not None else None
     if listing is None:
         return []
-    files = export_files(root, args.data, parse_methods(args.test_multi), listing[1])
+    files = export_files(root, cfg.data.name, list(cfg.test.methods), listing[1])
     return [Planned("--export_scores", Path(root), path) for path in files]
 
 
-def dataset_inputs(args, planned: list[Planned]) -> list[Input]:
+def dataset_inputs(cfg: RunConfig, planned: list[Planned]) -> list[Input]:
     """The list files, images and labels the stage reads, when a planned file lies in
     --dset_folder (nothing to compare otherwise). A split that cannot be read is left to its
     loader, which says so before anything is written."""
-    root = Path(args.dset_folder).expanduser()
+    root = Path(cfg.data.folder).expanduser()
     if not any(Path(p.path).expanduser().resolve().is_relative_to(root.resolve()) for p in planned):
         return []
     inputs = []
-    for listing in filter(None, (split_listing(args, split) for split in stage_splits(args))):
+    for listing in filter(None, (split_listing(cfg.data, split) for split in stage_splits(cfg))):
         split_file, pairs = listing
         files = [split_file, *(f for pair in pairs for f in (pair.image, pair.label) if f)]
         inputs += [Input("--dset_folder file", Path(f)) for f in files]
     return inputs
 
 
-def check_inputs(args) -> None:
+def check_inputs(cfg: RunConfig) -> None:
     """UsageError, before any work and whatever --overwrite says, when a file the stage would
     write is, or would replace, one of its inputs (``ownership.check_outputs_not_inputs``)."""
-    planned = planned_files(args)
-    check_outputs_not_inputs(planned, model_inputs(args) + dataset_inputs(args, planned))
+    planned = planned_files(cfg)
+    check_outputs_not_inputs(planned, model_inputs(cfg) + dataset_inputs(cfg, planned))
 
 
-def earlier_checkpoints(args) -> tuple[str, Path, Path, list[Path]]:
+def earlier_checkpoints(cfg: RunConfig) -> tuple[str, Path, Path, list[Path]]:
     """(flag, location, resume file, checkpoint files already there) of a training stage."""
-    if args.train_segnet:
-        last = segnet_last(args.segnet_file)
-        files = [Path(args.segnet_file), last]
-        return "--segnet_file", Path(args.segnet_file), last, [f for f in files if f.is_file()]
-    folder = Path(args.obsnet_file)
+    paths = cfg.paths
+    if cfg.stage == "train_segnet":
+        last = paths.segnet_last
+        files = [Path(paths.segnet_file), last]
+        return "--segnet_file", Path(paths.segnet_file), last, [f for f in files if f.is_file()]
+    folder = Path(paths.obsnet_file)
     names = ["best.pth", "last.pth"] + sorted(p.name for p in folder.glob("epoch[0-9]*.pth")) \
         if folder.is_dir() else []
     return "--obsnet_file", folder, folder / "last.pth", [folder / n for n in names
                                                           if (folder / n).is_file()]
 
 
-def check_earlier_run(args) -> None:
+def check_earlier_run(cfg: RunConfig) -> None:
     """UsageError, before any work, when a training run would replace the checkpoints of an
     earlier run without --resume or --overwrite, or --resume has nothing to continue."""
-    if getattr(args, "fit_stats", False):
-        path = stats_path(args.segnet_file)
-        if path.is_file() and not args.overwrite:
-            raise UsageError(f"--fit_stats: {path} already exists; add --overwrite to replace it")
+    paths = cfg.paths
+    if cfg.stage == "fit_stats":
+        if paths.stats_file.is_file() and not paths.overwrite:
+            raise UsageError(f"--fit_stats: {paths.stats_file} already exists; add --overwrite "
+                             f"to replace it")
         return
-    if args.test_only:
+    if cfg.stage == "test":
         return
-    flag, where, last, existing = earlier_checkpoints(args)
-    if args.resume and args.overwrite:
+    flag, where, last, existing = earlier_checkpoints(cfg)
+    if paths.resume and paths.overwrite:
         raise UsageError(f"--resume continues the run in {where}, --overwrite starts it over: "
                          f"give one of them")
-    if args.resume and not last.is_file():
+    if paths.resume and not last.is_file():
         raise UsageError(f"--resume: {last} not found (no earlier run to continue); run "
                          f"without --resume to start")
-    if existing and not (args.resume or args.overwrite):
+    if existing and not (paths.resume or paths.overwrite):
         names = ", ".join(p.name for p in existing)
         raise UsageError(f"{flag} {where}: checkpoints of an earlier run are there ({names}); "
                          f"add --resume to continue that run or --overwrite to replace them")
 
 
-def stage_outputs_exist(args) -> bool:
-    """Whether the outputs of the stage of ``args`` are on disk: a training stage's
+def stage_outputs_exist(cfg: RunConfig) -> bool:
+    """Whether the outputs of the stage of ``cfg`` are on disk: a training stage's
     checkpoints, --fit_stats' statistics, a test's results files."""
-    if getattr(args, "fit_stats", False):
-        return stats_path(args.segnet_file).is_file()
-    if args.test_only:
-        files = tboard_files(args)
+    if cfg.stage == "fit_stats":
+        return cfg.paths.stats_file.is_file()
+    if cfg.stage == "test":
+        files = tboard_files(cfg)
         return files.results_json.is_file() or files.results_csv.is_file()
-    return bool(earlier_checkpoints(args)[3])
+    return bool(earlier_checkpoints(cfg)[3])
 
 
-def check_tboard_files(args) -> None:
+def check_tboard_files(cfg: RunConfig) -> None:
     """UsageError, before any work, when the stage would replace a file in --tboard that
     main.py did not write, or one of an earlier run without --overwrite (a training stage:
     or --resume, which continues that run)."""
-    training = not (args.test_only or getattr(args, "fit_stats", False))
-    tboard_files(args).check(args.overwrite or (training and args.resume), resume=training)
+    paths = cfg.paths
+    tboard_files(cfg).check(paths.overwrite or (cfg.training and paths.resume),
+                            resume=cfg.training)
 
 
-def check_dataset_folder(args) -> None:
+def check_dataset_folder(data: DataConfig) -> None:
     """--data Synthetic writes its data only where that loses nothing (UsageError); a folder it
     may write is claimed now, before the run's own outputs (which may lie inside it) exist."""
-    if args.data != "Synthetic" or is_complete(args.dset_folder):
+    if data.name != "Synthetic" or is_complete(data.folder):
         return
-    reason = synthetic_refusal(args.dset_folder)
+    reason = synthetic_refusal(data.folder)
     if reason is not None:
-        raise UsageError(f"--dset_folder {args.dset_folder}: {reason}; {UNTOUCHED}")
-    claim(args.dset_folder)
+        raise UsageError(f"--dset_folder {data.folder}: {reason}; {UNTOUCHED}")
+    claim(data.folder)
 
 
-def start_run(args, rt) -> OutputLock:
+def start_run(cfg: RunConfig, rt) -> OutputLock:
     """Rank 0 checks the flags against what is on disk, probes and locks the outputs and
     generates synthetic data, all before any training; then every rank learns whether that
     went well, so no rank waits for one that stopped. Returns the held lock."""
-    lock, failure = OutputLock(stage_outputs(args) if rt.is_main else []), None
+    lock, failure = OutputLock(stage_outputs(cfg) if rt.is_main else []), None
     try:
         if rt.is_main:
-            check_inputs(args)
-            check_earlier_run(args)
-            check_dataset_folder(args)
+            check_inputs(cfg)
+            check_earlier_run(cfg)
+            check_dataset_folder(cfg.data)
             lock.acquire()
-            check_tboard_files(args)  # under the lock: the manifest is the holder's
-            if args.data == "Synthetic" and not is_complete(args.dset_folder):
-                ensure_synthetic(args.dset_folder, seed=0)
+            check_tboard_files(cfg)  # under the lock: the manifest is the holder's
+            if cfg.data.name == "Synthetic" and not is_complete(cfg.data.folder):
+                ensure_synthetic(cfg.data.folder, seed=0)
     except BaseException as exc:
         lock.release()
         failure = exc

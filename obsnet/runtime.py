@@ -2,27 +2,27 @@
 the data loaders, DDP wrapping, and the checks on the networks a stage loads."""
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from obsnet.config import DataConfig
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.distributed import DistInfo
 from obsnet.errors import UsageError
-from obsnet.models.registry import OBSERVER_FLAGS
 
 LOG = logging.getLogger(__name__)
 
 
-def loader_for(args, spec, split: str, train: bool, rt=None):
-    """A data loader over one split of the dataset (sharded across DDP ranks)."""
-    dataset = build_dataset(spec, args.dset_folder, split, args.size, train=train,
-                            scale_jitter=getattr(args, "scale_jitter", 0.0))
-    if getattr(args, "cache_frames", False):
+def loader_for(data: DataConfig, spec, split: str, train: bool, rt=None, seed: int = -1):
+    """A data loader over one split of the dataset (sharded across DDP ranks); ``seed``: the
+    run's (-1: not seeded), which the shuffle and the workers' seeds follow."""
+    dataset = build_dataset(spec, data.folder, split, data.size, train=train,
+                            scale_jitter=data.scale_jitter)
+    if data.cache_frames:
         dataset.cache_frames(progress=not rt or rt.is_main)
-    return build_loader(dataset, args.bsize, train=train, num_workers=args.num_workers,
-                        seed=max(args.seed, 0), distributed=bool(rt and rt.distributed),
-                        skip_bad=train and args.skip_bad_samples)
+    return build_loader(dataset, data.bsize, train=train, num_workers=data.num_workers,
+                        seed=max(seed, 0), distributed=bool(rt and rt.distributed),
+                        skip_bad=train and data.skip_bad_samples)
 
 
 def wrap_ddp(model, rt):
@@ -40,19 +40,6 @@ def set_epoch(loader, epoch: int, seed: int) -> None:
         loader.sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(max(seed, 0) * 100_003 + epoch)
-
-
-def segnet_last(segnet_file) -> Path:
-    """The SegNet stage's resume file: ``ckpt/segnet.pth`` -> ``ckpt/segnet.last.pth``."""
-    path = Path(segnet_file)
-    return path.with_name(f"{path.stem}.last{path.suffix or '.pth'}")
-
-
-def observer_given(args) -> dict:
-    """The observer flags and head the command line asks for (head None: not given)."""
-    return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | \
-        {"head": args.obs_head, "model": args.model, "layers": args.observe_layers,
-         "inputs": args.obs_inputs, "kind": args.obs_kind}
 
 
 def refuse_missing_dropout(segnet, model: str, needs: list[str]) -> None:

@@ -1,6 +1,6 @@
-"""The stages main.py runs, from resolved command-line arguments: train the SegNet, train the
-observer (here: what each builds, and its steps for the one epoch loop of ``obsnet.fit``, which
-also saves and stops), evaluate (``eval_stages``)."""
+"""The stages main.py runs, from a resolved run config (``obsnet.config.RunConfig``): train
+the SegNet, train the observer (here: what each builds, and its steps for the one epoch loop of
+``obsnet.fit``, which also saves and stops), evaluate (``eval_stages``)."""
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from obsnet.attacks import AttackConfig, parse_attack
+from obsnet.config import ModelConfig, RunConfig
 from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset
 from obsnet.distributed import cleanup, device_for, init_distributed_mode
@@ -27,24 +28,24 @@ from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, 
                                     init_from_segnet, load_networks, merge_observer_flags)
 from obsnet.report import NullWriter, log_preview, log_scalars, write_json
 from obsnet.run_checks import stage_outputs_exist, start_run, tboard_files
-from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
-                            segnet_last, wrap_ddp)
+from obsnet.runtime import Runtime, loader_for, log, refuse_missing_dropout, wrap_ddp
 from obsnet.signals import StopSignal
 from obsnet.train import (ObserverConfig, ObserverJob, SegNetJob, make_scaler, train_observer_epoch,
                           train_segnet_epoch)
 from obsnet.training_state import make_optimizer, resume, training_state
 
 
-def attack_config(args, spec):
-    """The attack of --adv at the run's image size (patch sizes scale with the image)."""
-    parsed = parse_attack(args.adv)
+def attack_config(adv: str, epsilon: float, size, nclass: int, spec) -> AttackConfig | None:
+    """The attack ``adv`` (--adv; None for "none") with step ``epsilon`` for a segmenter of
+    ``nclass`` outputs at the image ``size`` (H, W: patch sizes scale with the image)."""
+    parsed = parse_attack(adv)
     if parsed is None:
         return None
-    factor = min(args.size[0] / spec.size[0], args.size[1] / spec.size[1])
+    factor = min(size[0] / spec.size[0], size[1] / spec.size[1])
     patch = tuple(max(1, round(v * factor)) for v in spec.patch_size)
     real = tuple(c for c in range(spec.nclass) if c != spec.void_id)
-    return AttackConfig(**parsed._asdict(), epsilon=args.epsilon, patch_size=patch,
-                        nclass=args.nclass, mean=spec.mean, std=spec.std, target_classes=real)
+    return AttackConfig(**parsed._asdict(), epsilon=epsilon, patch_size=patch,
+                        nclass=nclass, mean=spec.mean, std=spec.std, target_classes=real)
 
 
 @dataclass(kw_only=True)
@@ -79,102 +80,118 @@ class ObserverRun(TrainingRun):
     criterion: nn.Module
     config: ObserverConfig
     segmenter_fingerprint: str  # of ``segnet`` before its batch norms were folded, recorded
+    record: dict  # what the checkpoints record of the observer (``observer_record_of``)
 
 
-def stage_train_segnet(args, spec, rt, writer) -> None:
+def stage_train_segnet(cfg: RunConfig, spec, rt, writer) -> None:
     """Train the SegNet with cross-entropy; keep the best validation mIoU in --segnet_file and
-    the state of the last epoch in ``segnet_last(--segnet_file)`` (for --resume)."""
-    train_loader = loader_for(args, spec, spec.train_split, True, rt)
-    val_loader = loader_for(args, spec, spec.val_split, False, rt)
-    weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
-    segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                          backbone_weights=weights, layers=args.observe_layers,
-                          probe_size=args.size)[0]
+    the state of the last epoch in ``cfg.paths.segnet_last`` (for --resume)."""
+    m, paths = cfg.model, cfg.paths
+    train_loader = loader_for(cfg.data, spec, spec.train_split, True, rt, cfg.seed)
+    val_loader = loader_for(cfg.data, spec, spec.val_split, False, rt, cfg.seed)
+    segnet = build_models(m.model, m.nclass, m.width_mult, m.obs_mlp,
+                          backbone_weights=m.encoder_weights, layers=m.observe_layers,
+                          probe_size=cfg.data.size)[0]
     segnet = segnet.to(rt.device, memory_format=rt.memory_format)
-    optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
-    saver = Saver("SegNet", "--segnet_file", Path(args.segnet_file), segnet_last(args.segnet_file))
+    optimizer, scheduler = make_optimizer(cfg.optim, segnet.parameters(), schedule="cosine")
+    saver = Saver("SegNet", "--segnet_file", Path(paths.segnet_file), paths.segnet_last)
     run = SegNetRun(net=segnet, model=segnet, train_loader=train_loader, val_loader=val_loader,
-                    optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, args.amp),
-                    class_weights=segnet_class_weights(args, spec, rt), stop_flag=StopSignal(),
+                    optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, cfg.amp),
+                    class_weights=segnet_class_weights(cfg, spec, rt), stop_flag=StopSignal(),
                     saver=saver)
-    if args.resume:
+    if paths.resume:
         run.start, run.best = resume(saver.last, segnet, optimizer, scheduler, run.scaler)
     run.model = wrap_ddp(segnet, rt)
     with run.stop_flag:
-        fit(segnet_stage(args, spec, rt, writer, run), run, rt, writer, args.epoch, args.seed)
+        fit(segnet_stage(cfg, spec, rt, writer, run), run, rt, writer, cfg.optim.epoch, cfg.seed)
 
 
-def segnet_class_weights(args, spec, rt):
+def segnet_class_weights(cfg: RunConfig, spec, rt):
     """--class_weights: None, or the (square-rooted) median-frequency weights of the training
     labels (said)."""
-    if args.class_weights == "none":
+    weighting = cfg.optim.class_weights
+    if weighting == "none":
         return None
-    dataset = build_dataset(spec, args.dset_folder, spec.train_split)
-    weights = median_frequency_weights(class_frequencies(dataset, args.nclass, rt.is_main),
-                                       WEIGHTING_POWERS[args.class_weights])
-    log(rt, f"{args.class_weights} class weights: " + ", ".join(
+    dataset = build_dataset(spec, cfg.data.folder, spec.train_split)
+    weights = median_frequency_weights(class_frequencies(dataset, cfg.model.nclass, rt.is_main),
+                                       WEIGHTING_POWERS[weighting])
+    log(rt, f"{weighting} class weights: " + ", ".join(
         f"{name} {w:.2f}" for name, w in zip(spec.class_names, weights.tolist())))
     return weights
 
 
-def segnet_stage(args, spec, rt, writer, run: SegNetRun) -> Stage:
+def segnet_stage(cfg: RunConfig, spec, rt, writer, run: SegNetRun) -> Stage:
     """The SegNet stage's steps for ``fit``: an epoch of cross-entropy, validation mIoU."""
+    nclass = cfg.model.nclass
     job = SegNetJob(model=run.model, loader=run.train_loader, optimizer=run.optimizer,
-                    device=rt.device, scaler=run.scaler, amp=args.amp, writer=writer,
-                    progress=rt.is_main, nclass=args.nclass, class_weights=run.class_weights)
+                    device=rt.device, scaler=run.scaler, amp=cfg.amp, writer=writer,
+                    progress=rt.is_main, nclass=nclass, class_weights=run.class_weights)
 
     def validate(epoch: int, stats: dict) -> tuple[float, str]:
         results, _, _ = evaluate(run.net, None, run.val_loader, [], spec, rt.device, MethodConfig(),
-                                 args.nclass, spec.val_split, amp=args.amp, progress=rt.is_main)
+                                 nclass, spec.val_split, amp=cfg.amp, progress=rt.is_main)
         miou = results["segnet"]["miou"]
         writer.add_scalar("Val/segnet_miou", miou, epoch)
         return miou, (f"loss {stats['loss']:.4f}, train acc {stats['segnet_acc']:.3f}, "
                       f"val mIoU {miou:.3f}")
 
+    record = observer_record_of(cfg.model, cfg.model.observe_layers)
     return Stage(lambda epoch, stop: train_segnet_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
-                                                    run.scaler, epoch, best, args),
-                 lambda best: f"SegNet saved to {args.segnet_file} (best val mIoU {best:.3f})")
+                                                    run.scaler, epoch, best, cfg, record),
+                 lambda best: f"SegNet saved to {cfg.paths.segnet_file} (best val mIoU {best:.3f})")
 
 
-def stage_train_obsnet(args, spec, rt, writer) -> None:
+def stage_train_obsnet(cfg: RunConfig, spec, rt, writer) -> None:
     """Train the observer against the frozen SegNet; validate every epoch; keep best.pth."""
-    train_loader = loader_for(args, spec, spec.train_split, True, rt)
-    val_loader = loader_for(args, spec, spec.val_split, False, rt)
-    folder = Path(args.obsnet_file)
-    given = observer_given(args)
-    if args.resume:  # the run goes on with the network it started with
-        recorded = merge_observer_flags(given, folder / "last.pth")
-        args.obs_head, args.observe_layers = recorded["head"], recorded["layers"]
-        args.obs_inputs, args.obs_kind = recorded["inputs"], recorded["kind"]
-    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                                   args.segnet_file, device=rt.device,
-                                   head=args.obs_head or DEFAULT_HEAD, layers=args.observe_layers,
-                                   probe_size=args.size, inputs=args.obs_inputs or DEFAULT_INPUTS,
-                                   kind=args.obs_kind or DEFAULT_KIND)
-    refuse_missing_dropout(segnet, args.model, ["--drop"] if args.drop else [])
-    args.observe_layers = getattr(segnet, "layers", None)  # recorded in the checkpoints
-    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
-    if not (args.no_pretrained or args.resume or is_generic(args.model)):
+    m, paths, optim = cfg.model, cfg.paths, cfg.optim
+    train_loader = loader_for(cfg.data, spec, spec.train_split, True, rt, cfg.seed)
+    val_loader = loader_for(cfg.data, spec, spec.val_split, False, rt, cfg.seed)
+    folder = Path(paths.obsnet_file)
+    observer = m.observer_given()
+    if paths.resume:  # the run goes on with the network it started with
+        observer = merge_observer_flags(observer, folder / "last.pth")
+    segnet, obsnet = load_networks(m.model, m.nclass, m.width_mult, m.obs_mlp,
+                                   paths.segnet_file, device=rt.device,
+                                   head=observer["head"] or DEFAULT_HEAD, layers=observer["layers"],
+                                   probe_size=cfg.data.size,
+                                   inputs=observer["inputs"] or DEFAULT_INPUTS,
+                                   kind=observer["kind"] or DEFAULT_KIND)
+    refuse_missing_dropout(segnet, m.model, ["--drop"] if optim.drop else [])
+    record = observer_record_of(cfg.model, getattr(segnet, "layers", None), observer)
+    segnet, obsnet = (net.to(memory_format=rt.memory_format) for net in (segnet, obsnet))
+    if not (optim.no_pretrained or paths.resume or is_generic(m.model)):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
     fingerprint = weights_fingerprint(segnet)  # of the weights loaded, before folding
     # The frozen SegNet is never saved here: fold its batch norms (attack 18% faster, BENCHMARKS.md).
     segnet = fold_batchnorm(segnet).to(memory_format=rt.memory_format)
-    optimizer, scheduler = make_optimizer(args, obsnet.parameters())
+    optimizer, scheduler = make_optimizer(optim, obsnet.parameters())
     saver = Saver("ObsNet", "--obsnet_file", folder / "best.pth", folder / "last.pth", every=5)
+    attack = attack_config(optim.adv, optim.epsilon, cfg.data.size, m.nclass, spec)
     run = ObserverRun(
         net=obsnet, model=obsnet, segnet=segnet, train_loader=train_loader, val_loader=val_loader,
-        optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, args.amp),
-        criterion=CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device),
-        config=ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
-                              args.no_img, spec.ignore_id),
-        stop_flag=StopSignal(), saver=saver, segmenter_fingerprint=fingerprint)
-    if args.resume:
+        optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, cfg.amp),
+        criterion=CRITERIA["focal" if optim.focal else "bce"](spec.pos_weight).to(rt.device),
+        config=ObserverConfig(attack, optim.noise, optim.drop, m.no_residual, m.no_img,
+                              spec.ignore_id),
+        stop_flag=StopSignal(), saver=saver, segmenter_fingerprint=fingerprint, record=record)
+    if paths.resume:
         run.start, run.best = resume(saver.last, obsnet, optimizer, scheduler, run.scaler,
-                                     (fingerprint, f"--segnet_file {args.segnet_file}"))
+                                     (fingerprint, f"--segnet_file {paths.segnet_file}"))
     run.model = wrap_ddp(obsnet, rt)
     with run.stop_flag:
-        fit(observer_stage(args, spec, rt, writer, run), run, rt, writer, args.epoch, args.seed)
+        fit(observer_stage(cfg, spec, rt, writer, run), run, rt, writer, optim.epoch, cfg.seed)
+
+
+def observer_record_of(m: ModelConfig, layers, recorded: dict | None = None) -> dict:
+    """What a checkpoint records of the observer (``recorded``: the flags of the run resumed,
+    else those of ``m``; ``layers``: the ones the segmenter's tap reads, None for the
+    registry's networks)."""
+    chosen = recorded or m.observer_given()
+    return {"obs_mlp": bool(m.obs_mlp), "no_residual": bool(m.no_residual),
+            "no_img": bool(m.no_img), "head": chosen["head"] or DEFAULT_HEAD, "model": m.model,
+            "layers": list(layers) if layers else None,
+            "inputs": chosen["inputs"] or DEFAULT_INPUTS, "kind": chosen["kind"] or DEFAULT_KIND}
 
 
 ATTACK_STATS = (("attack_flip_rate", "attack flip rate"),
@@ -192,20 +209,20 @@ def attack_summary(writer, stats: dict, epoch: int) -> str:
     return "".join(f", {label} {stats[key]:.1%}" for key, label in present)
 
 
-def observer_stage(args, spec, rt, writer, run: ObserverRun) -> Stage:
+def observer_stage(cfg: RunConfig, spec, rt, writer, run: ObserverRun) -> Stage:
     """The observer stage's steps for ``fit``: an epoch against the frozen SegNet (attack or
     paste as --adv says), validation error AUROC."""
-    cfg = run.config
+    obs = run.config
     job = ObserverJob(model=run.model, loader=run.train_loader, optimizer=run.optimizer,
-                      device=rt.device, scaler=run.scaler, amp=args.amp, writer=writer,
-                      progress=rt.is_main, segnet=run.segnet, criterion=run.criterion, config=cfg)
+                      device=rt.device, scaler=run.scaler, amp=cfg.amp, writer=writer,
+                      progress=rt.is_main, segnet=run.segnet, criterion=run.criterion, config=obs)
 
     def validate(epoch: int, stats: dict) -> tuple[float, str]:
         results, preview, _ = evaluate(run.segnet, run.net, run.val_loader, ["obsnet"], spec,
                                        rt.device,
-                                       MethodConfig(no_residual=cfg.no_residual, no_img=cfg.no_img),
-                                       args.nclass, spec.val_split,
-                                       amp=args.amp, progress=rt.is_main)
+                                       MethodConfig(no_residual=obs.no_residual, no_img=obs.no_img),
+                                       cfg.model.nclass, spec.val_split,
+                                       amp=cfg.amp, progress=rt.is_main)
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
@@ -214,47 +231,50 @@ def observer_stage(args, spec, rt, writer, run: ObserverRun) -> Stage:
 
     return Stage(lambda epoch, stop: train_observer_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
-                                                    run.scaler, epoch, best, args,
+                                                    run.scaler, epoch, best, cfg, run.record,
                                                     segmenter=run.segmenter_fingerprint),
                  lambda best: f"ObsNet checkpoints in {run.saver.last.parent} (best val error "
                               f"AUROC {best:.4f})")
 
 
-def run_stage(args, spec) -> None:
-    """Run the stage the flags ask for; only rank 0 writes the TensorBoard log and files."""
+STAGE_RUNNERS = {"train_segnet": stage_train_segnet, "train_obsnet": stage_train_obsnet,
+                 "test": stage_test, "fit_stats": stage_fit_stats}
+
+
+def run_stage(cfg: RunConfig, spec) -> None:
+    """Run the stage of ``cfg``; only rank 0 writes the TensorBoard log and files. Callable
+    from Python: ``cfg`` as ``obsnet.cli.resolve_config`` gives it."""
     info = init_distributed_mode()
     rt = Runtime(info, device_for(info),
-                 torch.channels_last if args.channels_last else torch.contiguous_format)
-    if info.world_size < args.num_nodes:
-        raise UsageError(f"--num_nodes {args.num_nodes}: launch with torchrun --nnodes "
-                         f"{args.num_nodes} (this run has {info.world_size} process(es))")
-    stage = stage_test if args.test_only else stage_train_segnet if args.train_segnet else stage_train_obsnet
-    if getattr(args, "fit_stats", False):
-        stage = stage_fit_stats
+                 torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    if info.world_size < cfg.num_nodes:
+        raise UsageError(f"--num_nodes {cfg.num_nodes}: launch with torchrun --nnodes "
+                         f"{cfg.num_nodes} (this run has {info.world_size} process(es))")
+    stage = STAGE_RUNNERS[cfg.stage]
     try:
-        lock = start_run(args, rt)
+        lock = start_run(cfg, rt)
         try:
             if not rt.is_main:
-                stage(args, spec, rt, NullWriter())
+                stage(cfg, spec, rt, NullWriter())
                 return
-            run_logged(args, spec, rt, stage)
+            run_logged(cfg, spec, rt, stage)
         finally:
             lock.release()
     finally:
         cleanup()
 
 
-def run_logged(args, spec, rt, stage) -> None:
+def run_logged(cfg: RunConfig, spec, rt, stage) -> None:
     """Rank 0's ``stage``: its config_<stage>.json, then the stage with its TensorBoard log.
     A run that stops (an error, a signal) before its stage has any output on disk withdraws its
     config: nothing of it is left to describe, and a rerun needs no --overwrite."""
-    files = tboard_files(args)
-    write_json(files.claim(files.config), vars(args), "--tboard")
+    files = tboard_files(cfg)
+    write_json(files.claim(files.config), cfg.as_flags(), "--tboard")
     try:
-        with SummaryWriter(args.tboard) as writer:
+        with SummaryWriter(cfg.paths.tboard) as writer:
             writer.add_text("config", " ".join(sys.argv), 0)
-            stage(args, spec, rt, writer)
+            stage(cfg, spec, rt, writer)
     except BaseException:
-        if not stage_outputs_exist(args):
+        if not stage_outputs_exist(cfg):
             files.withdraw(files.config)
         raise

@@ -5,46 +5,50 @@ from pathlib import Path
 
 import torch
 
+from obsnet.config import OptimConfig, RunConfig
 from obsnet.distributed import unwrap
 from obsnet.models.checkpoint import (FINGERPRINT_KEY, CheckpointError, check_same_segmenter,
                                      load_weights, recorded_fingerprint)
-from obsnet.models.registry import observer_record
-from obsnet.preset import preset_record
+from obsnet.preset import preset_of
 from obsnet.utils import rng_state, set_rng_state
 
 LOG = logging.getLogger(__name__)
 
 
-def make_optimizer(args, params, schedule: str = "multistep"):
-    """--optim with --lr (plain SGD, as the original) and a learning-rate schedule.
+def make_optimizer(optim: OptimConfig, params, schedule: str = "multistep"):
+    """``optim.optim`` with ``optim.lr`` (plain SGD, as the original) and a learning-rate
+    schedule over ``optim.epoch`` epochs.
 
     "multistep": the original observer schedule, x0.2 at epoch//2 and epoch-5;
     "cosine": cosine decay over --epoch, used for the SegNet stage.
     """
-    if args.optim == "SGD":
-        optimizer = torch.optim.SGD(params, lr=args.lr)
+    if optim.optim == "SGD":
+        optimizer = torch.optim.SGD(params, lr=optim.lr)
     else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr)
+        optimizer = torch.optim.AdamW(params, lr=optim.lr)
     if schedule == "cosine":
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epoch)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epoch)
     # As the original: a milestone listed twice decays twice (x0.04 at once for --epoch 10).
-    milestones = sorted(m for m in (args.epoch // 2, args.epoch - 5) if m > 0)
+    milestones = sorted(m for m in (optim.epoch // 2, optim.epoch - 5) if m > 0)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch, best, args,
-                   segmenter: str | None = None) -> dict:
+def training_state(model, optimizer, scheduler, scaler, epoch, best, cfg: RunConfig,
+                   observer: dict, segmenter: str | None = None) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
-    resolved arguments and random generator states; the observer's architecture flags and head
-    (``observer``), which evaluation and inference.py run it with; the segmenter's preset
+    the resolved flags (``args``: ``cfg.flags``) and random generator states; the observer's
+    record (``observer``: its architecture flags and head, which evaluation and inference.py
+    run it with); the segmenter's preset
     (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt; for an
     observer, ``segmenter``: the fingerprint of the segmenter it is trained against
     (``obsnet.models.checkpoint.weights_fingerprint``), checked wherever it is loaded."""
+    m = cfg.model
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "observer": observer_record(args), "preset": preset_record(args),
+             "observer": observer, "preset": preset_of(cfg.data.name, m.model, m.width_mult,
+                                                       m.nclass, cfg.data.size),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
              "best": best, "rng": rng_state(),
-             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+             "args": cfg.as_flags()}
     return state | ({FINGERPRINT_KEY: segmenter} if segmenter else {})
 
 

@@ -1,7 +1,6 @@
 """The attack at every precision, what it reports, and the original's small points (target
 classes, min_class, learning-rate milestones)."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from obsnet.data.specs import SPECS
 from obsnet.losses import CRITERIA
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet, freeze
+from obsnet.config import OptimConfig
 from obsnet.stages import attack_config
 from obsnet.training_state import make_optimizer
 from obsnet.train import ObserverConfig, ObserverJob, _epoch_summary, attack_counts, train_observer_epoch
@@ -102,9 +102,9 @@ def test_max_mode_draws_real_classes_only():
 
 
 def test_attack_config_targets_exclude_void():
-    args = SimpleNamespace(adv="max_random_patch", size=(96, 128), epsilon=0.01, nclass=14)
-    assert attack_config(args, SPECS["Synthetic"]).target_classes == tuple(range(11))
-    street = attack_config(args, SPECS["StreetHazard"]).target_classes
+    given = ("max_random_patch", 0.01, (96, 128), 14)
+    assert attack_config(*given, SPECS["Synthetic"]).target_classes == tuple(range(11))
+    street = attack_config(*given, SPECS["StreetHazard"]).target_classes
     assert street == tuple(range(1, 13))  # not "unlabeled" (0), nor output 13 (the anomaly)
 
 
@@ -159,8 +159,8 @@ def test_observer_epoch_reports_the_attack_at_every_precision(segnet, amp):
 
 @pytest.mark.parametrize("epochs,after", [(10, {4: 1.0, 5: 0.04}), (20, {9: 1.0, 10: 0.2, 15: 0.04})])
 def test_milestones_as_the_original(epochs, after):
-    args = SimpleNamespace(optim="SGD", lr=1.0, epoch=epochs)
-    optimizer, scheduler = make_optimizer(args, [torch.nn.Parameter(torch.zeros(1))])
+    optim = OptimConfig(optim="SGD", lr=1.0, epoch=epochs)
+    optimizer, scheduler = make_optimizer(optim, [torch.nn.Parameter(torch.zeros(1))])
     rates = []
     for _ in range(epochs):
         rates.append(optimizer.param_groups[0]["lr"])
