@@ -10,26 +10,26 @@ from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig, parse_methods
 from obsnet.models.checkpoint import weights_fingerprint
-from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, load_networks,
-                                    merge_observer_flags)
+from obsnet.model_flags import observer_request
+from obsnet.models.observer_spec import resolve_observer
+from obsnet.models.registry import load_observer, load_segmenter
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
-from obsnet.runtime import loader_for, log, observer_given, refuse_missing_dropout
+from obsnet.runtime import loader_for, log, refuse_missing_dropout
 from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats, stats_path
 
 
-def method_config(args, spec, observer: dict, segnet=None) -> MethodConfig:
-    """Hyper-parameters of the uncertainty methods, from the command line, the spec and the
-    observer's flags (``observer``, as its checkpoint records them); ``segnet``: the loaded
-    segmenter, which the --fit_stats statistics must have been fitted on."""
+def method_config(args, spec, segnet=None) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the command line and the spec;
+    ``segnet``: the loaded segmenter, which the --fit_stats statistics must have been fitted
+    on."""
     void = None if spec.void_logit is None else spec.void_logit % args.nclass
     return MethodConfig(mc_passes=args.T, temperature=args.Temp, odin_eps=args.odin_eps,
                         odin_temp=args.odin_temp, gauss_lambda=args.gauss_lambda,
                         void_class=void, sampling_score=args.sampling_score, mean=spec.mean,
-                        std=spec.std, progress=True, no_residual=observer["no_residual"],
-                        no_img=observer["no_img"], class_stats=class_stats_for(args, segnet))
+                        std=spec.std, progress=True, class_stats=class_stats_for(args, segnet))
 
 
 def class_stats_for(args, segnet=None):
@@ -50,8 +50,8 @@ def stage_fit_stats(args, spec, rt, writer) -> None:
     if rt.distributed:
         raise UsageError("--fit_stats runs in one process: run it without torchrun")
     loader = loader_for(args, spec, spec.train_split, False, rt)
-    segnet = load_networks(args.model, args.nclass, args.width_mult, False, args.segnet_file,
-                           device=rt.device, layers=args.observe_layers, probe_size=args.size)[0]
+    segnet = load_segmenter(args.model, args.nclass, args.width_mult, args.segnet_file,
+                            device=rt.device, layers=args.observe_layers, probe_size=args.size)
     stats = fit_class_stats(segnet, loader, args.nclass, rt.device, spec.ignore_id,
                             progress=rt.is_main)
     path = stats_path(args.segnet_file)
@@ -63,9 +63,8 @@ def stage_fit_stats(args, spec, rt, writer) -> None:
 def load_ensemble(args, device) -> list:
     """The frozen SegNets of --ensemble (comma-separated checkpoint files)."""
     files = [f for f in args.ensemble.split(",") if f.strip()] if args.ensemble else []
-    return [load_networks(args.model, args.nclass, args.width_mult, False, f.strip(),
-                          device=device, segnet_label="--ensemble member",
-                          probe_size=args.size)[0] for f in files]
+    return [load_segmenter(args.model, args.nclass, args.width_mult, f.strip(), device=device,
+                           label="--ensemble member", probe_size=args.size) for f in files]
 
 
 def stage_test(args, spec, rt, writer) -> None:
@@ -79,25 +78,25 @@ def stage_test(args, spec, rt, writer) -> None:
     export_dir = getattr(args, "export_scores", None)
     if export_dir is not None:  # refused before any work: files of an earlier export
         check_export_targets(export_dir, spec.name, names, loader.dataset.samples, args.overwrite)
-    observer = observer_given(args)
-    if "obsnet" in names:
-        observer = merge_observer_flags(observer, args.obsnet_file)
-    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, observer["obs_mlp"],
-                                   args.segnet_file, args.obsnet_file if "obsnet" in names else None,
-                                   rt.device, head=observer["head"] or DEFAULT_HEAD,
-                                   layers=observer["layers"], probe_size=args.size,
-                                   inputs=observer["inputs"] or DEFAULT_INPUTS,
-                                   kind=observer["kind"] or DEFAULT_KIND)
+    observed = "obsnet" in names
+    observer = resolve_observer(args.obsnet_file, observer_request(args)) if observed else None
+    segnet = load_segmenter(args.model, args.nclass, args.width_mult, args.segnet_file, rt.device,
+                            layers=observer.layers if observed else args.observe_layers,
+                            probe_size=args.size)
+    obsnet = None
+    if observed:
+        obsnet = load_observer(args.obsnet_file, observer, segnet, args.nclass, args.width_mult,
+                               rt.device, f"--segnet_file {args.segnet_file}")[0]
+        obsnet = obsnet.to(memory_format=rt.memory_format)
     refuse_missing_dropout(segnet, args.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
-    segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
-    obsnet = obsnet if "obsnet" in names else None
+    segnet = segnet.to(memory_format=rt.memory_format)
     export = None
     if export_dir is not None and rt.is_main:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
     try:
         results, preview, meters = evaluate(
-            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, observer, segnet),
+            segnet, obsnet, loader, names, spec, rt.device, method_config(args, spec, segnet),
             args.nclass, args.test_split, amp=args.amp, progress=rt.is_main,
             ensemble=load_ensemble(args, rt.device), on_scores=export and export.add)
         files = tboard_files(args)

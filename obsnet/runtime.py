@@ -9,7 +9,6 @@ import torch
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.distributed import DistInfo
 from obsnet.errors import UsageError
-from obsnet.models.registry import OBSERVER_FLAGS
 
 LOG = logging.getLogger(__name__)
 
@@ -46,13 +45,6 @@ def segnet_last(segnet_file) -> Path:
     """The SegNet stage's resume file: ``ckpt/segnet.pth`` -> ``ckpt/segnet.last.pth``."""
     path = Path(segnet_file)
     return path.with_name(f"{path.stem}.last{path.suffix or '.pth'}")
-
-
-def observer_given(args) -> dict:
-    """The observer flags and head the command line asks for (head None: not given)."""
-    return {flag: getattr(args, flag) for flag in OBSERVER_FLAGS} | \
-        {"head": args.obs_head, "model": args.model, "layers": args.observe_layers,
-         "inputs": args.obs_inputs, "kind": args.obs_kind}
 
 
 def refuse_missing_dropout(segnet, model: str, needs: list[str]) -> None:

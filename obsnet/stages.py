@@ -2,7 +2,7 @@
 observer (here: what each builds, and its steps for the one epoch loop of ``obsnet.fit``, which
 also saves and stops), evaluate (``eval_stages``)."""
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,12 +23,12 @@ from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import is_generic
-from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, build_models,
-                                    init_from_segnet, load_networks, merge_observer_flags)
+from obsnet.model_flags import observer_request
+from obsnet.models.observer_spec import ObserverSpec, new_observer_spec, resolve_observer
+from obsnet.models.registry import build_observer, build_segmenter, init_from_segnet, load_segmenter
 from obsnet.report import NullWriter, log_preview, log_scalars, write_json
 from obsnet.run_checks import stage_outputs_exist, start_run, tboard_files
-from obsnet.runtime import (Runtime, loader_for, log, observer_given, refuse_missing_dropout,
-                            segnet_last, wrap_ddp)
+from obsnet.runtime import Runtime, loader_for, log, refuse_missing_dropout, segnet_last, wrap_ddp
 from obsnet.signals import StopSignal
 from obsnet.train import (ObserverConfig, ObserverJob, SegNetJob, make_scaler, train_observer_epoch,
                           train_segnet_epoch)
@@ -79,6 +79,7 @@ class ObserverRun(TrainingRun):
     criterion: nn.Module
     config: ObserverConfig
     segmenter_fingerprint: str  # of ``segnet`` before its batch norms were folded, recorded
+    observer: ObserverSpec  # what the checkpoints record of the observer trained
 
 
 def stage_train_segnet(args, spec, rt, writer) -> None:
@@ -87,9 +88,8 @@ def stage_train_segnet(args, spec, rt, writer) -> None:
     train_loader = loader_for(args, spec, spec.train_split, True, rt)
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
     weights = args.vgg_weights if args.model == "segnet" else args.backbone_weights
-    segnet = build_models(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                          backbone_weights=weights, layers=args.observe_layers,
-                          probe_size=args.size)[0]
+    segnet = build_segmenter(args.model, args.nclass, args.width_mult, backbone_weights=weights,
+                             layers=args.observe_layers, probe_size=args.size)
     segnet = segnet.to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(args, segnet.parameters(), schedule="cosine")
     saver = Saver("SegNet", "--segnet_file", Path(args.segnet_file), segnet_last(args.segnet_file))
@@ -142,18 +142,18 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
     train_loader = loader_for(args, spec, spec.train_split, True, rt)
     val_loader = loader_for(args, spec, spec.val_split, False, rt)
     folder = Path(args.obsnet_file)
-    given = observer_given(args)
+    given = observer_request(args)
+    observer = new_observer_spec(given, args.model)
     if args.resume:  # the run goes on with the network it started with
-        recorded = merge_observer_flags(given, folder / "last.pth")
-        args.obs_head, args.observe_layers = recorded["head"], recorded["layers"]
-        args.obs_inputs, args.obs_kind = recorded["inputs"], recorded["kind"]
-    segnet, obsnet = load_networks(args.model, args.nclass, args.width_mult, args.obs_mlp,
-                                   args.segnet_file, device=rt.device,
-                                   head=args.obs_head or DEFAULT_HEAD, layers=args.observe_layers,
-                                   probe_size=args.size, inputs=args.obs_inputs or DEFAULT_INPUTS,
-                                   kind=args.obs_kind or DEFAULT_KIND)
+        observer = resolve_observer(folder / "last.pth", given)
+        args.obs_head, args.observe_layers = observer.head, observer.layers
+        args.obs_inputs, args.obs_kind = observer.inputs, observer.kind
+    segnet = load_segmenter(args.model, args.nclass, args.width_mult, args.segnet_file, rt.device,
+                            layers=observer.layers, probe_size=args.size)
+    obsnet = build_observer(observer, segnet, args.nclass, args.width_mult).to(rt.device)
     refuse_missing_dropout(segnet, args.model, ["--drop"] if args.drop else [])
     args.observe_layers = getattr(segnet, "layers", None)  # recorded in the checkpoints
+    observer = replace(observer, layers=args.observe_layers)
     segnet, obsnet = (m.to(memory_format=rt.memory_format) for m in (segnet, obsnet))
     if not (args.no_pretrained or args.resume or is_generic(args.model)):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
@@ -166,9 +166,8 @@ def stage_train_obsnet(args, spec, rt, writer) -> None:
         net=obsnet, model=obsnet, segnet=segnet, train_loader=train_loader, val_loader=val_loader,
         optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, args.amp),
         criterion=CRITERIA["focal" if args.focal else "bce"](spec.pos_weight).to(rt.device),
-        config=ObserverConfig(attack_config(args, spec), args.noise, args.drop, args.no_residual,
-                              args.no_img, spec.ignore_id),
-        stop_flag=StopSignal(), saver=saver, segmenter_fingerprint=fingerprint)
+        config=ObserverConfig(attack_config(args, spec), args.noise, args.drop, spec.ignore_id),
+        stop_flag=StopSignal(), saver=saver, segmenter_fingerprint=fingerprint, observer=observer)
     if args.resume:
         run.start, run.best = resume(saver.last, obsnet, optimizer, scheduler, run.scaler,
                                      (fingerprint, f"--segnet_file {args.segnet_file}"))
@@ -202,9 +201,7 @@ def observer_stage(args, spec, rt, writer, run: ObserverRun) -> Stage:
 
     def validate(epoch: int, stats: dict) -> tuple[float, str]:
         results, preview, _ = evaluate(run.segnet, run.net, run.val_loader, ["obsnet"], spec,
-                                       rt.device,
-                                       MethodConfig(no_residual=cfg.no_residual, no_img=cfg.no_img),
-                                       args.nclass, spec.val_split,
+                                       rt.device, MethodConfig(), args.nclass, spec.val_split,
                                        amp=args.amp, progress=rt.is_main)
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
@@ -215,7 +212,8 @@ def observer_stage(args, spec, rt, writer, run: ObserverRun) -> Stage:
     return Stage(lambda epoch, stop: train_observer_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
                                                     run.scaler, epoch, best, args,
-                                                    segmenter=run.segmenter_fingerprint),
+                                                    segmenter=run.segmenter_fingerprint,
+                                                    observer=run.observer.record()),
                  lambda best: f"ObsNet checkpoints in {run.saver.last.parent} (best val error "
                               f"AUROC {best:.4f})")
 

@@ -8,7 +8,6 @@ import torch
 from obsnet.distributed import unwrap
 from obsnet.models.checkpoint import (FINGERPRINT_KEY, CheckpointError, check_same_segmenter,
                                      load_weights, recorded_fingerprint)
-from obsnet.models.registry import observer_record
 from obsnet.preset import preset_record
 from obsnet.utils import rng_state, set_rng_state
 
@@ -33,15 +32,16 @@ def make_optimizer(args, params, schedule: str = "multistep"):
 
 
 def training_state(model, optimizer, scheduler, scaler, epoch, best, args,
-                   segmenter: str | None = None) -> dict:
+                   segmenter: str | None = None, observer: dict | None = None) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
-    resolved arguments and random generator states; the observer's architecture flags and head
-    (``observer``), which evaluation and inference.py run it with; the segmenter's preset
-    (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt; for an
+    resolved arguments and random generator states; the observer's spec (``observer``: its
+    ``ObserverSpec.record()``; None for a SegNet), which evaluation and inference.py run it
+    with; the segmenter's preset (``preset``: ``obsnet/preset.py``), which the evaluation-only
+    benchmarks adopt; for an
     observer, ``segmenter``: the fingerprint of the segmenter it is trained against
     (``obsnet.models.checkpoint.weights_fingerprint``), checked wherever it is loaded."""
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "observer": observer_record(args), "preset": preset_record(args),
+             "observer": observer, "preset": preset_record(args),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
              "best": best, "rng": rng_state(),
              "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
