@@ -127,11 +127,10 @@ def test_void_class_per_dataset_is_the_originals():
     from types import SimpleNamespace
     args = SimpleNamespace(T=2, Temp=1.0, odin_eps=0.0, odin_temp=1.0, gauss_lambda=0.0,
                            sampling_score="entropy", nclass=19)
-    flags = {"no_residual": False, "no_img": False}
-    assert method_config(args, SPECS["BddAnomaly"], flags).void_class == 18  # the last output
-    assert method_config(args, SPECS["StreetHazard"], flags).void_class == 3  # "other"
+    assert method_config(args, SPECS["BddAnomaly"]).void_class == 18  # the last output
+    assert method_config(args, SPECS["StreetHazard"]).void_class == 3  # "other"
     args.nclass = 12
-    assert method_config(args, SPECS["CamVid"], flags).void_class == 11
+    assert method_config(args, SPECS["CamVid"]).void_class == 11
 
 
 # --------------------------------------------------------------------------- ODIN

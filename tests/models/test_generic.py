@@ -36,8 +36,9 @@ from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
-from obsnet.models.generic import (FeatureTap, auto_layers, build_generic, family_layers,
-                                   probe_maps, resolve_factory)
+from obsnet.models.generic import FeatureTap, auto_layers, family_layers, probe_maps, resolve_factory
+from obsnet.models.observer_spec import ObserverSpec
+from obsnet.models.registry import build_observer, build_segmenter
 from tests.helpers.runner import inference_py, main_py, python
 from tests.helpers import toy_segmenter
 from tests.helpers.nets import calibrate
@@ -52,6 +53,13 @@ TOLERANCE = 1e-4
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def build_generic(model: str, nclass: int, width_mult: float, layers=None, backbone_weights=None):
+    """(FeatureTap, LayerObserver) of a generic spec, built one after the other as the registry
+    builds them for every stage (the observer from the tap's probed channels)."""
+    tap = build_segmenter(model, nclass, width_mult, backbone_weights, layers)
+    return tap, build_observer(ObserverSpec(model), tap, nclass, width_mult)
+
 
 def plain_torchvision(spec: str, nclass: int, seed: int) -> nn.Module:
     """torchvision's own model of ``spec`` (random init from ``seed``), in eval mode."""
