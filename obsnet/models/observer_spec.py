@@ -13,7 +13,7 @@ DEFAULT_HEAD = "linear"  # of new observers; checkpoints that record no head hav
 ORIGINAL_HEAD = "original"
 # Of new observers; checkpoints that record none read no logits and mirror the segmenter.
 DEFAULT_INPUTS, DEFAULT_KIND = "features", "mirror"
-ABLATIONS = ("obs_mlp", "no_residual", "no_img")  # each: the flag --<name>
+OBSERVER_FLAGS = ("obs_mlp", "no_residual", "no_img")  # what changes how it runs; each: --<name>
 RECORDED_CHOICES = {"inputs": INPUTS, "kind": KINDS}  # each: the flag --obs_<name>
 
 
@@ -61,7 +61,7 @@ class ObserverSpec:
         """What an observer checkpoint stores under ``"observer"`` (the layers as a list)."""
         record = asdict(self)
         record["layers"] = list(self.layers) if self.layers else None
-        return {k: record[k] for k in (*ABLATIONS, "head", "model", "layers", "inputs", "kind")}
+        return {k: record[k] for k in (*OBSERVER_FLAGS, "head", "model", "layers", "inputs", "kind")}
 
 
 def observer_path(obsnet_file) -> Path:
@@ -103,7 +103,7 @@ def recorded_spec(obsnet_file) -> ObserverSpec | None:
         if value not in RECORDED_CHOICES[name]:
             raise CheckpointError(f"{path}: its recorded observer {name} is not one of "
                                   f"{', '.join(RECORDED_CHOICES[name])}")
-    flags = {k: bool(recorded.get(k, False)) for k in ABLATIONS}
+    flags = {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS}
     return ObserverSpec(model=model, head=head, layers=tuple(layers) if layers else None,
                         **chosen, **flags)
 
@@ -127,7 +127,7 @@ def resolve_observer(obsnet_file, given: ObserverRequest | ObserverSpec) -> Obse
 def refuse_contradiction(path: Path, given, recorded: ObserverSpec) -> None:
     """CheckpointError (one line naming the flag) for what ``given`` asks that ``recorded``
     (the checkpoint at ``path``) contradicts."""
-    for flag in ABLATIONS:
+    for flag in OBSERVER_FLAGS:
         if getattr(given, flag) and not getattr(recorded, flag):
             raise CheckpointError(f"{path}: this observer was trained without --{flag}; drop "
                                   f"--{flag} (its checkpoint records how it was trained)")

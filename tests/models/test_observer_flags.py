@@ -16,7 +16,7 @@ from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import CheckpointError, load_weights
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.observer_spec import (ABLATIONS, ObserverRequest, ObserverSpec, observer_path,
+from obsnet.models.observer_spec import (OBSERVER_FLAGS, ObserverRequest, ObserverSpec, observer_path,
                                          recorded_spec, resolve_observer)
 from obsnet.models.registry import build_observer, load_observer, load_segmenter
 from tests.helpers.runner import TINY, inference_py, main_py, paths
@@ -198,7 +198,7 @@ def test_recorded_spec_reads_what_a_checkpoint_records(tmp_path):
     assert observer_path(folder) == folder / "best.pth"
     assert observer_path(folder / "best.pth") == folder / "best.pth"
     assert recorded_spec(folder).obs_mlp is True
-    assert set(ABLATIONS) == {"obs_mlp", "no_residual", "no_img"}
+    assert set(OBSERVER_FLAGS) == {"obs_mlp", "no_residual", "no_img"}
 
 
 @pytest.mark.parametrize("state", [
@@ -227,8 +227,8 @@ def test_resolve_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_pat
                             ObserverRequest(obs_mlp=True, no_residual=True)) == expected
     with pytest.raises(CheckpointError, match="trained without --no_img"):
         resolve_observer(tmp_path / "obs.pth", ObserverRequest(no_img=True))
-    torch.save({"model": {}, "observer": dict.fromkeys(ABLATIONS, False)}, tmp_path / "b.pth")
-    for flag in ABLATIONS:
+    torch.save({"model": {}, "observer": dict.fromkeys(OBSERVER_FLAGS, False)}, tmp_path / "b.pth")
+    for flag in OBSERVER_FLAGS:
         with pytest.raises(CheckpointError, match=f"trained without --{flag}"):
             resolve_observer(tmp_path / "b.pth", ObserverRequest(**{flag: True}))
 
@@ -236,7 +236,7 @@ def test_resolve_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_pat
 def test_resolve_refuses_another_model_or_other_layers(tmp_path):
     """A checkpoint that records its model spec and layers is run with them: --model or
     --observe_layers that say otherwise are refused, the same ones (or none) accepted."""
-    recorded = dict.fromkeys(ABLATIONS, False) | {
+    recorded = dict.fromkeys(OBSERVER_FLAGS, False) | {
         "head": "linear", "model": "torchvision:fcn_resnet50", "layers": ["backbone.layer1"]}
     torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
     same = ObserverRequest(model="torchvision:fcn_resnet50", layers=("backbone.layer1",))
