@@ -20,7 +20,7 @@ from obsnet.attacks import MASKS, _valid_range, select_attack
 from obsnet.data.loaders import build_dataset, build_loader
 from obsnet.data.specs import SPECS
 from obsnet.models.blocks import fold_batchnorm
-from obsnet.models.registry import load_networks
+from obsnet.models.registry import load_segmenter
 from obsnet.models.segnet import SegNet, freeze
 from obsnet.stages import attack_config
 from obsnet.utils import autocast
@@ -95,7 +95,7 @@ def run(args) -> dict:
     """Summed counts over the batches, as rates per precision."""
     spec = SPECS[args.data]
     if args.segnet_file:
-        segnet, _ = load_networks("segnet", spec.nclass, args.width_mult, False, args.segnet_file)
+        segnet = load_segmenter("segnet", spec.nclass, args.width_mult, args.segnet_file)
     else:
         torch.manual_seed(0)
         segnet = SegNet(3, spec.nclass, width_mult=args.width_mult)

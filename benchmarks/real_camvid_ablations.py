@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.real_camvid import (ROOT, build_parser, common_args, continue_flag, link_camvid,
                                     observer_args, results_file, test_args)
-from obsnet.models.registry import DEFAULT_INPUTS, DEFAULT_KIND, build_models
+from obsnet.models.observer_spec import DEFAULT_INPUTS, DEFAULT_KIND, ObserverSpec
+from obsnet.models.registry import build_observer, build_segmenter
 
 SPLITS = ("val_ood_real", "val_ood")  # scored, in order: the first one decides
 RIVALS = ("mcp", "entropy", "max_logit", "energy", "mc_dropout")
@@ -160,8 +161,9 @@ def gflops(module: torch.nn.Module, *inputs) -> float:
 
 def costs(width_mult: float, variant: Variant) -> dict:
     """The variant's observer cost per FRAME: GFLOPs and parameters, and the SegNet's GFLOPs."""
-    segnet, observer = build_models("segnet", CAMVID_CLASSES, width_mult, False,
-                                    inputs=variant.inputs, kind=variant.kind)
+    segnet = build_segmenter("segnet", CAMVID_CLASSES, width_mult)
+    observer = build_observer(ObserverSpec("segnet", kind=variant.kind, inputs=variant.inputs),
+                              segnet, CAMVID_CLASSES, width_mult)
     segnet.eval(), observer.eval()
     image = torch.zeros(1, 3, *FRAME)
     with torch.no_grad():

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from obsnet.attacks import AttackConfig, attack_choices, parse_attack
 from obsnet.losses import CRITERIA
-from obsnet.models.generic import FeatureTap, Naming, tap_and_observer
+from obsnet.models.generic import FeatureTap, Naming, layer_observer, tap_network
 from obsnet.models.segnet import freeze
 from obsnet.train import ObserverConfig, ObserverJob, make_scaler, train_observer_epoch
 
@@ -92,9 +92,9 @@ def observe(segmenter: nn.Module, layers=None, width_mult: float = 1.0,
     names = layer_names(layers)
     width_mult = positive_number(width_mult, "width_mult")
     size = image_size if image_size is None else checked_size(image_size)
-    tap, observer, _ = tap_and_observer(segmenter, type(segmenter).__name__, names, width_mult,
-                                        naming=api_naming(segmenter), probe_size=size)
-    return Observed(freeze(tap), observer)
+    tap = tap_network(segmenter, type(segmenter).__name__, names, naming=api_naming(segmenter),
+                      probe_size=size)
+    return Observed(freeze(tap), layer_observer(tap, width_mult))
 
 
 def layer_names(layers) -> tuple[str, ...] | None:

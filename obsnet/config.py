@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from obsnet.models.observer_spec import ObserverRequest
 from obsnet.stats import stats_path
 
 STAGES = ("train_segnet", "train_obsnet", "test", "fit_stats")
@@ -66,11 +67,13 @@ class ModelConfig:
         --backbone_weights."""
         return self.vgg_weights if self.model == "segnet" else self.backbone_weights
 
-    def observer_given(self) -> dict:
-        """The observer flags and head the command line asks for (None: not given)."""
-        return {"obs_mlp": self.obs_mlp, "no_residual": self.no_residual, "no_img": self.no_img,
-                "head": self.obs_head, "model": self.model, "layers": self.observe_layers,
-                "inputs": self.obs_inputs, "kind": self.obs_kind}
+    def observer_request(self) -> ObserverRequest:
+        """The observer these flags ask for (not given: None; a checkpoint's record wins over
+        it, a contradiction is refused: ``obsnet.models.observer_spec.resolve_observer``)."""
+        return ObserverRequest(model=self.model, kind=self.obs_kind, head=self.obs_head,
+                               inputs=self.obs_inputs, layers=self.observe_layers,
+                               obs_mlp=self.obs_mlp, no_residual=self.no_residual,
+                               no_img=self.no_img)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
 from obsnet.models.checkpoint import weights_fingerprint
-from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, load_networks,
-                                    merge_observer_flags)
+from obsnet.models.observer_spec import resolve_observer
+from obsnet.models.registry import load_observer, load_segmenter
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
@@ -21,18 +21,15 @@ from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats
 
 
-def method_config(test: TestConfig, spec, nclass: int, observer: dict,
-                  class_stats=None) -> MethodConfig:
-    """Hyper-parameters of the uncertainty methods, from the run's ``test`` settings, the spec
-    (its void class among the segmenter's ``nclass`` outputs) and the observer's flags
-    (``observer``, as its checkpoint records them); ``class_stats``: the --fit_stats
-    statistics (``class_stats_for``)."""
+def method_config(test: TestConfig, spec, nclass: int, class_stats=None) -> MethodConfig:
+    """Hyper-parameters of the uncertainty methods, from the run's ``test`` settings and the
+    spec (its void class among the segmenter's ``nclass`` outputs); ``class_stats``: the
+    --fit_stats statistics (``class_stats_for``)."""
     void = None if spec.void_logit is None else spec.void_logit % nclass
     return MethodConfig(mc_passes=test.T, temperature=test.Temp, odin_eps=test.odin_eps,
                         odin_temp=test.odin_temp, gauss_lambda=test.gauss_lambda,
                         void_class=void, sampling_score=test.sampling_score, mean=spec.mean,
-                        std=spec.std, progress=True, no_residual=observer["no_residual"],
-                        no_img=observer["no_img"], class_stats=class_stats)
+                        std=spec.std, progress=True, class_stats=class_stats)
 
 
 def class_stats_for(cfg: RunConfig, segnet=None):
@@ -53,8 +50,8 @@ def stage_fit_stats(cfg: RunConfig, spec, rt, writer) -> None:
         raise UsageError("--fit_stats runs in one process: run it without torchrun")
     m = cfg.model
     loader = loader_for(cfg.data, spec, spec.train_split, False, rt, cfg.seed)
-    segnet = load_networks(m.model, m.nclass, m.width_mult, False, cfg.paths.segnet_file,
-                           device=rt.device, layers=m.observe_layers, probe_size=cfg.data.size)[0]
+    segnet = load_segmenter(m.model, m.nclass, m.width_mult, cfg.paths.segnet_file,
+                            device=rt.device, layers=m.observe_layers, probe_size=cfg.data.size)
     stats = fit_class_stats(segnet, loader, m.nclass, rt.device, spec.ignore_id,
                             progress=rt.is_main)
     path = cfg.paths.stats_file
@@ -66,9 +63,25 @@ def stage_fit_stats(cfg: RunConfig, spec, rt, writer) -> None:
 def load_ensemble(cfg: RunConfig, device) -> list:
     """The frozen SegNets of --ensemble."""
     m = cfg.model
-    return [load_networks(m.model, m.nclass, m.width_mult, False, f, device=device,
-                          segnet_label="--ensemble member", probe_size=cfg.data.size)[0]
+    return [load_segmenter(m.model, m.nclass, m.width_mult, f, device=device,
+                           label="--ensemble member", probe_size=cfg.data.size)
             for f in cfg.paths.ensemble]
+
+
+def load_tested(cfg: RunConfig, rt, observed: bool):
+    """(frozen segmenter, observer or None) of a test, in ``rt``'s memory format: the observer
+    of --obsnet_file as its checkpoint records it (``observed``: --test_multi has obsnet)."""
+    m, paths = cfg.model, cfg.paths
+    observer = resolve_observer(paths.obsnet_file, m.observer_request()) if observed else None
+    segnet = load_segmenter(m.model, m.nclass, m.width_mult, paths.segnet_file, rt.device,
+                            layers=observer.layers if observed else m.observe_layers,
+                            probe_size=cfg.data.size)
+    obsnet = None
+    if observed:
+        obsnet = load_observer(paths.obsnet_file, observer, segnet, m.nclass, m.width_mult,
+                               rt.device, f"--segnet_file {paths.segnet_file}")[0]
+        obsnet = obsnet.to(memory_format=rt.memory_format)
+    return segnet.to(memory_format=rt.memory_format), obsnet
 
 
 def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
@@ -82,24 +95,14 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
     export_dir = paths.export_scores
     if export_dir is not None:  # refused before any work: files of an earlier export
         check_export_targets(export_dir, spec.name, names, loader.dataset.samples, paths.overwrite)
-    observer = m.observer_given()
-    if "obsnet" in names:
-        observer = merge_observer_flags(observer, paths.obsnet_file)
-    segnet, obsnet = load_networks(m.model, m.nclass, m.width_mult, observer["obs_mlp"],
-                                   paths.segnet_file, paths.obsnet_file if "obsnet" in names else None,
-                                   rt.device, head=observer["head"] or DEFAULT_HEAD,
-                                   layers=observer["layers"], probe_size=cfg.data.size,
-                                   inputs=observer["inputs"] or DEFAULT_INPUTS,
-                                   kind=observer["kind"] or DEFAULT_KIND)
+    segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
     refuse_missing_dropout(segnet, m.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
-    segnet, obsnet = (net.to(memory_format=rt.memory_format) for net in (segnet, obsnet))
-    obsnet = obsnet if "obsnet" in names else None
     export = None
     if export_dir is not None and rt.is_main:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
     try:
-        methods = method_config(cfg.test, spec, m.nclass, observer, class_stats_for(cfg, segnet))
+        methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
         results, preview, meters = evaluate(
             segnet, obsnet, loader, names, spec, rt.device, methods, m.nclass, split,
             amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),

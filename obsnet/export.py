@@ -24,10 +24,11 @@ from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
 from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
 from obsnet.model_flags import (MIN_SIDE, add_model_flags, check_model_flags, check_nclass_and_size,
-                                model_flags)
+                                observer_request)
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import logits_of
-from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
+from obsnet.models.observer_spec import observer_path, resolve_observer
+from obsnet.models.registry import load_observer, load_segmenter
 from obsnet.models.segnet import freeze
 from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import Input, Planned, check_outputs_not_inputs
@@ -60,16 +61,14 @@ class ExportGraph(nn.Module):
     ``segmenter``: any module; with an observer it is called as ``segmenter(x,
     return_feat=True)`` and returns its feature maps, logits last (SegNet, DeepLabV3Plus),
     without one as ``segmenter(x)`` (see ``logits_of``). ``observer``: called as
-    ``observer(x, feats, **observer_kwargs)``, returns one logit per pixel (B×1×H×W).
+    ``observer(x, feats)``, returns one logit per pixel (B×1×H×W).
     Both are put in eval mode (dropout off, batch norms on their running statistics).
     """
 
-    def __init__(self, segmenter: nn.Module, observer: nn.Module | None, mean, std,
-                 observer_kwargs: dict | None = None):
+    def __init__(self, segmenter: nn.Module, observer: nn.Module | None, mean, std):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.segmenter, self.observer = segmenter, observer
-        self.observer_kwargs = dict(observer_kwargs or {})
         self.eval()
 
     def metadata(self, data: str | None = None) -> dict[str, str]:
@@ -97,7 +96,7 @@ class ExportGraph(nn.Module):
         if self.observer is None:
             return (logits_of(self.segmenter(x)),)
         feats = self.segmenter(x, return_feat=True)
-        return feats[-1], torch.sigmoid(self.observer(x, feats, **self.observer_kwargs))
+        return feats[-1], torch.sigmoid(self.observer(x, feats))
 
 
 @contextmanager
@@ -221,16 +220,13 @@ def load_graph(args, spec) -> ExportGraph:
     """The checkpoints' segmenter and observer in one ExportGraph, loaded as inference.py
     loads them (the observer's flags and head as its checkpoint records them; ``spec``: as
     ``resolve_args`` returns it)."""
-    flags = merge_observer_flags(model_flags(args), args.obsnet_file)
+    wanted = resolve_observer(args.obsnet_file, observer_request(args))
     nclass = spec.nclass if args.nclass is None else args.nclass
-    segmenter, observer = load_networks(args.model, nclass, args.width_mult,
-                                        flags.get("obs_mlp", False), args.segnet_file,
-                                        args.obsnet_file, "cpu", head=flags["head"],
-                                        layers=flags.get("layers"),
-                                        inputs=flags["inputs"], kind=flags["kind"],
-                                        probe_size=tuple(args.size or spec.size))
-    run_flags = {k: flags.get(k, False) for k in ("no_residual", "no_img")}
-    return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std, run_flags)
+    segmenter = load_segmenter(args.model, nclass, args.width_mult, args.segnet_file,
+                               layers=wanted.layers, probe_size=tuple(args.size or spec.size))
+    observer, _ = load_observer(args.obsnet_file, wanted, segmenter, nclass, args.width_mult,
+                                segnet_where=f"--segnet_file {args.segnet_file}")
+    return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std)
 
 
 def resolve_args(args, explicit=frozenset()):

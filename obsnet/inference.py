@@ -24,8 +24,10 @@ from obsnet.data.base import read_image
 from obsnet.data.specs import SPECS
 from obsnet.errors import UsageError
 from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
-from obsnet.model_flags import add_model_flags, check_model_flags, check_nclass_and_size, model_flags
-from obsnet.models.registry import load_networks, merge_observer_flags, observer_path
+from obsnet.model_flags import (add_model_flags, check_model_flags, check_nclass_and_size,
+                                observer_request)
+from obsnet.models.observer_spec import observer_path, resolve_observer
+from obsnet.models.registry import load_observer, load_segmenter
 from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import (Input, check_outputs_not_inputs, exists, listed_files, planned_in,
                               same_file, unlisted, write_listing)
@@ -126,11 +128,10 @@ def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(segnet, obsnet, batch, no_residual: bool = False, no_img: bool = False):
-    """(class map B×H×W, probability that the SegNet is wrong B×H×W) at the batch's size;
-    ``no_residual``/``no_img``: the ablations the observer was trained with."""
+def predict(segnet, obsnet, batch):
+    """(class map B×H×W, probability that the SegNet is wrong B×H×W) at the batch's size."""
     feats = segnet(batch, return_feat=True)
-    logits = obsnet(batch, feats, no_residual=no_residual, no_img=no_img)
+    logits = obsnet(batch, feats)
     return feats[-1].argmax(dim=1), torch.sigmoid(logits.squeeze(1).float())
 
 
@@ -171,31 +172,27 @@ def run(argv, prog: str | None = None) -> int:
 
 @dataclass(frozen=True)
 class Networks:
-    """The frozen segmenter and its observer (eval mode) on ``device``, with the ablations the
-    observer was trained with and the network input ``size``."""
+    """The frozen segmenter and its observer (eval mode; it applies the ablations it was
+    trained with) on ``device``, and the network input ``size``."""
 
     segnet: torch.nn.Module
     obsnet: torch.nn.Module
     device: torch.device
     size: tuple[int, int]
-    no_residual: bool = False
-    no_img: bool = False
 
 
 def load_observed(args, spec) -> Networks:
     """The checkpoints' networks, loaded as main.py's --test_only loads them (the observer's
     flags and head as its checkpoint records them)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = merge_observer_flags(model_flags(args), args.obsnet_file)
+    observer = resolve_observer(args.obsnet_file, observer_request(args))
     nclass = spec.nclass if args.nclass is None else args.nclass
     size = tuple(args.size or spec.size)
-    segnet, obsnet = load_networks(args.model, nclass, args.width_mult,
-                                   flags.get("obs_mlp", False), args.segnet_file, args.obsnet_file,
-                                   device, head=flags["head"], layers=flags.get("layers"),
-                                   inputs=flags["inputs"], kind=flags["kind"],
-                                   probe_size=size)
-    return Networks(segnet, obsnet.eval(), device, size, flags.get("no_residual", False),
-                    flags.get("no_img", False))
+    segnet = load_segmenter(args.model, nclass, args.width_mult, args.segnet_file, device,
+                            layers=observer.layers, probe_size=size)
+    obsnet, _ = load_observer(args.obsnet_file, observer, segnet, nclass, args.width_mult, device,
+                              f"--segnet_file {args.segnet_file}")
+    return Networks(segnet, obsnet.eval(), device, size)
 
 
 def infer(args, spec, files: list[Path], nets: Networks) -> int:
@@ -205,7 +202,7 @@ def infer(args, spec, files: list[Path], nets: Networks) -> int:
         chunk = files[start:start + args.bsize]
         images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]
         batch = prepare(images, nets.size, spec).to(nets.device)
-        preds, probs = predict(nets.segnet, nets.obsnet, batch, nets.no_residual, nets.no_img)
+        preds, probs = predict(nets.segnet, nets.obsnet, batch)
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"NaN or infinite ObsNet map for {chunk[0].parent}: "
                                      f"{', '.join(p.name for p in chunk)}")

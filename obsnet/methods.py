@@ -45,8 +45,6 @@ class MethodConfig:
     gauss_lambda: float = 0.002  # --gauss_lambda: std of the weight perturbation
     void_class: int | None = None  # the output whose raw logit "void" reads (spec.void_logit)
     sampling_score: str = "entropy"  # --sampling_score: of the mean softmax, "entropy" or "mcp"
-    no_residual: bool = False  # the observer's ablation flags (from its checkpoint)
-    no_img: bool = False
     mean: tuple = (0.485, 0.456, 0.406)  # normalisation of the inputs (spec.mean/std), for mcda
     std: tuple = (0.229, 0.224, 0.225)
     progress: bool = False  # tqdm over passes
@@ -130,9 +128,9 @@ def _sampling_prob(x, cfg: MethodConfig):
 # --------------------------------------------------------------------------- single forward
 
 def obsnet_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:
-    """The observer's logit that the SegNet is wrong (with the ablations it was trained with)."""
-    return batch.obsnet(batch.images, batch.feats, no_residual=cfg.no_residual,
-                        no_img=cfg.no_img).squeeze(1).float()
+    """The observer's logit that the SegNet is wrong (it applies the ablations it was built
+    with: ``obsnet.models.observer_spec.ObserverSpec``)."""
+    return batch.obsnet(batch.images, batch.feats).squeeze(1).float()
 
 
 def mcp_score(batch: EvalBatch, cfg: MethodConfig) -> torch.Tensor:

@@ -6,7 +6,8 @@ from obsnet.errors import UsageError
 from obsnet.models.generic import is_generic, resolve_factory
 from obsnet.models.obsnet import HEADS
 from obsnet.models.output_maps import INPUTS
-from obsnet.models.registry import KINDS, SEGMENTERS, observer_name
+from obsnet.models.observer_spec import KINDS, ObserverRequest
+from obsnet.models.registry import SEGMENTERS, observer_name
 
 
 MIN_SIDE = 32  # smallest --size side: SegNet's five 2x poolings need at least one pixel left
@@ -102,8 +103,12 @@ def check_observer_choice(args) -> None:
                          f"read the segmenter's logits; drop one")
 
 
-def model_flags(args) -> dict:
-    """The observer's flags the command line gives, for ``merge_observer_flags`` (those of a
-    checkpoint that records them win; a conflict is an error there)."""
-    return {"obs_mlp": args.obs_mlp, "head": args.obs_head, "model": args.model,
-            "layers": args.observe_layers, "inputs": args.obs_inputs, "kind": args.obs_kind}
+def observer_request(args) -> ObserverRequest:
+    """The observer the command line asks for (what it does not give is None, the three flags
+    False); a checkpoint's record wins over it, a contradiction is refused
+    (``obsnet.models.observer_spec.resolve_observer``)."""
+    return ObserverRequest(model=args.model, kind=args.obs_kind, head=args.obs_head,
+                           inputs=args.obs_inputs, layers=args.observe_layers,
+                           obs_mlp=bool(args.obs_mlp),
+                           no_residual=bool(getattr(args, "no_residual", False)),
+                           no_img=bool(getattr(args, "no_img", False)))

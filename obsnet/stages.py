@@ -2,7 +2,7 @@
 the SegNet, train the observer (here: what each builds, and its steps for the one epoch loop of
 ``obsnet.fit``, which also saves and stops), evaluate (``eval_stages``)."""
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from obsnet.attacks import AttackConfig, parse_attack
-from obsnet.config import ModelConfig, RunConfig
+from obsnet.config import RunConfig
 from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset
 from obsnet.distributed import cleanup, device_for, init_distributed_mode
@@ -24,8 +24,8 @@ from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import is_generic
-from obsnet.models.registry import (DEFAULT_HEAD, DEFAULT_INPUTS, DEFAULT_KIND, build_models,
-                                    init_from_segnet, load_networks, merge_observer_flags)
+from obsnet.models.observer_spec import ObserverSpec, new_observer_spec, resolve_observer
+from obsnet.models.registry import build_observer, build_segmenter, init_from_segnet, load_segmenter
 from obsnet.report import NullWriter, log_preview, log_scalars, write_json
 from obsnet.run_checks import stage_outputs_exist, start_run, tboard_files
 from obsnet.runtime import Runtime, loader_for, log, refuse_missing_dropout, wrap_ddp
@@ -80,7 +80,7 @@ class ObserverRun(TrainingRun):
     criterion: nn.Module
     config: ObserverConfig
     segmenter_fingerprint: str  # of ``segnet`` before its batch norms were folded, recorded
-    record: dict  # what the checkpoints record of the observer (``observer_record_of``)
+    observer: ObserverSpec  # what the checkpoints record of the observer trained
 
 
 def stage_train_segnet(cfg: RunConfig, spec, rt, writer) -> None:
@@ -89,9 +89,8 @@ def stage_train_segnet(cfg: RunConfig, spec, rt, writer) -> None:
     m, paths = cfg.model, cfg.paths
     train_loader = loader_for(cfg.data, spec, spec.train_split, True, rt, cfg.seed)
     val_loader = loader_for(cfg.data, spec, spec.val_split, False, rt, cfg.seed)
-    segnet = build_models(m.model, m.nclass, m.width_mult, m.obs_mlp,
-                          backbone_weights=m.encoder_weights, layers=m.observe_layers,
-                          probe_size=cfg.data.size)[0]
+    segnet = build_segmenter(m.model, m.nclass, m.width_mult, backbone_weights=m.encoder_weights,
+                             layers=m.observe_layers, probe_size=cfg.data.size)
     segnet = segnet.to(rt.device, memory_format=rt.memory_format)
     optimizer, scheduler = make_optimizer(cfg.optim, segnet.parameters(), schedule="cosine")
     saver = Saver("SegNet", "--segnet_file", Path(paths.segnet_file), paths.segnet_last)
@@ -135,10 +134,9 @@ def segnet_stage(cfg: RunConfig, spec, rt, writer, run: SegNetRun) -> Stage:
         return miou, (f"loss {stats['loss']:.4f}, train acc {stats['segnet_acc']:.3f}, "
                       f"val mIoU {miou:.3f}")
 
-    record = observer_record_of(cfg.model, cfg.model.observe_layers)
     return Stage(lambda epoch, stop: train_segnet_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
-                                                    run.scaler, epoch, best, cfg, record),
+                                                    run.scaler, epoch, best, cfg, None),
                  lambda best: f"SegNet saved to {cfg.paths.segnet_file} (best val mIoU {best:.3f})")
 
 
@@ -148,17 +146,16 @@ def stage_train_obsnet(cfg: RunConfig, spec, rt, writer) -> None:
     train_loader = loader_for(cfg.data, spec, spec.train_split, True, rt, cfg.seed)
     val_loader = loader_for(cfg.data, spec, spec.val_split, False, rt, cfg.seed)
     folder = Path(paths.obsnet_file)
-    observer = m.observer_given()
-    if paths.resume:  # the run goes on with the network it started with
-        observer = merge_observer_flags(observer, folder / "last.pth")
-    segnet, obsnet = load_networks(m.model, m.nclass, m.width_mult, m.obs_mlp,
-                                   paths.segnet_file, device=rt.device,
-                                   head=observer["head"] or DEFAULT_HEAD, layers=observer["layers"],
-                                   probe_size=cfg.data.size,
-                                   inputs=observer["inputs"] or DEFAULT_INPUTS,
-                                   kind=observer["kind"] or DEFAULT_KIND)
+    given = m.observer_request()
+    # --resume: the run goes on with the network it started with
+    observer = resolve_observer(folder / "last.pth", given) if paths.resume \
+        else new_observer_spec(given, m.model)
+    segnet = load_segmenter(m.model, m.nclass, m.width_mult, paths.segnet_file, rt.device,
+                            layers=observer.layers, probe_size=cfg.data.size)
+    obsnet = build_observer(observer, segnet, m.nclass, m.width_mult).to(rt.device)
     refuse_missing_dropout(segnet, m.model, ["--drop"] if optim.drop else [])
-    record = observer_record_of(cfg.model, getattr(segnet, "layers", None), observer)
+    # the layers the tap reads (a generic model's default too) are recorded in the checkpoints
+    observer = replace(observer, layers=getattr(segnet, "layers", None))
     segnet, obsnet = (net.to(memory_format=rt.memory_format) for net in (segnet, obsnet))
     if not (optim.no_pretrained or paths.resume or is_generic(m.model)):
         log(rt, f"ObsNet initialised from the SegNet: {init_from_segnet(obsnet, segnet)} tensors")
@@ -172,26 +169,14 @@ def stage_train_obsnet(cfg: RunConfig, spec, rt, writer) -> None:
         net=obsnet, model=obsnet, segnet=segnet, train_loader=train_loader, val_loader=val_loader,
         optimizer=optimizer, scheduler=scheduler, scaler=make_scaler(rt.device, cfg.amp),
         criterion=CRITERIA["focal" if optim.focal else "bce"](spec.pos_weight).to(rt.device),
-        config=ObserverConfig(attack, optim.noise, optim.drop, m.no_residual, m.no_img,
-                              spec.ignore_id),
-        stop_flag=StopSignal(), saver=saver, segmenter_fingerprint=fingerprint, record=record)
+        config=ObserverConfig(attack, optim.noise, optim.drop, spec.ignore_id),
+        stop_flag=StopSignal(), saver=saver, segmenter_fingerprint=fingerprint, observer=observer)
     if paths.resume:
         run.start, run.best = resume(saver.last, obsnet, optimizer, scheduler, run.scaler,
                                      (fingerprint, f"--segnet_file {paths.segnet_file}"))
     run.model = wrap_ddp(obsnet, rt)
     with run.stop_flag:
         fit(observer_stage(cfg, spec, rt, writer, run), run, rt, writer, optim.epoch, cfg.seed)
-
-
-def observer_record_of(m: ModelConfig, layers, recorded: dict | None = None) -> dict:
-    """What a checkpoint records of the observer (``recorded``: the flags of the run resumed,
-    else those of ``m``; ``layers``: the ones the segmenter's tap reads, None for the
-    registry's networks)."""
-    chosen = recorded or m.observer_given()
-    return {"obs_mlp": bool(m.obs_mlp), "no_residual": bool(m.no_residual),
-            "no_img": bool(m.no_img), "head": chosen["head"] or DEFAULT_HEAD, "model": m.model,
-            "layers": list(layers) if layers else None,
-            "inputs": chosen["inputs"] or DEFAULT_INPUTS, "kind": chosen["kind"] or DEFAULT_KIND}
 
 
 ATTACK_STATS = (("attack_flip_rate", "attack flip rate"),
@@ -219,10 +204,8 @@ def observer_stage(cfg: RunConfig, spec, rt, writer, run: ObserverRun) -> Stage:
 
     def validate(epoch: int, stats: dict) -> tuple[float, str]:
         results, preview, _ = evaluate(run.segnet, run.net, run.val_loader, ["obsnet"], spec,
-                                       rt.device,
-                                       MethodConfig(no_residual=obs.no_residual, no_img=obs.no_img),
-                                       cfg.model.nclass, spec.val_split,
-                                       amp=cfg.amp, progress=rt.is_main)
+                                       rt.device, MethodConfig(), cfg.model.nclass,
+                                       spec.val_split, amp=cfg.amp, progress=rt.is_main)
         auroc = results["methods"]["obsnet"]["error"]["auroc"]
         log_scalars(writer, results, "Val", epoch)
         log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Val", epoch)
@@ -231,7 +214,8 @@ def observer_stage(cfg: RunConfig, spec, rt, writer, run: ObserverRun) -> Stage:
 
     return Stage(lambda epoch, stop: train_observer_epoch(job, epoch, stop), validate,
                  lambda epoch, best: training_state(run.net, run.optimizer, run.scheduler,
-                                                    run.scaler, epoch, best, cfg, run.record,
+                                                    run.scaler, epoch, best, cfg,
+                                                    run.observer.record(),
                                                     segmenter=run.segmenter_fingerprint),
                  lambda best: f"ObsNet checkpoints in {run.saver.last.parent} (best val error "
                               f"AUROC {best:.4f})")

@@ -22,8 +22,6 @@ class ObserverConfig:
     attack: AttackConfig | None  # None: train on clean images (--adv none)
     noise: float = 0.0  # std of Gaussian noise added to the inputs (--noise)
     drop: bool = False  # dropout active in the SegNet (--drop)
-    no_residual: bool = False
-    no_img: bool = False
     ignore_id: int | None = None  # label of pixels that count nowhere (spec.ignore_id)
 
 
@@ -154,7 +152,7 @@ def observer_step(images, labels, segnet, obsnet, criterion, cfg: ObserverConfig
         error = (pred != labels).float()
         if pasted is not None:
             error = error.masked_fill(pasted, 1.0)
-    logits = obsnet(images, feats, no_residual=cfg.no_residual, no_img=cfg.no_img).squeeze(1)
+    logits = obsnet(images, feats).squeeze(1)
     valid = None if cfg.ignore_id is None else labels != cfg.ignore_id
     if valid is not None and pasted is not None:
         valid = valid | pasted

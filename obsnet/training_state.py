@@ -34,12 +34,12 @@ def make_optimizer(optim: OptimConfig, params, schedule: str = "multistep"):
 
 
 def training_state(model, optimizer, scheduler, scaler, epoch, best, cfg: RunConfig,
-                   observer: dict, segmenter: str | None = None) -> dict:
+                   observer: dict | None, segmenter: str | None = None) -> dict:
     """Everything needed to resume: weights, optimizer, scheduler, scaler, epoch, best metric,
-    the resolved flags (``args``: ``cfg.flags``) and random generator states; the observer's
-    record (``observer``: its architecture flags and head, which evaluation and inference.py
-    run it with); the segmenter's preset
-    (``preset``: ``obsnet/preset.py``), which the evaluation-only benchmarks adopt; for an
+    the run config as flags (``args``: ``cfg.as_flags()``) and random generator states; the
+    observer's spec (``observer``: its ``ObserverSpec.record()``; None for a SegNet), which
+    evaluation and inference.py run it with; the segmenter's preset (``preset``:
+    ``obsnet/preset.py``), which the evaluation-only benchmarks adopt; for an
     observer, ``segmenter``: the fingerprint of the segmenter it is trained against
     (``obsnet.models.checkpoint.weights_fingerprint``), checked wherever it is loaded."""
     m = cfg.model

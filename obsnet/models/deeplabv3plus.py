@@ -144,7 +144,7 @@ class Obsnet_DeepLab(nn.Module):  # noqa: N801  (named like the original's obser
     plus, at full resolution, two class-agnostic maps of the segmenter's logits (max softmax
     probability, entropy / log C). Returns one logit per pixel (B×1×H×W), higher = the
     segmenter is more likely wrong. ``no_residual`` ignores every segmenter map, ``no_img``
-    replaces the image by zeros (ablations).
+    replaces the image by zeros (ablations: plain attributes, not in the state_dict).
     """
 
     PROJECTED = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048, "aspp": 256,
@@ -153,8 +153,10 @@ class Obsnet_DeepLab(nn.Module):  # noqa: N801  (named like the original's obser
                 "down4": ("layer3", "layer4", "aspp")}
     DROPOUT = 0.1  # on the 1/16 bottleneck
 
-    def __init__(self, input_channels: int = 3, output_channels: int = 1, width_mult: float = 1.0):
+    def __init__(self, input_channels: int = 3, output_channels: int = 1, width_mult: float = 1.0,
+                 no_residual: bool = False, no_img: bool = False):
         super().__init__()
+        self.no_residual, self.no_img = no_residual, no_img
         c32, c64, c128, c256 = (scaled(c, width_mult) for c in (32, 64, 128, 256))
         widths = {"down2": c128, "down3": c256, "down4": c256}
         self.stem = ConvBNReLU(input_channels, c32)  # H
@@ -171,20 +173,19 @@ class Obsnet_DeepLab(nn.Module):  # noqa: N801  (named like the original's obser
         self.head = nn.Sequential(ConvBNReLU(c64 + c32 + 2, c32),  # H: up2, stem, logit maps
                                   nn.Conv2d(c32, output_channels, 1))
 
-    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
-                no_img: bool = False):
+    def forward(self, x, feat, mc_drop: bool = False):
         """``feat``: DeepLabV3Plus's 7 maps (``DeepLabV3Plus.FEATURES``, logits last)."""
         if len(feat) != len(self.PROJECTED) + 1:
             raise ValueError(f"Obsnet_DeepLab: expects DeepLabV3Plus's {len(self.PROJECTED) + 1} "
                              f"feature maps, got {len(feat)}")
         maps = dict(zip(self.PROJECTED, feat))
-        if no_img:
+        if self.no_img:
             x = torch.zeros_like(x)
         s0 = self.stem(x)
         y, skips = self.down1(F.max_pool2d(s0, 2, ceil_mode=True)), {}
         for stage in ("down2", "down3", "down4"):
             y = getattr(self, stage)(F.max_pool2d(y, 2, ceil_mode=True))
-            if not no_residual:
+            if not self.no_residual:
                 for name in self.ADDED_AT[stage]:
                     y = y + resize(self.proj[name](maps[name]), y.shape[-2:])
             skips[stage] = y
@@ -192,7 +193,7 @@ class Obsnet_DeepLab(nn.Module):  # noqa: N801  (named like the original's obser
         y = self.up3(resize(y, skips["down3"].shape[-2:]) + skips["down3"])
         y = self.up2(resize(y, skips["down2"].shape[-2:]) + skips["down2"])
         logits = feat[-1].float()
-        if no_residual:
+        if self.no_residual:
             summary = torch.zeros_like(s0[:, :2])
         else:
             prob = torch.softmax(logits, dim=1)

@@ -259,6 +259,7 @@ class FeatureTap(nn.Module):
                                        "observe layers outside it, or give the nn.Module it "
                                        "was made from")
         self.has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules())
+        self.channels: tuple[int, ...] | None = None  # of the observed maps, logits last (probed)
         self._maps, self._hooked = {}, {}
         self.register_state_dict_post_hook(_drop_net_prefix)
         self.register_load_state_dict_pre_hook(_add_net_prefix)
@@ -432,11 +433,14 @@ class LayerObserver(nn.Module):
     DROPOUT = 0.1
 
     def __init__(self, channels: Sequence[int], width_mult: float = 1.0,
-                 inputs: str = "features", nclass: int = 0):
+                 inputs: str = "features", nclass: int = 0, no_residual: bool = False,
+                 no_img: bool = False):
         """``channels``: of each observed map, logits last; ``inputs``: what the final layer
         also reads of the logits (``obsnet.models.output_maps.INPUTS``; ``features``: none, and
-        no extra layer, so earlier checkpoints load)."""
+        no extra layer, so earlier checkpoints load). Ablations (plain attributes, not in the
+        state_dict): ``no_residual`` ignores the maps, ``no_img`` the image."""
         super().__init__()
+        self.no_residual, self.no_img = no_residual, no_img
         width = scaled(64, width_mult)
         self.stem = nn.Sequential(conv_bn_relu(3, max(1, width // 2), 3, stride=2),
                                   conv_bn_relu(max(1, width // 2), width, 3, stride=2))
@@ -445,12 +449,10 @@ class LayerObserver(nn.Module):
         self.classifier = nn.Conv2d(width, 1, kernel_size=1)
         self.fc = None if inputs == "features" else OutputHead(1, inputs, nclass)
 
-    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
-                no_img: bool = False):
-        """``feat``: the segmenter's observed maps, logits last (``FeatureTap``);
-        ``no_residual`` ignores them, ``no_img`` the image (ablations)."""
-        y = self.stem(torch.zeros_like(x) if no_img else x)
-        if not no_residual:
+    def forward(self, x, feat, mc_drop: bool = False):
+        """``feat``: the segmenter's observed maps, logits last (``FeatureTap``)."""
+        y = self.stem(torch.zeros_like(x) if self.no_img else x)
+        if not self.no_residual:
             for project, fmap in zip(self.projections, feat):
                 y = y + resize(project(fmap), y.shape[-2:])
         y = shared_dropout(self.fuse[0](y), self.DROPOUT, self.training, mc_drop)
@@ -458,28 +460,27 @@ class LayerObserver(nn.Module):
         return y if self.fc is None else self.fc(y, feat[-1])
 
 
-def build_generic(model: str, nclass: int, width_mult: float, layers=None,
-                  backbone_weights=None, probe_size=None,
-                  inputs: str = "features") -> tuple[FeatureTap, LayerObserver]:
-    """(segmenter wrapped in a FeatureTap, its LayerObserver) for a generic spec.
+def build_tap(model: str, nclass: int, layers=None, backbone_weights=None,
+              probe_size=None) -> FeatureTap:
+    """The segmenter of a generic spec, wrapped in a FeatureTap (its ``channels`` set).
 
-    ``layers``: module names to observe (None: see ``tap_and_observer``). One probe pass, at
+    ``layers``: module names to observe (None: see ``tap_network``). One probe pass, at
     ``probe_size`` (the run's --size; None: PROBE_SIZE), finds their channels and checks that
-    the network gives ``nclass`` logits. ``inputs``: see ``LayerObserver``.
+    the network gives ``nclass`` logits.
     """
-    net = build_network(model, nclass, backbone_weights)
-    tap, observer, maps = tap_and_observer(net, model, layers, width_mult, probe_size=probe_size,
-                                           inputs=inputs)
-    if maps[-1].shape[1] != nclass:
-        raise ValueError(f"--model {model}: gives {maps[-1].shape[1]} class maps, not the "
+    tap = tap_network(build_network(model, nclass, backbone_weights), model, layers,
+                      probe_size=probe_size)
+    if tap.channels[-1] != nclass:
+        raise ValueError(f"--model {model}: gives {tap.channels[-1]} class maps, not the "
                          f"{nclass} of the dataset (--nclass)")
-    return tap, observer
+    return tap
 
 
-def tap_and_observer(net: nn.Module, spec: str, layers=None, width_mult: float = 1.0,
-                     naming: Naming | None = None, probe_size=None, inputs: str = "features"):
-    """(FeatureTap of ``net`` observing ``layers``, its LayerObserver, the probe's maps);
-    ``layers`` None: the family's (``family_layers``), else the top-level ones (``auto_layers``).
+def tap_network(net: nn.Module, spec: str, layers=None, naming: Naming | None = None,
+                probe_size=None) -> FeatureTap:
+    """FeatureTap of ``net`` observing ``layers``, its ``channels`` (of each observed map,
+    logits last) found by one probe pass; ``layers`` None: the family's (``family_layers``),
+    else the top-level ones (``auto_layers``).
 
     Refused in one line (SegmenterError, naming the network as ``naming`` says; default: the
     flags of ``--model spec``): a TorchScript network, weights other than float32, and what
@@ -489,6 +490,13 @@ def tap_and_observer(net: nn.Module, spec: str, layers=None, width_mult: float =
     refuse_other_precision(net, naming)
     chosen = layers or family_layers(net) or auto_layers(net, spec, naming, probe_size)
     tap = FeatureTap(net, chosen, spec, naming, given=bool(layers))
-    maps = probe_maps(tap, probe_size)
-    channels = [m.shape[1] for m in maps]
-    return tap, LayerObserver(channels, width_mult, inputs, channels[-1]), maps
+    tap.channels = tuple(m.shape[1] for m in probe_maps(tap, probe_size))
+    return tap
+
+
+def layer_observer(tap: FeatureTap, width_mult: float = 1.0, inputs: str = "features",
+                   no_residual: bool = False, no_img: bool = False) -> LayerObserver:
+    """The LayerObserver of a FeatureTap (``tap_network``'s: it knows its maps' channels);
+    ``inputs`` and the ablations: see ``LayerObserver``."""
+    return LayerObserver(tap.channels, width_mult, inputs, tap.channels[-1],
+                         no_residual=no_residual, no_img=no_img)

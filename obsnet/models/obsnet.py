@@ -25,23 +25,22 @@ class Obsnet_Seg(EncoderDecoder):  # noqa: N801  (the original's class name)
 
     Returns one logit per pixel (B×1×H×W); higher = the SegNet is more likely wrong.
     ``inputs`` (``obsnet.models.output_maps.INPUTS``): what its last layer also reads of the
-    SegNet's logits (``nclass`` outputs).
+    SegNet's logits (``nclass`` outputs). Ablations: ``no_residual`` drops the SegNet's maps,
+    ``no_img`` the image (plain attributes, not in the state_dict).
     """
 
     def __init__(self, input_channels: int = 3, output_channels: int = 1, width_mult: float = 1.0,
-                 head: str = "linear", inputs: str = "features", nclass: int = 0):
+                 head: str = "linear", inputs: str = "features", nclass: int = 0,
+                 no_residual: bool = False, no_img: bool = False):
         super().__init__(input_channels, output_channels, OBSNET_DROPOUT, width_mult,
                          last_relu=_last_relu(head))
         self.fc = OutputHead(output_channels, inputs, nclass)
+        self.no_residual, self.no_img = no_residual, no_img
 
-    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
-                no_img: bool = False):
-        """``feat``: the SegNet's 10 block outputs; the first 9 are added along the path.
-
-        ``no_residual`` drops the SegNet's maps, ``no_img`` the image (ablations).
-        """
-        extra = None if no_residual else feat[:9]
-        if no_img:
+    def forward(self, x, feat, mc_drop: bool = False):
+        """``feat``: the SegNet's 10 block outputs; the first 9 are added along the path."""
+        extra = None if self.no_residual else feat[:9]
+        if self.no_img:
             x = torch.zeros_like(x)
         return self.fc(self.run(x, extra=extra, mc_drop=mc_drop)[-1], feat[-1])
 
@@ -61,8 +60,7 @@ class Obsnet_Small(nn.Module):  # noqa: N801
         self.up1 = DecoderBlock(c64, output_channels, 2, last_relu=_last_relu(head))
         self.fc = OutputHead(output_channels, inputs, nclass)
 
-    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
-                no_img: bool = False):
+    def forward(self, x, feat, mc_drop: bool = False):
         """Upsample the SegNet's up4 map x8 to one logit per pixel (``x`` is unused)."""
         up3 = self.up3(feat[self.FEATURE_INDEX])
         up3 = nn.functional.dropout(up3, self.dropout_p, training=self.training or mc_drop)
@@ -79,11 +77,12 @@ class SegNetLayerObserver(LayerObserver):
 
     FEATURES = (2, 4, 7, 9)  # indices in the SegNet's 10 block outputs
 
-    def __init__(self, width_mult: float = 1.0, inputs: str = "features", nclass: int = 1):
+    def __init__(self, width_mult: float = 1.0, inputs: str = "features", nclass: int = 1,
+                 no_residual: bool = False, no_img: bool = False):
         c128, c256, c512 = (scaled(c, width_mult) for c in (128, 256, 512))
-        super().__init__([c256, c512, c128, nclass], width_mult, inputs, nclass)
+        super().__init__([c256, c512, c128, nclass], width_mult, inputs, nclass,
+                         no_residual=no_residual, no_img=no_img)
 
-    def forward(self, x, feat, mc_drop: bool = False, no_residual: bool = False,
-                no_img: bool = False):
+    def forward(self, x, feat, mc_drop: bool = False):
         """``feat``: the SegNet's 10 block outputs, of which ``FEATURES`` are read."""
-        return super().forward(x, [feat[i] for i in self.FEATURES], mc_drop, no_residual, no_img)
+        return super().forward(x, [feat[i] for i in self.FEATURES], mc_drop)

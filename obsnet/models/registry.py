@@ -1,16 +1,17 @@
-"""Model registry (name -> builder) and loading whole networks from their checkpoints."""
+"""Model registry (name -> builder): segmenters and observers, built and loaded separately."""
 from pathlib import Path
 
 import torch.nn as nn
 
-from obsnet.models.checkpoint import (CheckpointError, check_same_segmenter, load_checkpoint,
-                                     load_weights, recorded_fingerprint, weights_fingerprint)
+from obsnet.models.checkpoint import (CheckpointError, check_same_segmenter, load_weights,
+                                     recorded_fingerprint, weights_fingerprint)
 from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab
-from obsnet.models.generic import build_generic, is_generic
-from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small, SegNetLayerObserver
+from obsnet.models.generic import FeatureTap, build_tap, is_generic, layer_observer
+from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small, SegNetLayerObserver
+from obsnet.models.observer_spec import (KINDS, ObserverRequest, ObserverSpec, observer_path,
+                                         resolve_observer)
 from obsnet.models.output_maps import INPUTS
 from obsnet.models.segnet import SegNet, freeze
-
 
 # Segmentation networks: builder(nclass, width_mult, backbone_weights). ``backbone_weights``
 # (None, "imagenet" or a torchvision state_dict file) initialises the encoder: VGG16 for the
@@ -21,47 +22,60 @@ SEGMENTERS = {
     "deeplabv3plus": lambda nclass, width_mult, backbone_weights=None: DeepLabV3Plus(
         3, nclass, backbone_weights=backbone_weights, width_mult=width_mult),
 }
-# Observers: builder(width_mult, head, inputs, nclass); "<model>_small" is the --obs_mlp variant
-# of "<model>", "<model>_layer" its --obs_kind layer. ``head`` (obsnet.models.obsnet.HEADS) is
-# the SegNet mirror's last block; ``inputs`` (obsnet.models.output_maps.INPUTS) what the last
-# layer reads of the logits. DeepLab's observer has neither: it reads two maps of the logits
-# (max softmax, entropy) already, and has no tie.
+# Observers: builder(spec, width_mult, nclass), ``spec`` an ObserverSpec; "<model>_small" is the
+# --obs_mlp variant of "<model>", "<model>_layer" its --obs_kind layer. ``spec.head``
+# (obsnet.models.obsnet.HEADS) is the SegNet mirror's last block; ``spec.inputs``
+# (obsnet.models.output_maps.INPUTS) what the last layer reads of the logits; ``spec.no_residual``
+# and ``spec.no_img`` the ablations its forward pass applies. DeepLab's observer has no head
+# and no inputs: it reads two maps of the logits (max softmax, entropy) already, and has no tie.
 OBSERVERS = {
-    "segnet": lambda width_mult, head, inputs, nclass: Obsnet_Seg(
-        3, 1, width_mult=width_mult, head=head, inputs=inputs, nclass=nclass),
-    "segnet_small": lambda width_mult, head, inputs, nclass: Obsnet_Small(
-        512, 1, width_mult=width_mult, head=head, inputs=inputs, nclass=nclass),
-    "segnet_layer": lambda width_mult, head, inputs, nclass: SegNetLayerObserver(
-        width_mult, inputs, nclass),
-    "deeplabv3plus": lambda width_mult, head, inputs, nclass: Obsnet_DeepLab(
-        3, 1, width_mult=width_mult),
+    "segnet": lambda spec, width_mult, nclass: Obsnet_Seg(
+        3, 1, width_mult=width_mult, head=spec.head, inputs=spec.inputs, nclass=nclass,
+        no_residual=spec.no_residual, no_img=spec.no_img),
+    "segnet_small": lambda spec, width_mult, nclass: Obsnet_Small(
+        512, 1, width_mult=width_mult, head=spec.head, inputs=spec.inputs, nclass=nclass),
+    "segnet_layer": lambda spec, width_mult, nclass: SegNetLayerObserver(
+        width_mult, spec.inputs, nclass, no_residual=spec.no_residual, no_img=spec.no_img),
+    "deeplabv3plus": lambda spec, width_mult, nclass: Obsnet_DeepLab(
+        3, 1, width_mult=width_mult, no_residual=spec.no_residual, no_img=spec.no_img),
 }
-KINDS = ("mirror", "layer")  # --obs_kind: the segmenter's mirror, or the generic LayerObserver
 
 
-def build_models(model: str, nclass: int, width_mult: float, obs_mlp: bool,
-                 backbone_weights=None, head: str = "linear", layers=None, probe_size=None,
-                 inputs: str = "features", kind: str = "mirror"):
-    """Return (segnet, obsnet) for a registry name or a generic spec (``torchvision:<name>``,
-    ``package.module:factory``: see ``obsnet.models.generic``).
+def build_segmenter(model: str, nclass: int, width_mult: float, backbone_weights=None,
+                    layers=None, probe_size=None) -> nn.Module:
+    """The segmenter of a registry name, or of a generic spec (``torchvision:<name>``,
+    ``package.module:factory``: a ``FeatureTap``, see ``obsnet.models.generic``).
 
     ``backbone_weights``: None (random init), "imagenet" (torchvision download) or a
-    torchvision state_dict file for the segmentation network's encoder (see SEGMENTERS).
-    ``head``: the observer's last block (``obsnet.models.obsnet.HEADS``); ``layers``: the
-    layers a generic spec's observer reads (None: its default); ``probe_size``: the image size
-    (H, W, the run's --size) of the one forward pass that checks a generic spec's network.
-    ``inputs`` (``--obs_inputs``) and ``kind`` (``--obs_kind``): see OBSERVERS and KINDS.
+    torchvision state_dict file for the encoder (see SEGMENTERS). A generic spec's tap observes
+    ``layers`` (None: its default) and knows their channels (``FeatureTap.channels``) from one
+    probe pass at ``probe_size`` (H, W, the run's --size), which also checks the network.
     """
     if model not in SEGMENTERS and not is_generic(model):
         raise ValueError(f"--model {model}: unknown (available: {', '.join(sorted(SEGMENTERS))}, "
                          f"torchvision:<name>, package.module:factory)")
-    observer = observer_name(model, obs_mlp, inputs, kind)  # checked before building anything
     if is_generic(model):
-        return build_generic(model, nclass, width_mult, layers, backbone_weights, probe_size,
-                             inputs)
-    segnet = SEGMENTERS[model](nclass, width_mult, backbone_weights)
-    obsnet = OBSERVERS[observer](width_mult, head, inputs, nclass)
-    return segnet, obsnet
+        return build_tap(model, nclass, layers, backbone_weights, probe_size)
+    return SEGMENTERS[model](nclass, width_mult, backbone_weights)
+
+
+def build_observer(spec: ObserverSpec, segmenter: nn.Module, nclass: int,
+                   width_mult: float) -> nn.Module:
+    """A new observer as ``spec`` says, for ``segmenter`` (``build_segmenter``'s, of
+    ``spec.model``); ValueError naming the flag that cannot be used."""
+    if spec.model is None:
+        raise ValueError("the observer's --model is not known: give --model")
+    name = observer_name(spec.model, spec.obs_mlp, spec.inputs, spec.kind)
+    ablation = next((f for f in ("no_residual", "no_img") if getattr(spec, f)), None)
+    if spec.obs_mlp and ablation:
+        raise ValueError(f"--obs_mlp with --{ablation}: the light observer reads the SegNet's "
+                         f"up4 map alone, so --{ablation} cannot apply to it")
+    if name is not None:
+        return OBSERVERS[name](spec, width_mult, nclass)
+    if not isinstance(segmenter, FeatureTap) or segmenter.channels is None:
+        raise ValueError(f"--model {spec.model}: its observer needs the segmenter's FeatureTap "
+                         f"(build_segmenter's)")
+    return layer_observer(segmenter, width_mult, spec.inputs, spec.no_residual, spec.no_img)
 
 
 def observer_name(model: str, obs_mlp: bool, inputs: str, kind: str) -> str | None:
@@ -86,117 +100,50 @@ def observer_name(model: str, obs_mlp: bool, inputs: str, kind: str) -> str | No
     return name
 
 
-OBSERVER_FLAGS = ("obs_mlp", "no_residual", "no_img")  # what changes how an observer is run
-DEFAULT_HEAD = "linear"  # of new observers; checkpoints that record no head have the original's
-# Of new observers; checkpoints that record none read no logits and mirror the segmenter.
-DEFAULT_INPUTS, DEFAULT_KIND = "features", "mirror"
-RECORDED_CHOICES = {"inputs": INPUTS, "kind": KINDS}  # each: the flag --obs_<name>
+def load_segmenter(model: str, nclass: int, width_mult: float, path, device="cpu",
+                   label: str = "--segnet_file", layers=None, probe_size=None) -> nn.Module:
+    """The frozen segmenter of ``model`` with the weights of ``path``, on ``device``.
 
-
-def observer_path(obsnet_file) -> Path:
-    """An observer checkpoint: the file itself, or a folder's ``best.pth``."""
-    path = Path(obsnet_file)
-    return path / "best.pth" if path.is_dir() else path
-
-
-def observer_record(args) -> dict:
-    """What an observer checkpoint records of how to build and run it: ``OBSERVER_FLAGS``, the
-    ``head`` (``args.obs_head``, None meaning the default), the ``model`` spec, the ``layers``
-    a generic model's observer reads (``args.observe_layers``, else None), and what it reads of
-    the logits and which kind it is (``args.obs_inputs``, ``args.obs_kind``; None: defaults)."""
-    record = {flag: bool(getattr(args, flag)) for flag in OBSERVER_FLAGS}
-    layers = getattr(args, "observe_layers", None)
-    return record | {"head": getattr(args, "obs_head", None) or DEFAULT_HEAD,
-                     "model": args.model, "layers": list(layers) if layers else None,
-                     "inputs": getattr(args, "obs_inputs", None) or DEFAULT_INPUTS,
-                     "kind": getattr(args, "obs_kind", None) or DEFAULT_KIND}
-
-
-def observer_flags(obsnet_file) -> dict | None:
-    """The flags and head recorded in an observer checkpoint (see ``observer_record``), or
-    None for a checkpoint that records none (the original's plain state_dicts). Each recorded
-    value is checked as data (a CheckpointError names the file and the entry): the model spec
-    is only compared with the command line's, the layers are looked up among the module names
-    of the network the command line builds."""
-    path = observer_path(obsnet_file)
-    checkpoint = load_checkpoint(path)
-    recorded = checkpoint.get("observer") if isinstance(checkpoint, dict) else None
-    if not isinstance(recorded, dict):
-        return None
-    head, model, layers = recorded.get("head", "original"), recorded.get("model"), recorded.get("layers")
-    if head not in HEADS:
-        raise CheckpointError(f"{path}: its recorded observer head is not one of {', '.join(HEADS)}")
-    if model is not None and not isinstance(model, str):
-        raise CheckpointError(f"{path}: its recorded observer model is not a model spec")
-    if layers is not None and not (isinstance(layers, (list, tuple)) and layers
-                                   and all(isinstance(name, str) and name for name in layers)):
-        raise CheckpointError(f"{path}: its recorded observer layers are not module names")
-    chosen = {"inputs": recorded.get("inputs", DEFAULT_INPUTS), "kind": recorded.get("kind", DEFAULT_KIND)}
-    for name, value in chosen.items():
-        if value not in RECORDED_CHOICES[name]:
-            raise CheckpointError(f"{path}: its recorded observer {name} is not one of "
-                                  f"{', '.join(RECORDED_CHOICES[name])}")
-    return {k: bool(recorded.get(k, False)) for k in OBSERVER_FLAGS} | chosen | \
-        {"head": head, "model": model, "layers": tuple(layers) if layers else None}
-
-
-def merge_observer_flags(given: dict, obsnet_file) -> dict:
-    """The observer flags and head to run a checkpoint with: those it records, else ``given``
-    (the command line's; a plain state_dict has the original head unless ``given["head"]``
-    says otherwise). A flag given on the command line that the checkpoint was trained
-    without, or another head, is a CheckpointError (exit 1): it would score with another
-    network."""
-    recorded = observer_flags(obsnet_file)
-    path = observer_path(obsnet_file)
-    if recorded is None:
-        return dict(given) | {"head": given.get("head") or "original",
-                              "inputs": given.get("inputs") or DEFAULT_INPUTS,
-                              "kind": given.get("kind") or DEFAULT_KIND}
-    for flag in OBSERVER_FLAGS:
-        if given.get(flag) and not recorded[flag]:
-            raise CheckpointError(f"{path}: this observer was trained without --{flag}; drop "
-                                  f"--{flag} (its checkpoint records how it was trained)")
-    if given.get("head") not in (None, recorded["head"]):
-        raise CheckpointError(f"{path}: this observer has the {recorded['head']} head, not "
-                              f"--obs_head {given['head']}; drop --obs_head (its checkpoint "
-                              f"records its head)")
-    for name in RECORDED_CHOICES:
-        if given.get(name) not in (None, recorded[name]):
-            raise CheckpointError(f"{path}: this observer has --obs_{name} {recorded[name]}, not "
-                                  f"--obs_{name} {given[name]}; drop --obs_{name} (its checkpoint "
-                                  f"records it)")
-    if given.get("model") not in (None, recorded["model"]) and recorded["model"] is not None:
-        raise CheckpointError(f"{path}: this observer was trained with --model "
-                              f"{recorded['model']}, not --model {given['model']}")
-    if given.get("layers") and tuple(given["layers"]) != recorded["layers"]:
-        recorded_layers = ",".join(recorded["layers"] or ()) or "its model's default"
-        raise CheckpointError(f"{path}: this observer reads --observe_layers {recorded_layers}; "
-                              f"drop --observe_layers (its checkpoint records its layers)")
-    return recorded
-
-
-def load_networks(model: str, nclass: int, width_mult: float, obs_mlp: bool, segnet_file,
-                  obsnet_file=None, device="cpu", head: str = DEFAULT_HEAD,
-                  segnet_label: str = "--segnet_file", layers=None, probe_size=None,
-                  inputs: str = DEFAULT_INPUTS, kind: str = DEFAULT_KIND):
-    """(frozen SegNet loaded from ``segnet_file``, ObsNet with ``head``) on ``device``.
-
-    ``obsnet_file``: a checkpoint file, or a folder whose ``best.pth`` is loaded; None leaves
-    the observer freshly initialised (for training). ``segnet_label``: how messages name the
-    SegNet file (the flag that gave it, e.g. "--ensemble member"). ``layers``: what a generic
-    model's observer reads (None: its default); ``probe_size``, ``inputs``, ``kind``: see
-    ``build_models``.
+    ``label``: how messages name the file (the flag that gave it, e.g. "--ensemble member");
+    ``layers``, ``probe_size``: see ``build_segmenter``.
     """
-    segnet, obsnet = build_models(model, nclass, width_mult, obs_mlp, head=head, layers=layers,
-                                  probe_size=probe_size, inputs=inputs, kind=kind)
-    if not Path(segnet_file).is_file():
-        hint = " (train one with --train_segnet)" if segnet_label == "--segnet_file" else ""
-        raise CheckpointError(f"{segnet_label} {segnet_file}: file not found{hint}")
-    load_weights(segnet, segnet_file, segnet_label)
-    if obsnet_file is not None:
-        checkpoint = load_weights(obsnet, observer_path(obsnet_file), "--obsnet_file")
-        check_observer_segmenter(checkpoint, obsnet_file, segnet, f"{segnet_label} {segnet_file}")
-    return freeze(segnet.to(device)), obsnet.to(device)
+    segnet = build_segmenter(model, nclass, width_mult, layers=layers, probe_size=probe_size)
+    if not Path(path).is_file():
+        hint = " (train one with --train_segnet)" if label == "--segnet_file" else ""
+        raise CheckpointError(f"{label} {path}: file not found{hint}")
+    load_weights(segnet, path, label)
+    return freeze(segnet.to(device))
+
+
+def load_observer(path, given: ObserverRequest | ObserverSpec, segmenter: nn.Module, nclass: int,
+                  width_mult: float, device="cpu",
+                  segnet_where: str = "--segnet_file") -> tuple[nn.Module, ObserverSpec]:
+    """(the observer of checkpoint ``path`` for ``segmenter``, with its weights, on ``device``;
+    its spec).
+
+    ``path``: a checkpoint file or a folder (its ``best.pth``). The spec is the one the
+    checkpoint records, else ``given``'s (``resolve_observer``: a contradicting request is a
+    one-line CheckpointError); a checkpoint trained against another segmenter than
+    ``segmenter`` (``segnet_where``: how messages name it) is refused too.
+
+    A generic segmenter's FeatureTap holds the observed layers, so build it after resolving::
+
+        spec = resolve_observer(path, request)
+        segmenter = load_segmenter(model, nclass, width_mult, segnet_file, layers=spec.layers)
+        observer, spec = load_observer(path, spec, segmenter, nclass, width_mult)
+
+    (the resolved spec passes the checks again: it is the checkpoint's record).
+    """
+    spec = resolve_observer(path, given)
+    taps = getattr(segmenter, "layers", None) if isinstance(segmenter, FeatureTap) else None
+    if spec.layers and taps is not None and tuple(taps) != spec.layers:
+        raise CheckpointError(f"--obsnet_file {observer_path(path)}: this observer reads "
+                              f"--observe_layers {','.join(spec.layers)}, and the segmenter "
+                              f"observes {','.join(taps)}; build it with the observer's layers")
+    observer = build_observer(spec, segmenter, nclass, width_mult)
+    checkpoint = load_weights(observer, observer_path(path), "--obsnet_file")
+    check_observer_segmenter(checkpoint, path, segmenter, segnet_where)
+    return observer.to(device), spec
 
 
 def check_observer_segmenter(checkpoint, obsnet_file, segnet: nn.Module, segnet_where: str) -> None:

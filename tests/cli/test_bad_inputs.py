@@ -26,7 +26,7 @@ from obsnet.data.synthetic import generate
 from obsnet.errors import ObsnetWarning
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.registry import build_models
+from obsnet.models.registry import build_segmenter
 from obsnet.models.segnet import SegNet
 from tests.helpers import ROOT
 from tests.helpers.runner import ENV, python
@@ -72,7 +72,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     generate(root / "data", seed=0, n_train=96, n_val=2, n_test=2, size=(32, 48))
     torch.manual_seed(0)
-    net = build_models("segnet", SPECS["Synthetic"].nclass, 0.0625, False)[0]
+    net = build_segmenter("segnet", SPECS["Synthetic"].nclass, 0.0625)
     save_checkpoint(root / "segnet.pth", {"model": net.state_dict()})
     return root
 

@@ -18,7 +18,7 @@ from obsnet import cli as obsnet_cli
 from obsnet import outputs
 from obsnet.data.errors import DatasetError
 from obsnet.data.synthetic import MARKER, OWNER, generate, refusal
-from obsnet.models.registry import build_models
+from obsnet.models.registry import build_segmenter
 from tests.helpers import ROOT, runner
 from tests.helpers.runner import ENV, one_line_error
 from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
@@ -242,7 +242,7 @@ def test_a_dict_without_weights_is_one_line(base, tmp_path):
 
 def _nan_segnet(path):
     """A SegNet checkpoint whose first weight holds NaN (saved from a diverged run)."""
-    state = build_models("segnet", 12, 0.0625, False)[0].state_dict()
+    state = build_segmenter("segnet", 12, 0.0625).state_dict()
     key = next(k for k in state if k.endswith("weight"))
     state[key] = state[key] * float("nan")
     torch.save({"model": state}, path)

@@ -19,7 +19,7 @@ from obsnet import cli as obsnet_cli
 from obsnet import score_export
 from obsnet.data.specs import SPECS
 from obsnet.models.checkpoint import save_checkpoint
-from obsnet.models.registry import build_models
+from obsnet.models.registry import build_segmenter
 from tests.helpers.runner import ENV
 from tests.helpers.runner import TINY_SERIAL as TINY, run_paths as paths
 from tests.helpers import ROOT
@@ -46,7 +46,7 @@ def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     make_anomaly(root / "datasets")
     torch.manual_seed(0)
-    net = build_models("segnet", SPECS["Cityscapes"].nclass, 0.0625, False)[0]
+    net = build_segmenter("segnet", SPECS["Cityscapes"].nclass, 0.0625)
     save_checkpoint(root / "segnet.pth", {"model": net.state_dict()})
     return root
 

@@ -25,7 +25,8 @@ from obsnet.evaluate import evaluate
 from obsnet.methods import METHODS, MethodConfig, parse_methods
 from obsnet.models.generic import FeatureTap, LayerObserver
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.registry import OBSERVERS, SEGMENTERS, build_models
+from obsnet.models.observer_spec import ObserverSpec
+from obsnet.models.registry import OBSERVERS, SEGMENTERS, build_observer, build_segmenter
 from obsnet.models.segnet import SegNet, freeze
 from tests.helpers import ROOT, contracts  # contracts: the tests the doc tells a new method or mask to pass
 
@@ -196,12 +197,14 @@ def test_dataset_recipe_is_built_loaded_and_checked(monkeypatch, tmp_path, capsy
 # ----------------------------------------------------------------------------- 4. segmenter
 
 def test_registered_segmenter_is_built_and_observed(monkeypatch):
-    """--model tiny is accepted; build_models gives the segmenter and its observer; they
-    answer as the SegNet and ObsNet do, and evaluate() scores obsnet, mcp and mc_dropout."""
+    """--model tiny is accepted; build_segmenter and build_observer give the segmenter and its
+    observer; they answer as the SegNet and ObsNet do, and evaluate() scores obsnet, mcp and
+    mc_dropout."""
     _, registry_code = doc_blocks("4.")
     follow(registry_code, monkeypatch, (SEGMENTERS, "tiny"), (OBSERVERS, "tiny"))
     assert cli.build_parser().parse_args(["--model", "tiny"]).model == "tiny"
-    segnet, observer = build_models("tiny", 12, 0.25, obs_mlp=False)
+    segnet = build_segmenter("tiny", 12, 0.25)
+    observer = build_observer(ObserverSpec("tiny"), segnet, 12, 0.25)
     segnet, observer = freeze(segnet), observer.eval()
     images = torch.randn(2, 3, *SIZE)
     feats = segnet(images, return_feat=True)
@@ -209,7 +212,10 @@ def test_registered_segmenter_is_built_and_observed(monkeypatch):
     assert observer(images, feats).shape == (2, 1, *SIZE)
     assert not torch.equal(segnet(images, mc_drop=True), segnet(images, mc_drop=True))
     with pytest.raises(ValueError, match="--obs_mlp"):
-        build_models("tiny", 12, 0.25, obs_mlp=True)
+        build_observer(ObserverSpec("tiny", obs_mlp=True), segnet, 12, 0.25)
+    ablated = build_observer(ObserverSpec("tiny", no_img=True), segnet, 12, 0.25).eval()
+    ablated.load_state_dict(observer.state_dict())  # the spec's ablation reaches forward
+    assert not torch.allclose(ablated(images, feats), observer(images, feats))
 
     results, _, _ = evaluate(segnet, observer, tiny_batches(), ["obsnet", "mcp", "mc_dropout"],
                              SPECS["Synthetic"], torch.device("cpu"), MethodConfig(mc_passes=2),
@@ -226,7 +232,8 @@ def test_factory_route_needs_no_registry_entry(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "mynets", raising=False)
     before = dict(SEGMENTERS)
     assert cli.build_parser().parse_args(["--model", "mynets:build"]).model == "mynets:build"
-    segnet, observer = build_models("mynets:build", 12, 0.25, obs_mlp=False, probe_size=SIZE)
+    segnet = build_segmenter("mynets:build", 12, 0.25, probe_size=SIZE)
+    observer = build_observer(ObserverSpec("mynets:build"), segnet, 12, 0.25)
     assert isinstance(segnet, FeatureTap) and isinstance(observer, LayerObserver)
     images = torch.randn(2, 3, *SIZE)
     feats = segnet.eval()(images, return_feat=True)

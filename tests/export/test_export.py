@@ -17,7 +17,8 @@ from torchvision.models.resnet import Bottleneck
 from obsnet import export
 from obsnet.data.specs import IMAGENET_MEAN, IMAGENET_STD, SPECS
 from obsnet.models.checkpoint import save_checkpoint
-from obsnet.models.registry import build_models
+from obsnet.models.observer_spec import ObserverSpec
+from obsnet.models.registry import build_observer, build_segmenter
 from obsnet.models.obsnet import Obsnet_Seg
 from obsnet.models.segnet import SegNet
 from tests.helpers import ROOT
@@ -151,7 +152,8 @@ def test_deeplab_parity(tmp_path):
     1.3e-4; onnxruntime's are closer to float64 than PyTorch's). Residual branches scaled down
     as in a trained ResNet (``bn3`` gamma 0.2, cf. torchvision's ``zero_init_residual``) bring
     float32 within 1e-5 of float64, so that 1e-4 measures the export, not the rounding."""
-    segmenter, observer = build_models("deeplabv3plus", 12, 1.0, False)
+    segmenter = build_segmenter("deeplabv3plus", 12, 1.0)
+    observer = build_observer(ObserverSpec("deeplabv3plus"), segmenter, 12, 1.0)
     for block in segmenter.modules():
         if isinstance(block, Bottleneck):
             nn.init.constant_(block.bn3.weight, 0.2)

@@ -18,7 +18,8 @@ from obsnet.data.specs import SPECS
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_fingerprint
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.registry import load_networks, observer_flags
+from obsnet.models.observer_spec import ObserverRequest, recorded_spec
+from obsnet.models.registry import load_observer, load_segmenter
 from obsnet.models.segnet import SegNet, freeze
 from obsnet.preset import preset_of, recorded_preset
 from obsnet.stats import ClassStats, load_stats, toy_class_stats
@@ -198,7 +199,7 @@ def test_observer_record_is_checked(tmp_path, entry, value):
     path = tmp_path / "best.pth"
     torch.save({"model": {}, "observer": OBSERVER | {entry: value}}, path)
     with pytest.raises(CheckpointError, match=rf"^{path}: its recorded observer {entry}"):
-        observer_flags(path)
+        recorded_spec(path)
 
 
 def test_statistics_file_entries_are_checked(tmp_path):
@@ -224,7 +225,8 @@ def test_export_without_data_adopts_the_recorded_normalisation(nets, tmp_path):
                     "--obsnet_file", str(nets / "obs"), "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stderr
     assert "normalised inside with Synthetic's mean and std" in result.stdout
-    segnet, observer = load_networks("segnet", 12, WIDTH, False, nets / "a.pth", nets / "obs")
+    segnet = load_segmenter("segnet", 12, WIDTH, nets / "a.pth")
+    observer, _ = load_observer(nets / "obs", ObserverRequest(), segnet, 12, WIDTH)
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata["obsnet.segmenter"] == weights_fingerprint(segnet)
     assert metadata["obsnet.observer"] == weights_fingerprint(observer)
@@ -267,7 +269,8 @@ def reference_maps(nets, data: str) -> dict:
     recorded size, as inference.py writes them (float16, each image's resolution)."""
     from obsnet.inference import predict, prepare
     from obsnet.data.base import read_image
-    segnet, observer = load_networks("segnet", 12, WIDTH, False, nets / "a.pth", nets / "obs")
+    segnet = load_segmenter("segnet", 12, WIDTH, nets / "a.pth")
+    observer, _ = load_observer(nets / "obs", ObserverRequest(), segnet, 12, WIDTH)
     maps = {}
     for path in sorted((nets / "images").iterdir()):
         image = read_image(path).as_subclass(torch.Tensor)
@@ -334,7 +337,7 @@ def other_segnet(run_dir, path):
 
 
 def test_derived_files_record_their_segmenter(trained):
-    segnet = load_networks("segnet", 12, WIDTH, False, trained / "segnet.pth")[0]
+    segnet = load_segmenter("segnet", 12, WIDTH, trained / "segnet.pth")
     fingerprint = weights_fingerprint(segnet)
     for name in ("best.pth", "last.pth"):
         assert load_checkpoint(trained / "obsnet" / name)["segmenter"] == fingerprint

@@ -5,7 +5,7 @@ import torch.nn as nn
 from obsnet.data.specs import SPECS
 from obsnet.models.checkpoint import save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.registry import build_models
+from obsnet.models.registry import build_segmenter
 from obsnet.models.segnet import SegNet, freeze
 
 
@@ -31,7 +31,7 @@ def tiny_nets(width_mult: float, observer_first: bool = False, observer_eval: bo
 def segnet_file(path, width_mult=0.0625):
     """A freshly initialised SegNet checkpoint (no training needed to train an observer)."""
     torch.manual_seed(0)
-    net = build_models("segnet", SPECS["Synthetic"].nclass, width_mult, False)[0]
+    net = build_segmenter("segnet", SPECS["Synthetic"].nclass, width_mult)
     save_checkpoint(path, {"model": net.state_dict()})
     return path
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from obsnet.data.loaders import build_dataset
 from obsnet.data.specs import SPECS
-from obsnet.models.registry import load_networks
+from obsnet.models.registry import load_segmenter
 from tests.helpers.cityscapes import H, W
 
 SIZES = ((72, 160), (96, 192), (80, 136))  # larger than --size: scores are upsampled
@@ -76,7 +76,7 @@ def mcp_reference(segnet_file: Path, datasets: Path):
     """MCP's score maps on RoadAnomaly21's frames (sorted), computed here at --size and
     upsampled with PIL to each label's resolution, and the 0 / 1 / 255 labels."""
     spec = SPECS["RoadAnomaly21"]
-    segnet, _ = load_networks("segnet", 19, 0.0625, False, segnet_file)
+    segnet = load_segmenter("segnet", 19, 0.0625, segnet_file)
     maps, labels = [], []
     with torch.no_grad():
         for image, label in build_dataset(spec, datasets, "validation", (H, W)):

@@ -126,10 +126,9 @@ def test_void_class_per_dataset_is_the_originals():
     from obsnet.config import TestConfig
     from obsnet.eval_stages import method_config
     test = TestConfig(T=2, Temp=1.0, odin_eps=0.0, odin_temp=1.0, gauss_lambda=0.0)
-    flags = {"no_residual": False, "no_img": False}
-    assert method_config(test, SPECS["BddAnomaly"], 19, flags).void_class == 18  # the last output
-    assert method_config(test, SPECS["StreetHazard"], 19, flags).void_class == 3  # "other"
-    assert method_config(test, SPECS["CamVid"], 12, flags).void_class == 11
+    assert method_config(test, SPECS["BddAnomaly"], 19).void_class == 18  # the last output
+    assert method_config(test, SPECS["StreetHazard"], 19).void_class == 3  # "other"
+    assert method_config(test, SPECS["CamVid"], 12).void_class == 11
 
 
 # --------------------------------------------------------------------------- ODIN

@@ -10,7 +10,8 @@ from torchvision.models._api import WeightsEnum
 from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab, load_resnet101_backbone
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.registry import build_models
+from obsnet.models.observer_spec import ObserverSpec
+from obsnet.models.registry import build_observer, build_segmenter
 from obsnet.models.segnet import VGG16_CONVS, SegNet, init_encoder_from_vgg16
 
 NCLASS = 5
@@ -56,8 +57,10 @@ def test_observer_output_ablations_and_gradients(image_and_feats):
     obs = Obsnet_DeepLab(3, 1, width_mult=0.25).eval()
     out = obs(x, feats)
     assert out.shape == (1, 1, 64, 64)
-    assert not torch.allclose(out, obs(x, feats, no_residual=True))
-    assert not torch.allclose(out, obs(x, feats, no_img=True))
+    for ablation in ("no_residual", "no_img"):  # an ablated twin, same weights
+        twin = Obsnet_DeepLab(3, 1, width_mult=0.25, **{ablation: True}).eval()
+        twin.load_state_dict(obs.state_dict())
+        assert not torch.allclose(out, twin(x, feats)), ablation
     assert torch.equal(out, obs(x, feats))
     assert not torch.equal(obs(x, feats, mc_drop=True), obs(x, feats, mc_drop=True))
     obs.train()
@@ -116,15 +119,17 @@ def test_imagenet_without_network_says_to_pass_a_file(monkeypatch, deeplab):
         load_resnet101_backbone(deeplab.backbone, "imagenet")
 
 
-def test_build_models_registry():
-    seg, obs = build_models("deeplabv3plus", NCLASS, 1.0, False)
+def test_build_segmenter_and_observer_registry():
+    seg = build_segmenter("deeplabv3plus", NCLASS, 1.0)
+    obs = build_observer(ObserverSpec("deeplabv3plus"), seg, NCLASS, 1.0)
     assert isinstance(seg, DeepLabV3Plus) and isinstance(obs, Obsnet_DeepLab)
     assert seg.classifier.out_channels == NCLASS
     with pytest.raises(ValueError, match="--obs_mlp"):
-        build_models("deeplabv3plus", NCLASS, 1.0, True)
+        build_observer(ObserverSpec("deeplabv3plus", obs_mlp=True), seg, NCLASS, 1.0)
     with pytest.raises(ValueError, match="unknown"):
-        build_models("unet", NCLASS, 1.0, False)
-    seg, obs = build_models("segnet", NCLASS, 0.125, False)  # the existing call still works
+        build_segmenter("unet", NCLASS, 1.0)
+    seg = build_segmenter("segnet", NCLASS, 0.125)
+    obs = build_observer(ObserverSpec("segnet"), seg, NCLASS, 0.125)
     assert isinstance(seg, SegNet) and isinstance(obs, Obsnet_Seg)
 
 
@@ -151,7 +156,7 @@ def test_vgg16_initialises_the_13_encoder_convolutions(vgg_file, caplog):
     fresh = SegNet(3, NCLASS)
     assert init_encoder_from_vgg16(fresh, path) == 13
     assert torch.equal(fresh.down5.conv3.cbr_unit[0].weight, state["features.28.weight"])
-    seg, _ = build_models("segnet", NCLASS, 1.0, False, backbone_weights=path)
+    seg = build_segmenter("segnet", NCLASS, 1.0, backbone_weights=path)
     assert torch.equal(seg.down1.conv1.cbr_unit[0].weight, state["features.0.weight"])
 
 

@@ -36,8 +36,9 @@ from obsnet.data.specs import SPECS
 from obsnet.data.synthetic import generate
 from obsnet.models.blocks import fold_batchnorm
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
-from obsnet.models.generic import (FeatureTap, auto_layers, build_generic, family_layers,
-                                   probe_maps, resolve_factory)
+from obsnet.models.generic import FeatureTap, auto_layers, family_layers, probe_maps, resolve_factory
+from obsnet.models.observer_spec import ObserverSpec
+from obsnet.models.registry import build_observer, build_segmenter
 from tests.helpers.runner import inference_py, main_py, python
 from tests.helpers import toy_segmenter
 from tests.helpers.nets import calibrate
@@ -52,6 +53,13 @@ TOLERANCE = 1e-4
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def generic_pair(model: str, nclass: int, width_mult: float, layers=None, backbone_weights=None):
+    """(FeatureTap, LayerObserver) of a generic spec, built one after the other as the registry
+    builds them for every stage (the observer from the tap's probed channels)."""
+    tap = build_segmenter(model, nclass, width_mult, backbone_weights, layers)
+    return tap, build_observer(ObserverSpec(model), tap, nclass, width_mult)
+
 
 def plain_torchvision(spec: str, nclass: int, seed: int) -> nn.Module:
     """torchvision's own model of ``spec`` (random init from ``seed``), in eval mode."""
@@ -89,7 +97,7 @@ def test_tap_maps_logits_and_plain_state_dict(spec):
     sizes too), the observer one logit per pixel; the tap's state_dict is the network's own,
     and a plain torchvision state_dict (another init) loads strictly, giving that model's
     outputs exactly."""
-    tap, observer = build_generic(spec, NCLASS, WIDTH)
+    tap, observer = generic_pair(spec, NCLASS, WIDTH)
     assert tap.layers == MOBILENET_LAYERS
     assert list(tap.state_dict()) == list(tap.net.state_dict())
     reference = plain_torchvision(spec, NCLASS, seed=1)
@@ -121,8 +129,8 @@ def test_mc_drop_keeps_dropout_active_only_inside_the_call():
     eval mode ``mc_drop=True`` samples a new mask per call while plain calls are
     deterministic, and afterwards every module is back in eval mode, batch norm statistics
     untouched (a random network's batch norms are given one batch's statistics first)."""
-    assert build_generic(LRASPP, NCLASS, WIDTH)[0].has_dropout is False
-    tap = build_generic(DEEPLAB, NCLASS, WIDTH)[0]
+    assert generic_pair(LRASPP, NCLASS, WIDTH)[0].has_dropout is False
+    tap = generic_pair(DEEPLAB, NCLASS, WIDTH)[0]
     assert tap.has_dropout is True
     calibrate(tap, [tap])  # with the initial statistics, ReLU zeroes what dropout would drop
     buffers = {k: v.clone() for k, v in tap.state_dict().items()}
@@ -138,7 +146,7 @@ def test_mc_drop_keeps_dropout_active_only_inside_the_call():
 
 def fold_setup(layers):
     """An lraspp tap observing ``layers``, batch norms calibrated, in eval mode; a batch."""
-    tap, _ = build_generic(LRASPP, NCLASS, WIDTH, layers=layers)
+    tap, _ = generic_pair(LRASPP, NCLASS, WIDTH, layers=layers)
     calibrate(tap, [tap])
     return tap, torch.rand(2, 3, 64, 96)
 
@@ -186,26 +194,26 @@ def test_unknown_and_non_map_layers_are_named():
     ``backbone`` gives a dict, the toy ``summary`` a B×C vector), are ValueErrors naming
     --observe_layers and the layer; auto_layers leaves the vector out."""
     with pytest.raises(ValueError) as unknown:
-        build_generic(LRASPP, NCLASS, WIDTH, layers=["backbone.3", "backbone.99"])
+        generic_pair(LRASPP, NCLASS, WIDTH, layers=["backbone.3", "backbone.99"])
     assert str(unknown.value).startswith("--observe_layers backbone.99: not a layer of --model "
                                          f"{LRASPP}"), unknown.value
     with pytest.raises(ValueError) as as_dict:
-        build_generic(LRASPP, NCLASS, WIDTH, layers=["backbone"])
+        generic_pair(LRASPP, NCLASS, WIDTH, layers=["backbone"])
     assert str(as_dict.value).startswith("--observe_layers backbone: "), as_dict.value
     assert "OrderedDict" in str(as_dict.value) and "B×C×H×W" in str(as_dict.value)
     with pytest.raises(ValueError) as vector:
-        build_generic(f"{TOY}:gated", NCLASS, WIDTH, layers=["features", "summary"])
+        generic_pair(f"{TOY}:gated", NCLASS, WIDTH, layers=["features", "summary"])
     assert str(vector.value).startswith("--observe_layers summary: "), vector.value
     assert "2-D tensor" in str(vector.value)
     assert auto_layers(toy_segmenter.gated(NCLASS), f"{TOY}:gated") == ("features",)
-    assert build_generic(f"{TOY}:gated", NCLASS, WIDTH)[0].layers == ("features",)
+    assert generic_pair(f"{TOY}:gated", NCLASS, WIDTH)[0].layers == ("features",)
 
 
 def test_layer_never_called_is_a_value_error():
     """``--observe_layers`` naming a layer the network's forward never calls is a ValueError
     naming it."""
     with pytest.raises(ValueError, match="--observe_layers spare: .* never runs that layer"):
-        build_generic(f"{TOY}:with_unused", toy_segmenter.NCLASS, WIDTH, layers=["spare"])
+        generic_pair(f"{TOY}:with_unused", toy_segmenter.NCLASS, WIDTH, layers=["spare"])
 
 
 # ----------------------------------------------------------------------------- user factories
@@ -217,7 +225,7 @@ def test_user_factories():
     net = toy_segmenter.build(NCLASS)
     assert auto_layers(net, f"{TOY}:build") == ("stem", "down", "mid", "head")
     assert family_layers(net) is None
-    tap, observer = build_generic(f"{TOY}:build", NCLASS, WIDTH)
+    tap, observer = generic_pair(f"{TOY}:build", NCLASS, WIDTH)
     assert tap.layers == ("stem", "down", "mid", "head")
     x = torch.rand(2, 3, 32, 48)
     feats = tap(x, return_feat=True)
@@ -225,14 +233,14 @@ def test_user_factories():
                                                (2, NCLASS, 16, 24), (2, NCLASS, 32, 48)]
     assert observer(x, feats).shape == (2, 1, 32, 48)
 
-    tap, observer = build_generic(f"{TOY}:build_dict", toy_segmenter.NCLASS, WIDTH)
+    tap, observer = generic_pair(f"{TOY}:build_dict", toy_segmenter.NCLASS, WIDTH)
     assert tap.layers == ("body",)
     assert tap(x).shape == (2, toy_segmenter.NCLASS, 32, 48)
 
     with pytest.raises(ValueError, match="--nclass"):
-        build_generic(f"{TOY}:build_dict", toy_segmenter.NCLASS + 1, WIDTH)
+        generic_pair(f"{TOY}:build_dict", toy_segmenter.NCLASS + 1, WIDTH)
     with pytest.raises(ValueError, match="returned a dict, not a torch.nn.Module"):
-        build_generic(f"{TOY}:not_a_module", NCLASS, WIDTH)
+        generic_pair(f"{TOY}:not_a_module", NCLASS, WIDTH)
     with pytest.raises(ValueError, match=f"--model {TOY}:missing: {TOY} has no callable missing"):
         resolve_factory(f"{TOY}:missing")
     with pytest.raises(ValueError, match="cannot import nosuchpkg.mod"):
@@ -244,7 +252,7 @@ def test_user_factories():
 def test_network_with_a_layer_named_net_loads_its_state_dict():
     """A user network whose first layer is called ``net``: the tap's state_dict is the
     network's and loads back strictly."""
-    tap, _ = build_generic(f"{TOY}:with_net_child", NCLASS, WIDTH)
+    tap, _ = generic_pair(f"{TOY}:with_net_child", NCLASS, WIDTH)
     plain = toy_segmenter.with_net_child(NCLASS)
     assert list(tap.state_dict()) == list(plain.state_dict())
     tap.load_state_dict(plain.state_dict(), strict=True)
@@ -259,13 +267,13 @@ def test_backbone_weights_from_a_torchvision_file(tmp_path):
     state = torchvision.models.mobilenet_v3_large(weights=None).state_dict()
     for name, content in [("plain.pth", state), ("wrapped.pth", {"model": state})]:
         torch.save(content, tmp_path / name)
-        tap, _ = build_generic(LRASPP, NCLASS, WIDTH, backbone_weights=str(tmp_path / name))
+        tap, _ = generic_pair(LRASPP, NCLASS, WIDTH, backbone_weights=str(tmp_path / name))
         assert torch.equal(tap.net.backbone["0"][0].weight, state["features.0.0.weight"])
         backbone = tap.net.backbone.state_dict()
         assert all(torch.equal(v, state[f"features.{k}"]) for k, v in backbone.items())
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(CheckpointError) as wrong:
-        build_generic(LRASPP, NCLASS, WIDTH, backbone_weights=str(tmp_path / "resnet18.pth"))
+        generic_pair(LRASPP, NCLASS, WIDTH, backbone_weights=str(tmp_path / "resnet18.pth"))
     message = str(wrong.value)
     assert "\n" not in message and "resnet18.pth" in message, message
     assert "not a torchvision mobilenet_v3_large state_dict" in message, message
@@ -274,7 +282,7 @@ def test_backbone_weights_from_a_torchvision_file(tmp_path):
 def test_observer_scores_do_not_tie():
     """For random images, no single value of the observer's output holds 1% of the pixels
     (nothing clips the score before its last convolution)."""
-    tap, observer = build_generic(LRASPP, NCLASS, WIDTH)
+    tap, observer = generic_pair(LRASPP, NCLASS, WIDTH)
     calibrate(lambda x: observer(x, tap(x, return_feat=True)), [tap, observer])
     x = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
@@ -466,7 +474,7 @@ def test_onnx_parity_with_the_tap_and_observer(exported, trained):
     pytest.importorskip("onnxruntime")
     result, out = exported
     assert result.returncode == 0, result.stderr[-3000:]
-    tap, observer = build_generic(LRASPP, SYNTHETIC.nclass, WIDTH)
+    tap, observer = generic_pair(LRASPP, SYNTHETIC.nclass, WIDTH)
     tap.load_state_dict(load_checkpoint(trained / "segnet.pth")["model"], strict=True)
     observer.load_state_dict(load_checkpoint(trained / "obsnet" / "best.pth")["model"], strict=True)
     graph = export.ExportGraph(tap, observer, SYNTHETIC.mean, SYNTHETIC.std)
@@ -500,7 +508,7 @@ def test_float16_autocast_attack_and_observer():
     from obsnet.models.segnet import freeze
 
     torch.manual_seed(0)
-    tap, observer = build_generic(LRASPP, NCLASS, WIDTH)
+    tap, observer = generic_pair(LRASPP, NCLASS, WIDTH)
     tap = freeze(tap)
     x, y = torch.randn(2, 3, 64, 96), torch.randint(0, NCLASS, (2, 64, 96))
     cfg = AttackConfig(mode="min", mask="random_patch", epsilon=0.025, patch_size=(32, 32, 10, 20),
@@ -522,7 +530,7 @@ def test_failing_factory_is_one_value_error():
     CLI prints it in one line)."""
     with pytest.raises(ValueError, match=r"--model tests.helpers.toy_segmenter:broken: the factory failed "
                                          r"\(TypeError: cannot build 5 classes\)"):
-        build_generic(f"{TOY}:broken", 5, WIDTH)
+        generic_pair(f"{TOY}:broken", 5, WIDTH)
 
 
 # ----------------------------------------------------------------------------- flawed factories
@@ -609,7 +617,7 @@ def test_network_changing_its_input_in_place_trains_with_the_attack(toy_data, tm
 def test_tap_leaves_the_callers_image_alone():
     """The tap of a network that changes its input in place leaves the caller's image as it
     was, and the network sees the same values as without the tap."""
-    tap, _ = build_generic(f"{TOY}:in_place_input", NCLASS, WIDTH)
+    tap, _ = generic_pair(f"{TOY}:in_place_input", NCLASS, WIDTH)
     tap.eval()
     x = 4 * torch.randn(2, 3, 32, 48)
     before = x.clone()

@@ -71,9 +71,12 @@ def test_observer_output_and_ablations(cls):
     feats = seg(x, return_feat=True)
     out = obs(x, feats)
     assert out.shape == (2, 1, 64, 96)
-    if cls is Obsnet_Seg:
-        assert not torch.allclose(out, obs(x, feats, no_residual=True))
-        assert not torch.allclose(out, obs(x, feats, no_img=True))
+    if cls is Obsnet_Seg:  # an ablated twin with the same weights scores otherwise
+        for ablation in ("no_residual", "no_img"):
+            twin = cls(3, 1, width_mult=0.125, **{ablation: True}).eval()
+            twin.load_state_dict(obs.state_dict())
+            assert getattr(twin, ablation) and not getattr(obs, ablation)
+            assert not torch.allclose(out, twin(x, feats)), ablation
 
 
 def test_observer_starts_from_segnet_weights():

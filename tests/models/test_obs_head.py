@@ -10,7 +10,7 @@ import torch.nn as nn
 from obsnet.metrics.ood import OODMeter
 from obsnet.models.checkpoint import CheckpointError
 from obsnet.models.obsnet import HEADS, Obsnet_Seg, Obsnet_Small
-from obsnet.models.registry import build_models, merge_observer_flags
+from obsnet.models.observer_spec import ObserverRequest, ObserverSpec, resolve_observer
 from obsnet.models.segnet import SegNet
 from tests.helpers.runner import TINY, main_py, paths
 
@@ -64,19 +64,19 @@ def test_meter_tie_share_matches_a_count():
 
 def test_unknown_head_is_refused():
     with pytest.raises(ValueError, match="--obs_head wide"):
-        build_models("segnet", NCLASS, WIDTH, False, head="wide")
+        ObserverSpec("segnet", head="wide")
 
 
 def test_merge_head(tmp_path):
     torch.save({"model": {}, "observer": {"head": "linear"}}, tmp_path / "new.pth")
     torch.save({"model": {}, "observer": {}}, tmp_path / "older.pth")  # records flags, no head
     torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pth")
-    assert merge_observer_flags({}, tmp_path / "new.pth")["head"] == "linear"
-    assert merge_observer_flags({"head": None}, tmp_path / "older.pth")["head"] == "original"
-    assert merge_observer_flags({}, tmp_path / "plain.pth")["head"] == "original"
-    assert merge_observer_flags({"head": "linear"}, tmp_path / "plain.pth")["head"] == "linear"
+    assert resolve_observer(tmp_path / "new.pth", ObserverRequest()).head == "linear"
+    assert resolve_observer(tmp_path / "older.pth", ObserverRequest(head=None)).head == "original"
+    assert resolve_observer(tmp_path / "plain.pth", ObserverRequest()).head == "original"
+    assert resolve_observer(tmp_path / "plain.pth", ObserverRequest(head="linear")).head == "linear"
     with pytest.raises(CheckpointError, match="has the linear head, not --obs_head original"):
-        merge_observer_flags({"head": "original"}, tmp_path / "new.pth")
+        resolve_observer(tmp_path / "new.pth", ObserverRequest(head="original"))
 
 
 # --------------------------------------------------------------------------- command line

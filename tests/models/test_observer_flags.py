@@ -1,6 +1,7 @@
 """The observer's architecture flags (--obs_mlp, --no_residual, --no_img) recorded in its
 checkpoints and used to run it: validation during training, main.py --test_only, inference.py."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ from obsnet.data.specs import SPECS
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
 from obsnet.models.blocks import fold_batchnorm
-from obsnet.models.checkpoint import CheckpointError
+from obsnet.models.checkpoint import CheckpointError, load_weights
 from obsnet.models.obsnet import Obsnet_Seg
-from obsnet.models.registry import (OBSERVER_FLAGS, load_networks, merge_observer_flags, observer_flags,
-                                    observer_path)
+from obsnet.models.observer_spec import (OBSERVER_FLAGS, ObserverRequest, ObserverSpec, observer_path,
+                                         recorded_spec, resolve_observer)
+from obsnet.models.registry import build_observer, load_observer, load_segmenter
 from tests.helpers.runner import TINY, inference_py, main_py, paths
 
 SPEC = SPECS["Synthetic"]
@@ -36,15 +38,25 @@ def run(run_dir):
     return root
 
 
+def observer_with(segnet, obsnet_file, no_residual: bool):
+    """The checkpoint's observer, built from its recorded spec with ``no_residual`` set as
+    given (the same weights either way)."""
+    spec = replace(resolve_observer(obsnet_file, ObserverRequest()), no_residual=no_residual)
+    obsnet = build_observer(spec, segnet, NCLASS, WIDTH)
+    load_weights(obsnet, observer_path(obsnet_file), "--obsnet_file")
+    return obsnet
+
+
 def python_eval(root, obsnet_file, split, no_residual, fold=False):
     """The obsnet metrics of ``evaluate`` in this process, the observer run with ``no_residual``."""
-    segnet, obsnet = load_networks("segnet", NCLASS, WIDTH, False, root / "segnet.pth", obsnet_file)
+    segnet = load_segmenter("segnet", NCLASS, WIDTH, root / "segnet.pth")
+    obsnet = observer_with(segnet, obsnet_file, no_residual)
     if fold:  # as the training's validation, which folds the frozen SegNet's batch norms
         segnet = fold_batchnorm(segnet)
     loader = build_loader(build_dataset(SPEC, root / "data", split, SIZE, train=False), 4,
                           train=False)
     results, _, _ = evaluate(segnet, obsnet, loader, ["obsnet"], SPEC, torch.device("cpu"),
-                             MethodConfig(no_residual=no_residual), NCLASS, split, progress=False)
+                             MethodConfig(), NCLASS, split, progress=False)
     entry = results["methods"]["obsnet"]
     return {k: entry[k] for k in PROTOCOLS if k in entry}  # no "ood" on a split without anomalies
 
@@ -111,7 +123,7 @@ def test_plain_state_dict_uses_the_command_line_flags(run, reference, tmp_path):
     (the head too: a plain state_dict has the original's unless --obs_head says otherwise)."""
     plain = tmp_path / "plain.pth"
     torch.save(torch.load(run / "nores" / "best.pth", weights_only=True)["model"], plain)
-    assert observer_flags(plain) is None
+    assert recorded_spec(plain) is None
     logs = tmp_path / "logs"
     test = main_py(*TINY, *paths(run), "--obsnet_file", str(plain), "--tboard", str(logs),
                    "--test_only", "--test_multi", "obsnet", "--no_residual", "--obs_head", "linear")
@@ -135,12 +147,14 @@ def test_inference_runs_the_observer_as_its_checkpoint_records(run, tmp_path):
     assert written.shape == (h, w)
 
     from obsnet.inference import predict, prepare
-    segnet, obsnet = load_networks("segnet", NCLASS, WIDTH, False, run / "segnet.pth", run / "nores")
-    obsnet.eval()
+    segnet = load_segmenter("segnet", NCLASS, WIDTH, run / "segnet.pth")
+    loaded, spec = load_observer(run / "nores", ObserverRequest(), segnet, NCLASS, WIDTH)
+    assert spec.no_residual and loaded.no_residual  # as its checkpoint records
+    observers = {True: loaded.eval(), False: observer_with(segnet, run / "nores", False).eval()}
     batch = prepare([torch.from_numpy(pixels).permute(2, 0, 1)], SIZE, SPEC)
 
     def prob_map(no_residual):
-        _, prob = predict(segnet, obsnet, batch, no_residual=no_residual)
+        _, prob = predict(segnet, observers[no_residual], batch)
         return F.interpolate(prob[None], size=(h, w), mode="bilinear")[0, 0].numpy()
 
     # The tiny observer's map is nearly flat (about 0.375), so the flag moves it by only a few
@@ -168,24 +182,22 @@ def weights():
     return Obsnet_Seg(3, 1, width_mult=WIDTH).state_dict()
 
 
-def test_observer_flags_reads_what_a_checkpoint_records(tmp_path):
+def test_recorded_spec_reads_what_a_checkpoint_records(tmp_path):
     torch.save({"model": weights(), "observer": {"obs_mlp": False, "no_residual": True,
                                                  "no_img": False}}, tmp_path / "full.pth")
-    assert observer_flags(tmp_path / "full.pth") == {"obs_mlp": False, "no_residual": True,
-                                                     "no_img": False, "head": "original",
-                                                     "model": None, "layers": None,
-                                                     "inputs": "features", "kind": "mirror"}
+    assert recorded_spec(tmp_path / "full.pth") == ObserverSpec(
+        model=None, kind="mirror", head="original", inputs="features", layers=None,
+        obs_mlp=False, no_residual=True, no_img=False)
     torch.save({"model": weights(), "observer": {"no_img": 1}}, tmp_path / "partial.pth")
-    assert observer_flags(tmp_path / "partial.pth") == {"obs_mlp": False, "no_residual": False,
-                                                        "no_img": True, "head": "original",
-                                                        "model": None, "layers": None,
-                                                        "inputs": "features", "kind": "mirror"}
+    assert recorded_spec(tmp_path / "partial.pth") == ObserverSpec(
+        model=None, kind="mirror", head="original", inputs="features", layers=None,
+        obs_mlp=False, no_residual=False, no_img=True)
     folder = tmp_path / "folder"
     folder.mkdir()
     torch.save({"model": weights(), "observer": {"obs_mlp": True}}, folder / "best.pth")
     assert observer_path(folder) == folder / "best.pth"
     assert observer_path(folder / "best.pth") == folder / "best.pth"
-    assert observer_flags(folder)["obs_mlp"] is True
+    assert recorded_spec(folder).obs_mlp is True
     assert set(OBSERVER_FLAGS) == {"obs_mlp", "no_residual", "no_img"}
 
 
@@ -196,49 +208,48 @@ def test_observer_flags_reads_what_a_checkpoint_records(tmp_path):
 ])
 def test_checkpoints_without_flags_give_none(state, tmp_path):
     torch.save(state(), tmp_path / "obs.pth")
-    assert observer_flags(tmp_path / "obs.pth") is None
-    given = {"obs_mlp": False, "no_residual": True, "no_img": False}
-    merged = merge_observer_flags(given, tmp_path / "obs.pth")
-    assert merged == given | {"head": "original", "inputs": "features", "kind": "mirror"}
-    assert merged is not given
-    assert merge_observer_flags(given | {"head": "linear"}, tmp_path / "obs.pth")["head"] == "linear"
+    assert recorded_spec(tmp_path / "obs.pth") is None
+    given = ObserverRequest(no_residual=True)
+    resolved = resolve_observer(tmp_path / "obs.pth", given)
+    assert resolved == ObserverSpec(model=None, kind="mirror", head="original", inputs="features",
+                                    no_residual=True)
+    assert resolve_observer(tmp_path / "obs.pth", replace(given, head="linear")).head == "linear"
 
 
-def test_merge_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_path):
+def test_resolve_prefers_the_checkpoint_and_refuses_a_contradicting_flag(tmp_path):
     recorded = {"obs_mlp": True, "no_residual": True, "no_img": False, "head": "linear"}
     torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
-    nothing = dict.fromkeys(OBSERVER_FLAGS, False)
     # older checkpoints record neither model, layers, inputs nor kind: their defaults
-    expected = recorded | {"model": None, "layers": None, "inputs": "features", "kind": "mirror"}
-    assert merge_observer_flags(nothing, tmp_path / "obs.pth") == expected
-    assert merge_observer_flags({}, tmp_path / "obs.pth") == expected
-    assert merge_observer_flags({**nothing, "obs_mlp": True, "no_residual": True},
-                                tmp_path / "obs.pth") == expected
+    expected = ObserverSpec(model=None, kind="mirror", head="linear", inputs="features",
+                            layers=None, obs_mlp=True, no_residual=True, no_img=False)
+    assert resolve_observer(tmp_path / "obs.pth", ObserverRequest()) == expected
+    assert resolve_observer(tmp_path / "obs.pth",
+                            ObserverRequest(obs_mlp=True, no_residual=True)) == expected
     with pytest.raises(CheckpointError, match="trained without --no_img"):
-        merge_observer_flags({**nothing, "no_img": True}, tmp_path / "obs.pth")
+        resolve_observer(tmp_path / "obs.pth", ObserverRequest(no_img=True))
     torch.save({"model": {}, "observer": dict.fromkeys(OBSERVER_FLAGS, False)}, tmp_path / "b.pth")
     for flag in OBSERVER_FLAGS:
         with pytest.raises(CheckpointError, match=f"trained without --{flag}"):
-            merge_observer_flags({flag: True}, tmp_path / "b.pth")
+            resolve_observer(tmp_path / "b.pth", ObserverRequest(**{flag: True}))
 
 
-def test_merge_refuses_another_model_or_other_layers(tmp_path):
+def test_resolve_refuses_another_model_or_other_layers(tmp_path):
     """A checkpoint that records its model spec and layers is run with them: --model or
     --observe_layers that say otherwise are refused, the same ones (or none) accepted."""
     recorded = dict.fromkeys(OBSERVER_FLAGS, False) | {
         "head": "linear", "model": "torchvision:fcn_resnet50", "layers": ["backbone.layer1"]}
     torch.save({"model": {}, "observer": recorded}, tmp_path / "obs.pth")
-    same = {"model": "torchvision:fcn_resnet50", "layers": ("backbone.layer1",)}
-    assert merge_observer_flags(same, tmp_path / "obs.pth")["layers"] == ("backbone.layer1",)
-    assert merge_observer_flags({}, tmp_path / "obs.pth")["model"] == "torchvision:fcn_resnet50"
+    same = ObserverRequest(model="torchvision:fcn_resnet50", layers=("backbone.layer1",))
+    assert resolve_observer(tmp_path / "obs.pth", same).layers == ("backbone.layer1",)
+    assert resolve_observer(tmp_path / "obs.pth", ObserverRequest()).model == "torchvision:fcn_resnet50"
     with pytest.raises(CheckpointError, match="trained with --model torchvision:fcn_resnet50"):
-        merge_observer_flags({"model": "segnet"}, tmp_path / "obs.pth")
+        resolve_observer(tmp_path / "obs.pth", ObserverRequest(model="segnet"))
     with pytest.raises(CheckpointError, match="reads --observe_layers backbone.layer1;"):
-        merge_observer_flags({"layers": ("backbone.layer2",)}, tmp_path / "obs.pth")
+        resolve_observer(tmp_path / "obs.pth", ObserverRequest(layers=("backbone.layer2",)))
 
 
 def test_missing_observer_file_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        observer_flags(tmp_path / "none.pth")
+        recorded_spec(tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match="not found"):
-        merge_observer_flags({}, tmp_path / "none.pth")
+        resolve_observer(tmp_path / "none.pth", ObserverRequest())

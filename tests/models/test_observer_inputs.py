@@ -12,7 +12,9 @@ from scipy.special import logsumexp, softmax
 from obsnet.models.checkpoint import CheckpointError, save_checkpoint
 from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small, SegNetLayerObserver
 from obsnet.models.output_maps import INPUTS, OutputHead, derived_maps
-from obsnet.models.registry import KINDS, build_models, merge_observer_flags, observer_flags
+from obsnet.models.observer_spec import (KINDS, ObserverRequest, ObserverSpec, recorded_spec,
+                                         resolve_observer)
+from obsnet.models.registry import build_observer, build_segmenter
 from obsnet.models.segnet import SegNet
 from tests.helpers.runner import TINY, inference_py, main_py, paths, python
 
@@ -85,7 +87,9 @@ def test_maps_head_can_be_exactly_mcp():
 @pytest.mark.parametrize("kind,obs_mlp", [("mirror", False), ("layer", False), ("mirror", True)])
 def test_every_observer_reads_every_input(inputs, kind, obs_mlp):
     torch.manual_seed(0)
-    segnet, observer = build_models("segnet", NCLASS, WIDTH, obs_mlp, inputs=inputs, kind=kind)
+    segnet = build_segmenter("segnet", NCLASS, WIDTH)
+    observer = build_observer(ObserverSpec("segnet", kind=kind, inputs=inputs, obs_mlp=obs_mlp),
+                              segnet, NCLASS, WIDTH)
     expected = SegNetLayerObserver if kind == "layer" else Obsnet_Small if obs_mlp else Obsnet_Seg
     assert type(observer) is expected
     x = torch.randn(2, 3, 32, 48)
@@ -102,8 +106,9 @@ def test_every_observer_reads_every_input(inputs, kind, obs_mlp):
 
 def test_layer_observer_is_lighter_than_the_mirror():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    mirror = build_models("segnet", NCLASS, 0.25, False, kind="mirror")[1]
-    layer = build_models("segnet", NCLASS, 0.25, False, kind="layer")[1]
+    segnet = build_segmenter("segnet", NCLASS, 0.25)
+    mirror = build_observer(ObserverSpec("segnet", kind="mirror"), segnet, NCLASS, 0.25)
+    layer = build_observer(ObserverSpec("segnet", kind="layer"), segnet, NCLASS, 0.25)
     assert count(layer) * 20 < count(mirror)
 
 
@@ -113,25 +118,26 @@ def test_layer_observer_is_lighter_than_the_mirror():
     ("segnet", True, "features", "layer", "--obs_mlp with --obs_kind layer"),
 ])
 def test_observers_a_model_has_not_are_refused(model, obs_mlp, inputs, kind, words):
-    with pytest.raises(ValueError, match=words):
-        build_models(model, NCLASS, 1.0, obs_mlp, inputs=inputs, kind=kind)
+    spec = ObserverSpec(model, kind=kind, inputs=inputs, obs_mlp=obs_mlp)
+    with pytest.raises(ValueError, match=words):  # refused before the segmenter is looked at
+        build_observer(spec, None, NCLASS, 1.0)
 
 
 def test_a_recorded_choice_outside_the_list_is_refused(tmp_path):
     state = {"model": {}, "observer": {"head": "linear", "inputs": "everything"}}
     save_checkpoint(tmp_path / "best.pth", state)
     with pytest.raises(CheckpointError, match="recorded observer inputs is not one of"):
-        observer_flags(tmp_path)
+        recorded_spec(tmp_path)
 
 
 def test_an_earlier_checkpoint_reads_features_and_mirrors(tmp_path):
     record = {"obs_mlp": False, "no_residual": False, "no_img": False, "head": "linear"}
     save_checkpoint(tmp_path / "best.pth", {"model": {}, "observer": record})
-    merged = merge_observer_flags({"head": None, "inputs": None, "kind": None}, tmp_path)
-    assert (merged["inputs"], merged["kind"]) == ("features", "mirror")
+    merged = resolve_observer(tmp_path, ObserverRequest())
+    assert (merged.inputs, merged.kind) == ("features", "mirror")
     save_checkpoint(tmp_path / "plain" / "best.pth", {"model": {}})  # the original's
-    plain = merge_observer_flags({"head": None, "inputs": None, "kind": None}, tmp_path / "plain")
-    assert (plain["inputs"], plain["kind"]) == ("features", "mirror")
+    plain = resolve_observer(tmp_path / "plain", ObserverRequest())
+    assert (plain.inputs, plain.kind) == ("features", "mirror")
 
 
 # ----------------------------------------------------------------------------- command lines
