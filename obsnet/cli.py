@@ -17,7 +17,8 @@ from obsnet.data.specs import SPECS, DatasetSpec
 from obsnet.errors import UsageError
 from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
 from obsnet.methods import ALIASES, METHODS, SAMPLING_SCORES, parse_methods
-from obsnet.model_flags import add_model_flags, check_model_flags, check_nclass_and_size
+from obsnet.model_flags import (add_model_flags, check_model_flags, check_nclass_and_size,
+                                observer_request)
 from obsnet.preset import adopt_segmenter_preset
 from obsnet.score_export import check_export_data
 from obsnet.stages import run_stage
@@ -256,10 +257,7 @@ def run_config(args, methods: tuple[str, ...]) -> RunConfig:
                         skip_bad_samples=args.skip_bad_samples),
         model=ModelConfig(model=args.model, nclass=args.nclass, width_mult=args.width_mult,
                           vgg_weights=args.vgg_weights, backbone_weights=args.backbone_weights,
-                          observe_layers=args.observe_layers, obs_mlp=args.obs_mlp,
-                          obs_head=args.obs_head, obs_inputs=args.obs_inputs,
-                          obs_kind=args.obs_kind, no_residual=args.no_residual,
-                          no_img=args.no_img),
+                          observer=observer_request(args)),
         optim=OptimConfig(optim=args.optim, lr=args.lr, epoch=args.epoch, adv=args.adv,
                           epsilon=args.epsilon, noise=args.noise, drop=args.drop,
                           focal=args.focal, no_pretrained=args.no_pretrained,

@@ -16,7 +16,7 @@ it back as main.py's flags, as ``config_<stage>.json`` and checkpoints (``args``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from obsnet.models.observer_spec import ObserverRequest
@@ -44,37 +44,32 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The segmenter (--model, --nclass, --width_mult, its start --vgg_weights or
-    --backbone_weights) and the observer the command line asks for: --observe_layers,
-    --obs_mlp, --obs_head, --obs_inputs, --obs_kind (None: not given, a checkpoint's own or the
-    default), the ablations --no_residual and --no_img."""
+    --backbone_weights) and the ``observer`` the command line asks for
+    (``obsnet.models.observer_spec.ObserverRequest``: --observe_layers, --obs_mlp, --obs_head,
+    --obs_inputs, --obs_kind, None when not given, a checkpoint's own or the default; the
+    ablations --no_residual and --no_img)."""
 
     model: str = "segnet"
     nclass: int = 12
     width_mult: float = 1.0
     vgg_weights: str | None = None
     backbone_weights: str | None = None
-    observe_layers: tuple[str, ...] | None = None
-    obs_mlp: bool = False
-    obs_head: str | None = None
-    obs_inputs: str | None = None
-    obs_kind: str | None = None
-    no_residual: bool = False
-    no_img: bool = False
+    observer: ObserverRequest = field(default_factory=ObserverRequest)
+
+    def __post_init__(self):
+        if self.observer.model is None:  # the observer observes this model
+            object.__setattr__(self, "observer", replace(self.observer, model=self.model))
+
+    @property
+    def observe_layers(self) -> tuple[str, ...] | None:
+        """--observe_layers: the layers a generic model's tap reads (None: its default)."""
+        return self.observer.layers
 
     @property
     def encoder_weights(self) -> str | None:
         """The start of the segmenter's encoder: --vgg_weights for the SegNet, else
         --backbone_weights."""
         return self.vgg_weights if self.model == "segnet" else self.backbone_weights
-
-    def observer_request(self) -> ObserverRequest:
-        """The observer these flags ask for (not given: None; a checkpoint's record wins over
-        it, a contradiction is refused: ``obsnet.models.observer_spec.resolve_observer``)."""
-        return ObserverRequest(model=self.model, kind=self.obs_kind, head=self.obs_head,
-                               inputs=self.obs_inputs, layers=self.observe_layers,
-                               obs_mlp=self.obs_mlp, no_residual=self.no_residual,
-                               no_img=self.no_img)
-
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -167,7 +162,8 @@ class RunConfig:
         ``config_<stage>.json`` and a checkpoint's ``args`` record."""
         data, model, paths, test = self.data, self.model, self.paths, self.test
         flags = {"data": data.name, "dset_folder": data.folder,
-                 **_renamed(data, {"name", "folder"}), **_renamed(model, set()),
+                 **_renamed(data, {"name", "folder"}), **_renamed(model, {"observer"}),
+                 **_observer_flags(model.observer),
                  **_renamed(self.optim, set()), **_renamed(paths, {"ensemble"}),
                  "ensemble": ",".join(paths.ensemble) or None,
                  **_renamed(test, {"split", "methods"}), "test_split": test.split,
@@ -177,6 +173,13 @@ class RunConfig:
                  "channels_last": self.channels_last, "cudnn_benchmark": self.cudnn_benchmark,
                  "num_nodes": self.num_nodes}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
+
+
+def _observer_flags(request: ObserverRequest) -> dict:
+    """An observer request as main.py's flags."""
+    return {"observe_layers": request.layers, "obs_mlp": request.obs_mlp,
+            "obs_head": request.head, "obs_inputs": request.inputs, "obs_kind": request.kind,
+            "no_residual": request.no_residual, "no_img": request.no_img}
 
 
 def _renamed(section, left_out: set) -> dict:

@@ -11,8 +11,7 @@ from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
 from obsnet.models.checkpoint import weights_fingerprint
-from obsnet.models.observer_spec import resolve_observer
-from obsnet.models.registry import load_observer, load_segmenter
+from obsnet.models.registry import load_observed, load_segmenter
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
@@ -72,16 +71,13 @@ def load_tested(cfg: RunConfig, rt, observed: bool):
     """(frozen segmenter, observer or None) of a test, in ``rt``'s memory format: the observer
     of --obsnet_file as its checkpoint records it (``observed``: --test_multi has obsnet)."""
     m, paths = cfg.model, cfg.paths
-    observer = resolve_observer(paths.obsnet_file, m.observer_request()) if observed else None
-    segnet = load_segmenter(m.model, m.nclass, m.width_mult, paths.segnet_file, rt.device,
-                            layers=observer.layers if observed else m.observe_layers,
-                            probe_size=cfg.data.size)
-    obsnet = None
-    if observed:
-        obsnet = load_observer(paths.obsnet_file, observer, segnet, m.nclass, m.width_mult,
-                               rt.device, f"--segnet_file {paths.segnet_file}")[0]
-        obsnet = obsnet.to(memory_format=rt.memory_format)
-    return segnet.to(memory_format=rt.memory_format), obsnet
+    if not observed:
+        segnet = load_segmenter(m.model, m.nclass, m.width_mult, paths.segnet_file, rt.device,
+                                layers=m.observe_layers, probe_size=cfg.data.size)
+        return segnet.to(memory_format=rt.memory_format), None
+    segnet, obsnet, _ = load_observed(paths.obsnet_file, m.observer, m.model, m.nclass,
+                                      m.width_mult, paths.segnet_file, rt.device, cfg.data.size)
+    return (net.to(memory_format=rt.memory_format) for net in (segnet, obsnet))
 
 
 def stage_test(cfg: RunConfig, spec, rt, writer) -> None:

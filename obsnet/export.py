@@ -27,8 +27,8 @@ from obsnet.model_flags import (MIN_SIDE, add_model_flags, check_model_flags, ch
                                 observer_request)
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import logits_of
-from obsnet.models.observer_spec import observer_path, resolve_observer
-from obsnet.models.registry import load_observer, load_segmenter
+from obsnet.models.observer_spec import observer_path
+from obsnet.models.registry import load_observed
 from obsnet.models.segnet import freeze
 from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import Input, Planned, check_outputs_not_inputs
@@ -220,12 +220,10 @@ def load_graph(args, spec) -> ExportGraph:
     """The checkpoints' segmenter and observer in one ExportGraph, loaded as inference.py
     loads them (the observer's flags and head as its checkpoint records them; ``spec``: as
     ``resolve_args`` returns it)."""
-    wanted = resolve_observer(args.obsnet_file, observer_request(args))
     nclass = spec.nclass if args.nclass is None else args.nclass
-    segmenter = load_segmenter(args.model, nclass, args.width_mult, args.segnet_file,
-                               layers=wanted.layers, probe_size=tuple(args.size or spec.size))
-    observer, _ = load_observer(args.obsnet_file, wanted, segmenter, nclass, args.width_mult,
-                                segnet_where=f"--segnet_file {args.segnet_file}")
+    segmenter, observer, _ = load_observed(args.obsnet_file, observer_request(args), args.model,
+                                           nclass, args.width_mult, args.segnet_file,
+                                           probe_size=tuple(args.size or spec.size))
     return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std)
 
 

@@ -26,8 +26,8 @@ from obsnet.errors import UsageError
 from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
 from obsnet.model_flags import (add_model_flags, check_model_flags, check_nclass_and_size,
                                 observer_request)
-from obsnet.models.observer_spec import observer_path, resolve_observer
-from obsnet.models.registry import load_observer, load_segmenter
+from obsnet.models.observer_spec import observer_path
+from obsnet.models.registry import load_observed
 from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import (Input, check_outputs_not_inputs, exists, listed_files, planned_in,
                               same_file, unlisted, write_listing)
@@ -164,7 +164,7 @@ def run(argv, prog: str | None = None) -> int:
     check_model_flags(args)
     files = list_images(Path(args.img_folder))
     check_out(args, files)
-    nets = load_observed(args, spec)
+    nets = load_networks(args, spec)
     with OutputLock([Output("--out", Path(args.out), folder=True)]):
         claim_out(Path(args.out), output_files(files), args.overwrite)
         return infer(args, spec, files, nets)
@@ -181,17 +181,14 @@ class Networks:
     size: tuple[int, int]
 
 
-def load_observed(args, spec) -> Networks:
+def load_networks(args, spec) -> Networks:
     """The checkpoints' networks, loaded as main.py's --test_only loads them (the observer's
     flags and head as its checkpoint records them)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    observer = resolve_observer(args.obsnet_file, observer_request(args))
     nclass = spec.nclass if args.nclass is None else args.nclass
     size = tuple(args.size or spec.size)
-    segnet = load_segmenter(args.model, nclass, args.width_mult, args.segnet_file, device,
-                            layers=observer.layers, probe_size=size)
-    obsnet, _ = load_observer(args.obsnet_file, observer, segnet, nclass, args.width_mult, device,
-                              f"--segnet_file {args.segnet_file}")
+    segnet, obsnet, _ = load_observed(args.obsnet_file, observer_request(args), args.model, nclass,
+                                      args.width_mult, args.segnet_file, device, size)
     return Networks(segnet, obsnet.eval(), device, size)
 
 

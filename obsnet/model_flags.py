@@ -110,5 +110,7 @@ def observer_request(args) -> ObserverRequest:
     return ObserverRequest(model=args.model, kind=args.obs_kind, head=args.obs_head,
                            inputs=args.obs_inputs, layers=args.observe_layers,
                            obs_mlp=bool(args.obs_mlp),
+                           # inference.py and the export have no ablation flags: the
+                           # checkpoint's record gives them
                            no_residual=bool(getattr(args, "no_residual", False)),
                            no_img=bool(getattr(args, "no_img", False)))

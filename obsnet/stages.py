@@ -146,7 +146,7 @@ def stage_train_obsnet(cfg: RunConfig, spec, rt, writer) -> None:
     train_loader = loader_for(cfg.data, spec, spec.train_split, True, rt, cfg.seed)
     val_loader = loader_for(cfg.data, spec, spec.val_split, False, rt, cfg.seed)
     folder = Path(paths.obsnet_file)
-    given = m.observer_request()
+    given = m.observer
     # --resume: the run goes on with the network it started with
     observer = resolve_observer(folder / "last.pth", given) if paths.resume \
         else new_observer_spec(given, m.model)

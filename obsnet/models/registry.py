@@ -146,6 +146,22 @@ def load_observer(path, given: ObserverRequest | ObserverSpec, segmenter: nn.Mod
     return observer.to(device), spec
 
 
+def load_observed(obsnet_file, given: ObserverRequest, model: str, nclass: int,
+                  width_mult: float, segnet_file, device="cpu",
+                  probe_size=None) -> tuple[nn.Module, nn.Module, ObserverSpec]:
+    """(frozen segmenter of ``segnet_file``, the observer of ``obsnet_file`` for it, the
+    observer's spec): how every command runs an observer checkpoint (``--test_only``,
+    inference.py, the ONNX export). The spec is resolved first (the checkpoint's record; a
+    request ``given`` that contradicts it is a one-line CheckpointError), so that a generic
+    segmenter's tap observes the recorded layers (see ``load_observer``)."""
+    spec = resolve_observer(obsnet_file, given)
+    segmenter = load_segmenter(model, nclass, width_mult, segnet_file, device, layers=spec.layers,
+                               probe_size=probe_size)
+    observer, spec = load_observer(obsnet_file, spec, segmenter, nclass, width_mult, device,
+                                   f"--segnet_file {segnet_file}")
+    return segmenter, observer, spec
+
+
 def check_observer_segmenter(checkpoint, obsnet_file, segnet: nn.Module, segnet_where: str) -> None:
     """CheckpointError (one line naming both files) when the observer checkpoint was trained
     against another segmenter than ``segnet`` (its recorded weights fingerprint); a checkpoint
