@@ -140,6 +140,14 @@ def _add_evaluation_flags(a) -> None:
     a("--fit_stats", action="store_true",
       help="fit the training-split statistics of sml, sml_post and mahalanobis for the frozen "
            "--segnet_file; written to <segnet_file stem>.stats.pth (--overwrite replaces it)")
+    a("--fit_threshold", action="store_true",
+      help="fit, on a labelled split without anomalies (--test_split; default: val), each "
+           "method's thresholds for --target_tpr (and --target_risk), pooled and conformal; "
+           "written next to the observer (thresholds.json), reported by later --test_only runs")
+    a("--target_tpr", type=float, default=0.95,
+      help="--fit_threshold: share of the segmenter's correct pixels to accept (no alarm)")
+    a("--target_risk", type=float, default=None,
+      help="--fit_threshold: largest error rate among the accepted pixels (also fitted)")
     a("--test_split", default=None,
       help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
            "CamVid); e.g. val_ood, written by python -m obsnet.paste")
@@ -214,7 +222,8 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
     args.tboard = args.tboard or f"logs/{tag}"
     args.nclass = spec.nclass if args.nclass is None else args.nclass
     args.size = tuple(args.size or spec.size)
-    args.test_split = args.test_split or spec.test_split
+    check_fit_threshold(args)
+    args.test_split = args.test_split or (spec.val_split if args.fit_threshold else spec.test_split)
     try:
         names = parse_methods(args.test_multi)
     except ValueError as exc:
@@ -229,13 +238,26 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
     return spec, tuple(names)
 
 
+def check_fit_threshold(args) -> None:
+    """--fit_threshold is a stage of its own; its targets are shares (UsageError)."""
+    if args.fit_threshold and (args.test_only or args.train_segnet or args.resume
+                               or args.fit_stats):
+        raise UsageError("--fit_threshold is a stage of its own: leave out --test_only, "
+                         "--train_segnet, --resume and --fit_stats")
+    if not 0 < args.target_tpr <= 1:
+        raise UsageError(f"--target_tpr must be in (0, 1] (got {args.target_tpr})")
+    if args.target_risk is not None and not 0 <= args.target_risk < 1:
+        raise UsageError(f"--target_risk must be in [0, 1) (got {args.target_risk})")
+
+
 def check_fit_stats(args, names) -> None:
     """--fit_stats is a stage of its own; sml / mahalanobis need its file (UsageError)."""
     if args.fit_stats and (args.test_only or args.train_segnet or args.resume):
         raise UsageError("--fit_stats is a stage of its own: leave out --test_only, "
                          "--train_segnet and --resume")
     fitted = [n for n in names if n in FITTED_METHODS]
-    if args.test_only and fitted and not stats_path(args.segnet_file).is_file():
+    if (args.test_only or args.fit_threshold) and fitted \
+            and not stats_path(args.segnet_file).is_file():
         raise UsageError(f"--test_multi {fitted[0]}: {stats_path(args.segnet_file)} not found; "
                          f"run main.py --fit_stats with this --segnet_file first")
 
@@ -244,6 +266,8 @@ def stage_of(args) -> str:
     """The stage the resolved flags ask for (``obsnet.config.STAGES``)."""
     if args.fit_stats:
         return "fit_stats"
+    if args.fit_threshold:
+        return "fit_threshold"
     return "test" if args.test_only else "train_segnet" if args.train_segnet else "train_obsnet"
 
 
@@ -269,7 +293,8 @@ def run_config(args, methods: tuple[str, ...]) -> RunConfig:
         test=TestConfig(split=args.test_split, methods=methods,
                         T=args.T, Temp=args.Temp, sampling_score=args.sampling_score,
                         gauss_lambda=args.gauss_lambda, odin_eps=args.odin_eps,
-                        odin_temp=args.odin_temp),
+                        odin_temp=args.odin_temp, target_tpr=args.target_tpr,
+                        target_risk=args.target_risk),
         seed=args.seed, amp=args.amp, channels_last=args.channels_last,
         cudnn_benchmark=args.cudnn_benchmark, num_nodes=args.num_nodes)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from obsnet.models.observer_spec import ObserverRequest
 from obsnet.stats import stats_path
 
-STAGES = ("train_segnet", "train_obsnet", "test", "fit_stats")
+STAGES = ("train_segnet", "train_obsnet", "test", "fit_stats", "fit_threshold")
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ class PathsConfig:
 class TestConfig:
     """--test_only: the ``split`` (--test_split), the ``methods`` of --test_multi (parsed,
     aliases expanded), and the methods' settings (--T, --Temp, --sampling_score,
-    --gauss_lambda, --odin_eps, --odin_temp)."""
+    --gauss_lambda, --odin_eps, --odin_temp); --fit_threshold's --target_tpr and
+    --target_risk."""
 
     __test__ = False  # not a test class (pytest collects Test*)
     split: str = "test"
@@ -128,6 +129,8 @@ class TestConfig:
     gauss_lambda: float = 0.002
     odin_eps: float = 0.001
     odin_temp: float = 1000.0
+    target_tpr: float = 0.95
+    target_risk: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ class RunConfig:
                  **_renamed(test, {"split", "methods"}), "test_split": test.split,
                  "test_multi": ",".join(test.methods),
                  "train_segnet": self.stage == "train_segnet", "test_only": self.stage == "test",
-                 "fit_stats": self.stage == "fit_stats", "seed": self.seed, "amp": self.amp,
+                 "fit_stats": self.stage == "fit_stats",
+                 "fit_threshold": self.stage == "fit_threshold", "seed": self.seed, "amp": self.amp,
                  "channels_last": self.channels_last, "cudnn_benchmark": self.cudnn_benchmark,
                  "num_nodes": self.num_nodes}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}

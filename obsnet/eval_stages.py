@@ -12,12 +12,15 @@ from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import load_observed, load_segmenter
-from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
+from obsnet.report import (format_frozen_table, format_table, log_pr_curves, log_preview,
+                           log_scalars, write_csv, write_json, write_risk_coverage)
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
 from obsnet.runtime import loader_for, log, refuse_missing_dropout
 from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats
+from obsnet.thresholds import (Targets, fit_points, frozen_rates, load_thresholds, save_thresholds,
+                               thresholds_path, thresholds_record)
 
 
 def method_config(test: TestConfig, spec, nclass: int, class_stats=None) -> MethodConfig:
@@ -94,6 +97,7 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
     segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
     refuse_missing_dropout(segnet, m.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
+    frozen = frozen_thresholds(cfg, segnet, obsnet)
     export = None
     if export_dir is not None and rt.is_main:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
@@ -102,7 +106,11 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
         results, preview, meters = evaluate(
             segnet, obsnet, loader, names, spec, rt.device, methods, m.nclass, split,
             amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),
-            on_scores=export and export.add)
+            on_scores=export and export.add, image_counts=wants_image_counts(frozen))
+        if frozen is not None:
+            for name, rates in frozen_rates(frozen, meters).items():
+                results["methods"][name]["frozen"] = rates
+            results["thresholds"] = {k: frozen[k] for k in ("split", "images", "targets")}
         files = tboard_files(cfg)
         if getattr(loader.dataset, "labelled", True):
             report_test(rt, writer, results, preview, meters, spec, files)
@@ -118,18 +126,73 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
             export.discard()
 
 
+def frozen_thresholds(cfg: RunConfig, segnet, obsnet) -> dict | None:
+    """The thresholds --fit_threshold wrote next to --obsnet_file (checked: for these networks),
+    or None when there are none."""
+    path = thresholds_path(cfg.paths.obsnet_file)
+    if not path.is_file():
+        return None
+    return load_thresholds(path, weights_fingerprint(segnet),
+                           None if obsnet is None else weights_fingerprint(obsnet))
+
+
+def wants_image_counts(record: dict | None) -> bool:
+    """Whether a thresholds file holds a conformal point (measured per image)."""
+    return record is not None and any("conformal_tpr" in points
+                                      for points in record["methods"].values())
+
+
+def stage_fit_threshold(cfg: RunConfig, spec, rt, writer) -> None:
+    """--fit_threshold: the methods of --test_multi on --test_split (default: val, which must
+    hold no anomaly pixel); each method's operating points for --target_tpr / --target_risk
+    written next to the observer (``obsnet.thresholds``)."""
+    if rt.distributed:
+        raise UsageError("--fit_threshold runs in one process: run it without torchrun")
+    m, names, split = cfg.model, list(cfg.test.methods), cfg.test.split
+    loader = loader_for(cfg.data, spec, split, False, rt, cfg.seed)
+    segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
+    refuse_missing_dropout(segnet, m.model,
+                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
+    methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
+    results, _, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device, methods,
+                                  m.nclass, split, amp=cfg.amp, progress=rt.is_main,
+                                  ensemble=load_ensemble(cfg, rt.device), image_counts=True)
+    check_scorable(results, spec, rt.is_main)
+    if results["pixels"]["anomaly"]:
+        raise DatasetError(f"--fit_threshold: --test_split {split} holds "
+                           f"{results['pixels']['anomaly']} anomaly pixels; thresholds are fitted "
+                           f"on in-distribution data: use a split without anomalies (default: "
+                           f"{spec.val_split}); nothing written")
+    targets = Targets(cfg.test.target_tpr, cfg.test.target_risk)
+    record = thresholds_record(fit_points(meters, targets), split, targets, results["n_images"],
+                               weights_fingerprint(segnet),
+                               None if obsnet is None else weights_fingerprint(obsnet))
+    path = thresholds_path(cfg.paths.obsnet_file)
+    save_thresholds(path, record)
+    log(rt, format_frozen_table(record["methods"], record))
+    log(rt, f"thresholds written to {path}; --test_only reports what they give")
+
+
 def report_test(rt, writer, results, preview, meters, spec, files: RunFiles) -> None:
     """The test results: printed table, TensorBoard, ``results_<split>.json`` and ``.csv``
     (``files``: those of this stage in --tboard)."""
     check_scorable(results, spec, rt.is_main)
     log(rt, format_table(results))  # first: a file that cannot be written must not hide it
+    if "thresholds" in results:
+        log(rt, format_frozen_table({n: e["frozen"] for n, e in results["methods"].items()
+                                     if "frozen" in e}, results["thresholds"], results))
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     if rt.is_main:
         write_json(files.claim(files.results_json), results, files.flag)
         write_csv(files.claim(files.results_csv), results, files.flag)
+        drawn = any("error" in entry for entry in results["methods"].values()) and \
+            write_risk_coverage(files.claim(files.risk_coverage_png), writer, meters,
+                                results["split"], "Test", 0, files.flag)
     log(rt, f"results written to {files.results_json} and {files.results_csv.name}")
+    if rt.is_main and drawn:
+        log(rt, f"risk–coverage curves in {files.risk_coverage_png}")
 
 
 def check_scorable(results: dict, spec: DatasetSpec, warn: bool = True) -> None:

@@ -12,6 +12,7 @@ from obsnet.methods import METHODS, EvalBatch, MethodConfig
 from obsnet.metrics.confusion import ConfusionMeter
 from obsnet.metrics.ood import OODMeter
 from obsnet.metrics.per_image import PerImageMeter
+from obsnet.metrics.risk import COVERAGE_KEYS, ImageCounts
 from obsnet.utils import autocast
 
 
@@ -19,9 +20,10 @@ class _Meters:
     """Meters of one method: OOD protocol pooled over the split and per image (anomaly-seg's),
     error protocol, and time."""
 
-    def __init__(self):
+    def __init__(self, image_counts: bool = False):
         self.ood, self.error, self.seconds = OODMeter(), OODMeter(), 0.0
         self.ood_image = PerImageMeter()
+        self.images = ImageCounts() if image_counts else None  # per image, for conformal
 
 
 def _label_masks(labels: torch.Tensor, pred: torch.Tensor, spec: DatasetSpec, nclass: int):
@@ -67,6 +69,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
         probs = None if method.to_prob is None else method.to_prob(scores, cfg)
         m.error.update(scores, error, err_valid, probs=probs)
+        if m.images is not None:
+            m.images.update(scores, error, err_valid)
         m.ood.update(scores, anomaly, ood_valid)
         if anomaly.any():
             m.ood_image.update(scores, anomaly, image_valid)
@@ -77,7 +81,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
              nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=(),
-             on_scores=None):
+             on_scores=None, image_counts: bool = False):
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
@@ -90,12 +94,14 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     images' size is resized to it (``obsnet.data.native``).
     ``ensemble``: extra SegNets for the "ensemble" method. ``on_scores(name, maps)``: called
     with every method's B×h×w maps of every batch, in loader order (``--export_scores``).
+    ``image_counts``: also count each image's correct and wrong pixels per score bin
+    (``obsnet.metrics.risk.ImageCounts``, the meters' "images"; conformal thresholds).
     A split whose labels are hidden (``loader.dataset.labelled`` false) scores nothing.
     """
     segnet.eval()
     if obsnet is not None:
         obsnet.eval()
-    meters = {name: _Meters() for name in names}
+    meters = {name: _Meters(image_counts) for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
     labelled = getattr(getattr(loader, "dataset", None), "labelled", True)
@@ -122,7 +128,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     if frames is not None:
         for name, components in frames.compute().items():
             results["methods"][name]["components"] = components
-    return results, preview, {n: {"ood": m.ood, "error": m.error} for n, m in meters.items()}
+    return results, preview, {n: {"ood": m.ood, "error": m.error, "images": m.images}
+                              for n, m in meters.items()}
 
 
 def _preview(batch, names, cfg, labels, pred, error, count: int = 4):
@@ -160,9 +167,11 @@ def _results(split, confusion, meters, n_images, spec, device):
         has_classes = spec.inlier_id is None
         entry = {}
         if has_classes:
+            rc = m.error.risk_coverage()
             entry["error"] = {"auroc": err["auroc"], "aupr_error": err["ap"],
                               "aupr_success": err["ap_neg"], "fpr95": err["fpr95_neg"],
-                              "ace": err.get("ace"), "ece": err.get("ece")}
+                              "ace": err.get("ace"), "ece": err.get("ece"), "aurc": rc["aurc"],
+                              "eaurc": rc["eaurc"], **{k: rc[k] for k in COVERAGE_KEYS}}
         entry.update({"ms_per_image": 1000 * _reduce_time(m.seconds, device) / max(n_total, 1),
                       # 0 unless some scores stayed in coarse bins: see OODMeter
                       "auroc_bound": max(err["auroc_bound"] if has_classes else 0.0,

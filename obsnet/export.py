@@ -33,6 +33,7 @@ from obsnet.models.segnet import freeze
 from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import Input, Planned, check_outputs_not_inputs
 from obsnet.preset import adopt_recorded_preset
+from obsnet.thresholds import alarm_logit
 
 PROG = "python -m obsnet.export"
 INPUT_NAME = "image"
@@ -56,7 +57,9 @@ class Normalize(nn.Module):
 
 
 class ExportGraph(nn.Module):
-    """image in [0, 1] -> (logits, observer_prob), or (logits,) without an observer.
+    """image in [0, 1] -> (logits, observer_prob), or (logits,) without an observer; with
+    ``alarm_logit`` (--threshold) a third output, ``alarm``: uint8, 1 where the observer's
+    logit is above it.
 
     ``segmenter``: any module; with an observer it is called as ``segmenter(x,
     return_feat=True)`` and returns its feature maps, logits last (SegNet, DeepLabV3Plus),
@@ -65,10 +68,12 @@ class ExportGraph(nn.Module):
     Both are put in eval mode (dropout off, batch norms on their running statistics).
     """
 
-    def __init__(self, segmenter: nn.Module, observer: nn.Module | None, mean, std):
+    def __init__(self, segmenter: nn.Module, observer: nn.Module | None, mean, std,
+                 alarm_logit: float | None = None):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.segmenter, self.observer = segmenter, observer
+        self.alarm_logit = alarm_logit  # --threshold: a third output, "alarm"
         self.eval()
 
     def metadata(self, data: str | None = None) -> dict[str, str]:
@@ -84,19 +89,26 @@ class ExportGraph(nn.Module):
                  "obsnet.std": ",".join(f"{v:g}" for v in self.normalize.std.flatten().tolist())}
         if self.observer is not None:
             props["obsnet.observer"] = weights_fingerprint(self.observer)
+        if self.alarm_logit is not None:
+            props["obsnet.alarm_logit"] = repr(float(self.alarm_logit))
         return props | ({"obsnet.data": data} if data else {})
 
     @property
     def output_names(self) -> tuple[str, ...]:
         """The graph's output names, in order."""
-        return OUTPUT_NAMES if self.observer is not None else OUTPUT_NAMES[:1]
+        if self.observer is None:
+            return OUTPUT_NAMES[:1]
+        return OUTPUT_NAMES + (("alarm",) if self.alarm_logit is not None else ())
 
     def forward(self, image):
         x = self.normalize(image)
         if self.observer is None:
             return (logits_of(self.segmenter(x)),)
         feats = self.segmenter(x, return_feat=True)
-        return feats[-1], torch.sigmoid(self.observer(x, feats))
+        logit = self.observer(x, feats)
+        if self.alarm_logit is None:
+            return feats[-1], torch.sigmoid(logit)
+        return feats[-1], torch.sigmoid(logit), (logit > self.alarm_logit).to(torch.uint8)
 
 
 @contextmanager
@@ -178,7 +190,7 @@ def verify(path, graph: ExportGraph, size) -> str:
     except ImportError:
         return "onnxruntime is not installed: parity check skipped (pip install onnxruntime)"
     rows = parity(path, graph, check_cases(size))
-    key = graph.output_names[-1]
+    key = "observer_prob" if graph.observer is not None else "logits"
     worst = max(diffs[key] for _, diffs in rows)
     if not worst <= PARITY_TOLERANCE:  # NaN included
         raise ValueError(f"{path}: written, but onnxruntime's {key} differs from PyTorch's by "
@@ -199,6 +211,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     add_model_flags(p, "channel width of the checkpoints")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
       help="size traced and checked (default: the preset's); the graph takes any size")
+    a("--threshold", default=None, metavar="POINT|P",
+      help="add an output 'alarm' (uint8 B×1×H×W, 1 where the observer raises an alarm): at an "
+           "operating point of main.py --fit_threshold (tpr, risk, conformal_tpr) or above a "
+           "probability of error P in (0, 1)")
     a("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -224,7 +240,9 @@ def load_graph(args, spec) -> ExportGraph:
     segmenter, observer, _ = load_observed(args.obsnet_file, observer_request(args), args.model,
                                            nclass, args.width_mult, args.segnet_file,
                                            probe_size=tuple(args.size or spec.size))
-    return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std)
+    alarm = None if args.threshold is None else alarm_logit(args.threshold, args.obsnet_file,
+                                                             segmenter, observer)
+    return ExportGraph(segmenter, freeze(observer), spec.mean, spec.std, alarm)
 
 
 def resolve_args(args, explicit=frozenset()):

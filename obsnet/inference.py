@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from obsnet.outputs import Output, OutputLock, atomic_write
 from obsnet.ownership import (Input, check_outputs_not_inputs, exists, listed_files, planned_in,
                               same_file, unlisted, write_listing)
 from obsnet.preset import adopt_recorded_preset
+from obsnet.thresholds import alarm_logit
 from obsnet.visual import colorize_labels, viridis
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}  # any letter case; .webp: RoadObstacle21's
@@ -54,6 +56,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="network input size (default: the preset)")
     p.add_argument("--bsize", type=int, default=4, help="images per batch")
+    p.add_argument("--threshold", default=None, metavar="POINT|P",
+                   help="also write <image>.alarm.png, 255 where the observer raises an alarm: at "
+                        "an operating point of main.py --fit_threshold (tpr, risk, "
+                        "conformal_tpr) or above a probability of error P in (0, 1)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -80,9 +86,11 @@ def output_name(image: Path) -> str:
     return image.name
 
 
-def output_files(images: list[Path]) -> list[str]:
-    """The files a run writes in --out for ``images``: a triptych and a map per image."""
-    return [f"{output_name(image)}{ext}" for image in images for ext in (".png", ".npy")]
+def output_files(images: list[Path], alarms: bool = False) -> list[str]:
+    """The files a run writes in --out for ``images``: a triptych and a map per image, and
+    with ``alarms`` (--threshold) an alarm mask."""
+    exts = (".png", ".npy", ".alarm.png") if alarms else (".png", ".npy")
+    return [f"{output_name(image)}{ext}" for image in images for ext in exts]
 
 
 def check_out(args, images: list[Path]) -> None:
@@ -95,7 +103,8 @@ def check_out(args, images: list[Path]) -> None:
     inputs = [Input("--img_folder image", image) for image in images]
     inputs += [Input("--segnet_file", Path(args.segnet_file)),
                Input("--obsnet_file", observer_path(args.obsnet_file))]
-    check_outputs_not_inputs(planned_in("--out", out, [*output_files(images), MARKER]), inputs)
+    planned = [*output_files(images, args.threshold is not None), MARKER]
+    check_outputs_not_inputs(planned_in("--out", out, planned), inputs)
 
 
 def claim_out(out: Path, names: list[str], overwrite: bool) -> None:
@@ -128,11 +137,25 @@ def prepare(images: list[torch.Tensor], size, spec) -> torch.Tensor:
 
 
 @torch.no_grad()
+def observe(segnet, obsnet, batch):
+    """(class map B×H×W, the observer's logit B×H×W, float32) at the batch's size."""
+    feats = segnet(batch, return_feat=True)
+    return feats[-1].argmax(dim=1), obsnet(batch, feats).squeeze(1).float()
+
+
 def predict(segnet, obsnet, batch):
     """(class map B×H×W, probability that the SegNet is wrong B×H×W) at the batch's size."""
-    feats = segnet(batch, return_feat=True)
-    logits = obsnet(batch, feats)
-    return feats[-1].argmax(dim=1), torch.sigmoid(logits.squeeze(1).float())
+    pred, logit = observe(segnet, obsnet, batch)
+    return pred, torch.sigmoid(logit)
+
+
+def save_alarm(alarm: torch.Tensor, size, path: Path) -> None:
+    """The alarm mask (True: the observer says the segmenter is wrong) at the input's ``size``
+    as an 8-bit PNG, 255 where it raises an alarm."""
+    mask = F.interpolate(alarm[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
+    png = io.BytesIO()
+    Image.fromarray((mask.cpu().numpy() * 255).astype(np.uint8), mode="L").save(png, format="png")
+    atomic_write(path, lambda f: f.write(png.getbuffer()), "--out")
 
 
 def save_outputs(image: torch.Tensor, pred, prob, colors, out: Path, stem: str) -> None:
@@ -166,7 +189,7 @@ def run(argv, prog: str | None = None) -> int:
     check_out(args, files)
     nets = load_networks(args, spec)
     with OutputLock([Output("--out", Path(args.out), folder=True)]):
-        claim_out(Path(args.out), output_files(files), args.overwrite)
+        claim_out(Path(args.out), output_files(files, args.threshold is not None), args.overwrite)
         return infer(args, spec, files, nets)
 
 
@@ -179,6 +202,7 @@ class Networks:
     obsnet: torch.nn.Module
     device: torch.device
     size: tuple[int, int]
+    alarm_logit: float | None = None  # --threshold, on the observer's logit
 
 
 def load_networks(args, spec) -> Networks:
@@ -189,7 +213,9 @@ def load_networks(args, spec) -> Networks:
     size = tuple(args.size or spec.size)
     segnet, obsnet, _ = load_observed(args.obsnet_file, observer_request(args), args.model, nclass,
                                       args.width_mult, args.segnet_file, device, size)
-    return Networks(segnet, obsnet.eval(), device, size)
+    alarm = None if args.threshold is None else alarm_logit(args.threshold, args.obsnet_file,
+                                                             segnet, obsnet)
+    return Networks(segnet, obsnet.eval(), device, size, alarm)
 
 
 def infer(args, spec, files: list[Path], nets: Networks) -> int:
@@ -199,13 +225,17 @@ def infer(args, spec, files: list[Path], nets: Networks) -> int:
         chunk = files[start:start + args.bsize]
         images = [read_image(f).as_subclass(torch.Tensor) for f in chunk]
         batch = prepare(images, nets.size, spec).to(nets.device)
-        preds, probs = predict(nets.segnet, nets.obsnet, batch)
-        if not torch.isfinite(probs).all():
+        preds, logits = observe(nets.segnet, nets.obsnet, batch)
+        if not torch.isfinite(logits).all():
             raise FloatingPointError(f"NaN or infinite ObsNet map for {chunk[0].parent}: "
                                      f"{', '.join(p.name for p in chunk)}")
-        for path, image, pred, prob in zip(chunk, images, preds.cpu(), probs.cpu()):
-            save_outputs(image, pred, prob, spec.colors, out, output_name(path))
-    print(f"{len(files)} images -> {out} (PNG triptychs and float16 .npy maps)")
+        for path, image, pred, logit in zip(chunk, images, preds.cpu(), logits.cpu()):
+            save_outputs(image, pred, torch.sigmoid(logit), spec.colors, out, output_name(path))
+            if nets.alarm_logit is not None:
+                save_alarm(logit > nets.alarm_logit, image.shape[-2:],
+                           out / f"{output_name(path)}.alarm.png")
+    alarms = "" if nets.alarm_logit is None else ", 8-bit .alarm.png masks"
+    print(f"{len(files)} images -> {out} (PNG triptychs and float16 .npy maps{alarms})")
     return 0
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torchvision.utils import make_grid
 
+from obsnet.metrics.risk import curve_points
 from obsnet.outputs import atomic_write
 from obsnet.visual import colorize_labels, viridis
 
@@ -16,6 +17,10 @@ COLUMNS = (("ood", "auroc", "OOD AUROC"), ("ood", "aupr", "OOD AUPR"), ("ood", "
            ("error", "auroc", "Err AUROC"), ("error", "aupr_error", "AUPR-Err"),
            ("error", "aupr_success", "AUPR-Succ"), ("error", "fpr95", "Err FPR95"),
            ("error", "ace", "ACE"), ("error", "ece", "ECE"),
+           # risk–coverage (obsnet/metrics/risk.py): AURC, E-AURC, coverage at risk 1/2/5%
+           ("error", "aurc", "AURC"), ("error", "eaurc", "E-AURC"),
+           ("error", "cov_at_risk_1", "Cov@1%"), ("error", "cov_at_risk_2", "Cov@2%"),
+           ("error", "cov_at_risk_5", "Cov@5%"),
            # SegmentMeIfYouCan's component metrics (obsnet/component_eval.py), benchmarks only
            ("components", "siou", "sIoU"), ("components", "ppv", "PPV"),
            ("components", "mean_f1", "mean F1"))
@@ -63,12 +68,52 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+FROZEN_COLUMNS = (("accepted_correct", "acc. correct"), ("caught_errors", "caught err"),
+                  ("selective_risk", "risk"), ("caught_anomalies", "caught OOD"))
+
+
+def _rate_pair(point: dict, key: str) -> str:
+    """"fit -> test" of one rate in percent (the fit value alone before any test)."""
+    fit = _percent(point.get("fit", {}).get(key))
+    return fit if "test" not in point else f"{fit} -> {_percent(point['test'].get(key))}"
+
+
+def format_frozen_table(points: dict, about: dict, results: dict | None = None) -> str:
+    """The operating points of ``points`` (method -> kind -> {threshold, fit, test}) in one
+    table: each rate as "fit split -> test split", false alarms per megapixel, and with
+    ``results`` the FPR95 tuned on the test split itself, for comparison. ``about``: the fit
+    split, its images and the targets."""
+    targets = about["targets"]
+    risk = "" if targets.get("risk") is None else f", risk <= {100 * targets['risk']:.1f}%"
+    lines = [f"thresholds fixed on {about['split']} ({about['images']} images; targets: "
+             f"accept {100 * targets['tpr']:.1f}% of the correct pixels{risk}); alarm when "
+             f"score > threshold; rates in % as fit -> test"]
+    header = ["Method", "point", "threshold", *(label for _, label in FROZEN_COLUMNS), "FA/Mpx"]
+    header += ["Err FPR95 (test-tuned)"] if results is not None else []
+    rows = [header]
+    for name, kinds in points.items():
+        for kind, point in kinds.items():
+            fa = point.get("test", point.get("fit", {})).get("false_alarms_per_mpx")
+            row = [name, kind, f"{point['threshold']:.6g}",
+                   *(_rate_pair(point, key) for key, _ in FROZEN_COLUMNS),
+                   "n/a" if fa is None or math.isnan(fa) else f"{fa:.0f}"]
+            if results is not None:
+                row.append(_percent(results["methods"][name].get("error", {}).get("fpr95")))
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
 def _json_safe(value):
-    """NaN becomes null (JSON has no NaN); containers are converted recursively."""
+    """NaN becomes null and an infinity the string "inf" or "-inf" (JSON has neither, and a
+    threshold may be one); containers are converted recursively."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
     return value
 
 
@@ -104,8 +149,8 @@ def log_pr_curves(writer, meters: dict, prefix: str, step: int, points: int = 12
     are taken evenly among the meter's distinct score bins.
     """
     for name, by_protocol in meters.items():
-        for protocol, meter in by_protocol.items():
-            tp, fp, tn, fn = meter.pr_curve_counts()
+        for protocol in ("ood", "error"):
+            tp, fp, tn, fn = by_protocol[protocol].pr_curve_counts()
             if len(tp) == 0 or tp[-1] == 0:
                 continue  # no positive pixel: no curve
             index = torch.linspace(0, len(tp) - 1, points).round().long()
@@ -115,6 +160,45 @@ def log_pr_curves(writer, meters: dict, prefix: str, step: int, points: int = 12
             recall = tp / (tp + fn).clamp_min(1)
             writer.add_pr_curve_raw(f"{prefix}/{name}/{protocol}", tp, fp, tn, fn, precision,
                                     recall, step, num_thresholds=points)
+
+
+def risk_coverage_figure(meters: dict, split: str):
+    """A matplotlib figure: the risk–coverage curve of every method (error protocol, pixels
+    accepted from the most confident), AURC in the legend; None when no method has one."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib.figure import Figure
+
+    curves = {name: m["error"].risk_coverage() for name, m in meters.items()}
+    curves = {name: c for name, c in curves.items() if len(c["coverage"])}
+    if not curves:
+        return None
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for name, c in curves.items():
+        x, y = curve_points(c["coverage"], c["risk"])
+        ax.plot(x, y, label=f"{name} (AURC {100 * c['aurc']:.2f})", linewidth=1.2)
+    ax.set(xlabel="coverage (share of pixels accepted)", ylabel="selective risk (error rate)",
+           title=f"risk–coverage, {split}", xlim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_risk_coverage(path, writer, meters: dict, split: str, prefix: str, step: int,
+                        label: str | None = None) -> bool:
+    """The risk–coverage figure of ``meters`` as a PNG at ``path`` (atomically; ``label``:
+    the flag naming its folder in messages) and in TensorBoard (``prefix``/risk_coverage);
+    False when there is nothing to draw (no method has an error protocol)."""
+    fig = risk_coverage_figure(meters, split)
+    if fig is None:
+        return False
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write(path, lambda f: f.write(png.getbuffer()), label)
+    writer.add_figure(f"{prefix}/risk_coverage", fig, step)
+    return True
 
 
 def log_scalars(writer, results: dict, prefix: str, step: int) -> None:

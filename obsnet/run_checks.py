@@ -1,6 +1,7 @@
 """What main.py checks and locks before a stage starts: no output is an input, earlier
 checkpoints (--resume / --overwrite), the files of earlier runs in --tboard, the dataset
 folder, and the outputs it will write."""
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from obsnet.ownership import Input, Planned, check_outputs_not_inputs, planned_i
 from obsnet.run_files import MANIFEST, RunFiles, stage_name
 from obsnet.score_export import planned_files as export_files
 from obsnet.stats import FITTED_METHODS
+from obsnet.thresholds import WRITER as THRESHOLDS_WRITER
+from obsnet.thresholds import thresholds_path
 
 
 def stage_outputs(cfg: RunConfig) -> list[Output]:
@@ -26,6 +29,9 @@ def stage_outputs(cfg: RunConfig) -> list[Output]:
     outputs = [Output("--tboard", Path(paths.tboard), folder=True)]
     if cfg.stage == "fit_stats":
         return [Output("--fit_stats", paths.stats_file, folder=False), *outputs]
+    if cfg.stage == "fit_threshold":
+        return [Output("--fit_threshold", thresholds_path(paths.obsnet_file), folder=False),
+                *outputs]
     if cfg.stage == "test":
         export = paths.export_scores
         return [Output("--export_scores", Path(export), folder=True), *outputs] \
@@ -39,6 +45,8 @@ def tboard_files(cfg: RunConfig) -> RunFiles:
     """The files the stage of ``cfg`` writes into --tboard: its config, a test's results
     (TensorBoard's event files aside: each run gives its own a new name)."""
     split = cfg.test.split if cfg.stage == "test" else None
+    if cfg.stage == "fit_threshold":
+        return RunFiles(Path(cfg.paths.tboard), "fit_threshold")
     return RunFiles(Path(cfg.paths.tboard),
                     stage_name(cfg.stage == "train_segnet", cfg.stage == "fit_stats", split), split)
 
@@ -56,6 +64,9 @@ def planned_files(cfg: RunConfig) -> list[Planned]:
     segnet = Path(paths.segnet_file)
     if cfg.stage == "fit_stats":
         return [Planned("--segnet_file", segnet, paths.stats_file), *planned]
+    if cfg.stage == "fit_threshold":
+        return [Planned("--obsnet_file", Path(paths.obsnet_file),
+                        thresholds_path(paths.obsnet_file)), *planned]
     if cfg.stage == "test":
         return [*export_planned(cfg), *planned]
     if cfg.stage == "train_segnet":
@@ -77,7 +88,7 @@ def model_inputs(cfg: RunConfig) -> list[Input]:
         return [Input(flag, Path(value)) for flag, value in weights
                 if value and value != "imagenet"]
     inputs = [Input("--segnet_file", Path(paths.segnet_file))]
-    if cfg.stage != "test":
+    if cfg.stage not in ("test", "fit_threshold"):
         return inputs
     names = cfg.test.methods
     if "obsnet" in names:
@@ -92,7 +103,9 @@ def stage_splits(cfg: RunConfig) -> list[str]:
     spec = SPECS[cfg.data.name]
     if cfg.stage == "fit_stats":
         return [spec.train_split]
-    return [cfg.test.split] if cfg.stage == "test" else [spec.train_split, spec.val_split]
+    if cfg.stage in ("test", "fit_threshold"):
+        return [cfg.test.split]
+    return [spec.train_split, spec.val_split]
 
 
 def split_listing(data: DataConfig, split: str):
@@ -159,6 +172,9 @@ def check_earlier_run(cfg: RunConfig) -> None:
             raise UsageError(f"--fit_stats: {paths.stats_file} already exists; add --overwrite "
                              f"to replace it")
         return
+    if cfg.stage == "fit_threshold":
+        check_earlier_thresholds(thresholds_path(paths.obsnet_file), paths.overwrite)
+        return
     if cfg.stage == "test":
         return
     flag, where, last, existing = earlier_checkpoints(cfg)
@@ -174,11 +190,29 @@ def check_earlier_run(cfg: RunConfig) -> None:
                          f"add --resume to continue that run or --overwrite to replace them")
 
 
+def check_earlier_thresholds(path: Path, overwrite: bool) -> None:
+    """UsageError when --fit_threshold would replace a thresholds file of an earlier run
+    without --overwrite, or a file of that name it did not write (never replaced)."""
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("written_by") == THRESHOLDS_WRITER
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise UsageError(f"--fit_threshold: {path} is there and was not written by "
+                         f"{THRESHOLDS_WRITER}; it is never replaced: move it away")
+    if not overwrite:
+        raise UsageError(f"--fit_threshold: {path} already exists; add --overwrite to replace it")
+
+
 def stage_outputs_exist(cfg: RunConfig) -> bool:
     """Whether the outputs of the stage of ``cfg`` are on disk: a training stage's
     checkpoints, --fit_stats' statistics, a test's results files."""
     if cfg.stage == "fit_stats":
         return cfg.paths.stats_file.is_file()
+    if cfg.stage == "fit_threshold":
+        return thresholds_path(cfg.paths.obsnet_file).is_file()
     if cfg.stage == "test":
         files = tboard_files(cfg)
         return files.results_json.is_file() or files.results_csv.is_file()

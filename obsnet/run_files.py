@@ -69,9 +69,15 @@ class RunFiles:
         return self.folder / f"results_{file_part(self.split)}.csv"
 
     @property
+    def risk_coverage_png(self) -> Path:
+        """``risk_coverage_<split>.png`` (a test stage only): every method's curve."""
+        return self.folder / f"risk_coverage_{file_part(self.split)}.png"
+
+    @property
     def planned(self) -> list[Path]:
         """Every file this stage may write here."""
-        results = [self.results_json, self.results_csv] if self.split is not None else []
+        results = [self.results_json, self.results_csv, self.risk_coverage_png] \
+            if self.split is not None else []
         return [self.config, *results]
 
     @property

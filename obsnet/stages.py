@@ -16,7 +16,7 @@ from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, media
 from obsnet.data.loaders import build_dataset
 from obsnet.distributed import cleanup, device_for, init_distributed_mode
 from obsnet.errors import UsageError
-from obsnet.eval_stages import stage_fit_stats, stage_test
+from obsnet.eval_stages import stage_fit_stats, stage_fit_threshold, stage_test
 from obsnet.evaluate import evaluate
 from obsnet.fit import Saver, Stage, fit
 from obsnet.losses import CRITERIA
@@ -222,7 +222,8 @@ def observer_stage(cfg: RunConfig, spec, rt, writer, run: ObserverRun) -> Stage:
 
 
 STAGE_RUNNERS = {"train_segnet": stage_train_segnet, "train_obsnet": stage_train_obsnet,
-                 "test": stage_test, "fit_stats": stage_fit_stats}
+                 "test": stage_test, "fit_stats": stage_fit_stats,
+                 "fit_threshold": stage_fit_threshold}
 
 
 def run_stage(cfg: RunConfig, spec) -> None:

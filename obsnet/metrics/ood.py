@@ -7,6 +7,7 @@ from scipy.special import digamma
 
 from obsnet.distributed import in_process_group
 from obsnet.metrics.common import NAN, dist_device
+from obsnet.metrics.risk import risk_coverage
 
 
 CALIBRATION_GROUPS = 15
@@ -25,6 +26,16 @@ def _order_key(scores: torch.Tensor) -> torch.Tensor:
     flip |= -(1 << 31)
     bits ^= flip
     return bits
+
+
+def bin_edge_scores(keys: np.ndarray) -> np.ndarray:
+    """float32 scores of unsigned order keys (``_order_key``'s inverse); the keys above +inf's
+    (NaN patterns) give +inf."""
+    keys = np.asarray(keys, dtype=np.uint64).astype(np.uint32)
+    positive = keys >= np.uint32(1 << 31)
+    bits = np.where(positive, keys ^ np.uint32(1 << 31), ~keys).astype(np.uint32)
+    values = bits.view(np.float32)
+    return np.where(np.isnan(values), np.float32(np.inf), values).astype(np.float32)
 
 
 def score_bins(scores: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -424,6 +435,30 @@ class OODMeter:
         n_pairs = float(neg.sum()) * float(pos.sum())
         bound = loose_pairs / n_pairs if n_pairs else 0.0
         return neg[keep], pos[keep], prob_sum[keep], bound, spread[keep] > 0
+
+    def coarse_table(self):
+        """(upper, neg, pos): per occupied *coarse* bin, from the lowest score to the highest,
+        the largest float32 score the bin can hold and its counts (a refined bin's fine counts
+        summed back). "score <= upper[i]" accepts exactly the bins up to i, whatever was
+        refined, in this meter or another: thresholds fitted on these edges count exactly."""
+        if self._counts is None:
+            empty = np.zeros(0)
+            return empty.astype(np.float32), empty, empty
+        counts = self._counts.cpu().numpy().astype(np.float64)
+        neg, pos = counts[0, : self.ncoarse].copy(), counts[1, : self.ncoarse].copy()
+        for slot, b in enumerate(self.bins):
+            neg[b] += counts[0, self._fine(slot)].sum()
+            pos[b] += counts[1, self._fine(slot)].sum()
+        occupied = np.flatnonzero(neg + pos)
+        upper = occupied.astype(np.uint64) * self.nfine + (self.nfine - 1)
+        return bin_edge_scores(upper), neg[occupied], pos[occupied]
+
+    def risk_coverage(self) -> dict:
+        """Risk–coverage of the scores as a reject option, the positives being the risk
+        (``obsnet.metrics.risk.risk_coverage``: AURC, E-AURC, coverage at selective risk
+        1/2/5%, and the curve)."""
+        neg, pos, _, _ = self.table()
+        return risk_coverage(pos, neg)
 
     def pr_curve_counts(self):
         """(tp, fp, tn, fn) int64 tensors, one entry per occupied threshold, high score first.

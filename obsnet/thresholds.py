@@ -1,0 +1,188 @@
+"""Operating points fixed before the test.
+
+``main.py --fit_threshold`` runs the methods of --test_multi on a labelled split that holds no
+anomaly (default: val) and writes, next to the observer (``thresholds_path``), each method's
+thresholds on its score for the user's targets:
+
+- ``tpr``: the smallest threshold that accepts at least --target_tpr of the segmenter's
+  correct pixels (pooled over the split);
+- ``risk``: the largest threshold whose accepted pixels hold at most --target_risk errors
+  (pooled), when --target_risk is given;
+- ``conformal_tpr``: conformal risk control of the per-image share of correct pixels that
+  raise an alarm (``obsnet.metrics.risk.conformal_tpr_threshold``: its guarantee holds in
+  expectation over exchangeable images).
+
+``--test_only`` then reports, at those frozen thresholds, what they give on the test split
+(``frozen_rates``), beside the FPR95 tuned on the test split itself. A pixel raises an alarm
+when its score is above the threshold. The file is data: every value is checked before use,
+and it is refused when fitted for other networks (their weights' fingerprints).
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from obsnet.errors import UsageError
+from obsnet.metrics.risk import (
+    conformal_tpr_threshold,
+    fit_risk_threshold,
+    fit_tpr_threshold,
+    image_accepted_correct,
+    rates_at,
+)
+from obsnet.models.checkpoint import weights_fingerprint
+from obsnet.outputs import atomic_write
+
+KINDS = ("tpr", "risk", "conformal_tpr")  # the operating points, in the order they are shown
+WRITER = "main.py --fit_threshold"
+
+
+@dataclass(frozen=True)
+class Targets:
+    """--target_tpr (share of correct pixels accepted) and --target_risk (error rate among the
+    accepted pixels; None: not fitted)."""
+
+    tpr: float = 0.95
+    risk: float | None = None
+
+
+def thresholds_path(obsnet_file) -> Path:
+    """Where an observer's thresholds live: ``thresholds.json`` in its folder, or
+    ``<stem>.thresholds.json`` next to an observer file."""
+    path = Path(obsnet_file)
+    if path.is_dir() or str(obsnet_file).endswith(("/", "\\")):
+        return path / "thresholds.json"
+    return path.with_name(f"{path.stem}.thresholds.json")
+
+
+def fit_points(meters: dict, targets: Targets) -> dict:
+    """Per method: each operating point's threshold and what it gives on the fit split."""
+    out = {}
+    for name, m in meters.items():
+        table = m["error"].coarse_table()
+        points = {"tpr": fit_tpr_threshold(table, targets.tpr)}
+        if targets.risk is not None:
+            points["risk"] = fit_risk_threshold(table, targets.risk)
+        images = m.get("images")
+        if images is not None:
+            points["conformal_tpr"], _ = conformal_tpr_threshold(images, targets.tpr)
+        out[name] = {kind: {"threshold": t, "fit": _rates(t, m)} for kind, t in points.items()}
+    return out
+
+
+def _rates(threshold: float, meters: dict) -> dict:
+    """``rates_at`` on one method's meters, plus the per-image mean share of correct pixels
+    accepted when the meters counted images."""
+    if math.isnan(threshold):
+        return {}
+    rates = rates_at(threshold, meters["error"].coarse_table(), meters["ood"].coarse_table())
+    if meters.get("images") is not None:
+        rates["image_accepted_correct"] = image_accepted_correct(meters["images"], threshold)
+    return rates
+
+
+def frozen_rates(record: dict, meters: dict) -> dict:
+    """Per method of ``meters`` that ``record`` (a loaded thresholds file) holds: each
+    operating point's threshold, what it gave on the fit split, and what it gives here."""
+    out = {}
+    for name, m in meters.items():
+        points = record["methods"].get(name)
+        if points:
+            out[name] = {kind: {"threshold": p["threshold"], "fit": p["fit"],
+                                "test": _rates(p["threshold"], m)}
+                         for kind, p in points.items()}
+    return out
+
+
+def thresholds_record(points: dict, split: str, targets: Targets, n_images: int,
+                      segmenter: str, observer: str | None) -> dict:
+    """The thresholds file's content (JSON): what was fitted, on what, for which networks."""
+    return {"written_by": WRITER, "split": split, "images": n_images,
+            "targets": {"tpr": targets.tpr, "risk": targets.risk},
+            "segmenter": segmenter, "observer": observer, "methods": points}
+
+
+def _json_value(value):
+    """JSON has no infinities or NaN: they are written as strings and read back."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
+
+def save_thresholds(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically."""
+    text = json.dumps(_json_value(record), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()), "--obsnet_file")
+
+
+def _threshold_of(value, where: str) -> float:
+    """A recorded threshold: a number or "inf" / "-inf" / "nan" (UsageError otherwise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    raise UsageError(f"{where}: a threshold is not a number ({str(value)[:40]!r})")
+
+
+def load_thresholds(path: Path, segmenter: str, observer: str | None) -> dict:
+    """The checked content of a thresholds file written for this segmenter (and observer,
+    when the file holds the observer's thresholds); UsageError in one line otherwise."""
+    where = f"{path}"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{where}: not a thresholds file of {WRITER} ({exc})") from None
+    if not isinstance(record, dict) or record.get("written_by") != WRITER \
+            or not isinstance(record.get("methods"), dict):
+        raise UsageError(f"{where}: not a thresholds file of {WRITER}")
+    if record.get("segmenter") != segmenter:
+        raise UsageError(f"{where}: fitted for another segmenter than --segnet_file; run "
+                         f"--fit_threshold again (or move the file away)")
+    if "obsnet" in record["methods"] and observer is not None and record.get("observer") != observer:
+        raise UsageError(f"{where}: fitted for another observer than --obsnet_file; run "
+                         f"--fit_threshold again (or move the file away)")
+    methods = {}
+    for name, points in record["methods"].items():
+        if not isinstance(points, dict) or not set(points) <= set(KINDS) or not all(
+                isinstance(p, dict) and isinstance(p.get("fit"), dict) for p in points.values()):
+            raise UsageError(f"{where}: its entry for {str(name)[:40]!r} is not a set of "
+                             f"operating points")
+        methods[name] = {kind: {"threshold": _threshold_of(p.get("threshold"), where),
+                                "fit": {k: _threshold_of(v, where) for k, v in p["fit"].items()}}
+                         for kind, p in points.items()}
+    return record | {"methods": methods}
+
+
+
+def alarm_logit(value: str, obsnet_file, segmenter, observer) -> float:
+    """The observer-logit threshold of ``--threshold VALUE`` (inference.py, the ONNX export):
+    one of ``KINDS`` reads the observer's operating point from its thresholds file (checked
+    for these networks: ``segmenter``, ``observer`` loaded); a number p in (0, 1) is a
+    probability of error, logit log(p / (1 - p)). UsageError in one line otherwise."""
+    if value in KINDS:
+        path = thresholds_path(obsnet_file)
+        if not path.is_file():
+            raise UsageError(f"--threshold {value}: {path} not found; run main.py "
+                             f"--fit_threshold with this --obsnet_file first")
+        record = load_thresholds(path, weights_fingerprint(segmenter),
+                                 weights_fingerprint(observer))
+        point = record["methods"].get("obsnet", {}).get(value)
+        if point is None:
+            raise UsageError(f"--threshold {value}: {path} holds no {value} threshold for the "
+                             f"observer (fit it with --test_multi obsnet"
+                             f"{' --target_risk R' if value == 'risk' else ''})")
+        if math.isnan(point["threshold"]):
+            raise UsageError(f"--threshold {value}: {path} could not fit it ({record['images']} "
+                             f"images on {record['split']}: too few for the target); choose "
+                             f"another operating point")
+        return point["threshold"]
+    try:
+        prob = float(value)
+    except ValueError:
+        prob = float("nan")
+    if not 0 < prob < 1:
+        raise UsageError(f"--threshold {value}: give {', '.join(KINDS)} (fitted by "
+                         f"--fit_threshold) or a probability of error in (0, 1)")
+    return math.log(prob / (1 - prob))
