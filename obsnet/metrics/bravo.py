@@ -35,6 +35,25 @@ def quantise(conf: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.floor(conf.double() * LEVELS), 0, LEVELS - 1).long()
 
 
+def squash(scores: torch.Tensor) -> torch.Tensor:
+    """A fixed map of unbounded uncertainty scores (higher = more uncertain) to a confidence in
+    (0, 1): ``sigmoid(-sign(s) * log1p(|s|))``. Decreasing, the same for every image of a split
+    (commensurable), and the log keeps energies and distances of tens or thousands apart at 16
+    bits where a plain sigmoid would pile them on one level."""
+    s = scores.double()
+    return torch.sigmoid(-torch.sign(s) * torch.log1p(s.abs()))
+
+
+def bravo_confidence(method, scores: torch.Tensor, cfg) -> torch.Tensor:
+    """A method's confidence that the prediction is right: ``1 - P(error)`` for a method that
+    gives a probability of error (``method.to_prob``: the observer's sigmoid, MCP's 1 - max
+    softmax, the sampled methods' with --sampling_score mcp), else ``squash`` of its score."""
+    prob = None if method.to_prob is None else method.to_prob(scores, cfg)
+    if prob is None:
+        return squash(scores)
+    return 1.0 - prob.double().clamp(0.0, 1.0)
+
+
 def level_values() -> np.ndarray:
     """The confidence each level stands for: its bin's midpoint ``(k + 0.5) / 65536``."""
     return (np.arange(LEVELS, dtype=np.float64) + 0.5) / LEVELS

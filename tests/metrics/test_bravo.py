@@ -123,3 +123,21 @@ def test_without_classes_only_ood_metrics():
     got = meter.compute(with_classes=False)
     assert set(got) == {"auroc_ood", "auprc_ood", "fpr95_ood", "ood_hmean", "hmean"}
     assert got["auroc_ood"] == 1.0
+
+
+def test_observer_confidence_spans_all_16_bits():
+    """1 - sigmoid(logit), once: P(error) over [0, 1] gives every level from 0 to 65535 (the
+    published baseline's second sigmoid kept it within [0.27, 0.5])."""
+    from obsnet.methods import METHODS
+    logits = torch.linspace(-40, 40, 100001)
+    levels = bravo.quantise(bravo.bravo_confidence(METHODS["obsnet"], logits, None))
+    assert levels.min() == 0 and levels.max() == L - 1
+    assert torch.all(levels[1:] <= levels[:-1])  # more likely wrong, never more confident
+    assert levels.unique().numel() > 30000
+
+
+def test_squash_keeps_unbounded_scores_apart():
+    from obsnet.methods import METHODS
+    energies = torch.tensor([-30.0, -20.0, -10.0, -5.0, 0.0, 100.0])
+    levels = bravo.quantise(bravo.bravo_confidence(METHODS["energy"], energies, None))
+    assert torch.all(levels[1:] < levels[:-1])
