@@ -85,7 +85,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
       help="training: replace the checkpoints of an earlier run in --obsnet_file (with "
            "--train_segnet: --segnet_file and its .last.pth) instead of refusing to start; "
            "--test_only: replace the results files of an earlier test of the split in --tboard; "
-           "--export_scores: replace the score files of an earlier export")
+           "--export_scores / --export_bravo: replace the files of an earlier export")
     a("--skip_bad_samples", action="store_true",
       help="training: leave out (and count) samples that cannot be read instead of stopping")
     a("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image size (default: preset)")
@@ -155,6 +155,13 @@ def _add_evaluation_flags(a) -> None:
       help="--test_only on RoadAnomaly21 / RoadObstacle21 / FishyscapesLAF: also write each "
            "method's score maps as DIR/anomaly_p/<method>/<dset>/<frame>.hdf5 for the official "
            "SegmentMeIfYouCan evaluator (needs h5py; existing files only with --overwrite)")
+    a("--export_bravo", default=None, metavar="DIR",
+      help="--test_only: also write each method's DIR/<method>/<image path>_pred.png (8-bit "
+           "class) and _conf.png (16-bit confidence) for the BRAVO toolkit's encoder "
+           "(docs/bravo.md; existing files only with --overwrite)")
+
+
+BRAVO_NCLASS = 19  # the benchmark's classes: Cityscapes' train ids
 
 
 def check_args(args, spec) -> None:
@@ -232,6 +239,10 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
         raise UsageError("--test_multi ensemble needs --ensemble FILE,FILE,... (SegNet checkpoints)")
     if args.export_scores is not None:
         check_export_data(spec.name)
+    if spec.name == "BRAVO" and args.nclass != BRAVO_NCLASS:
+        raise UsageError(f"--data BRAVO scores the {BRAVO_NCLASS} Cityscapes classes: "
+                         f"--segnet_file must be a Cityscapes-trained segmenter (got "
+                         f"--nclass {args.nclass})")
     if "void" in names and spec.void_logit is None:
         raise UsageError(f"--test_multi void: {spec.name} has no void class")
     check_fit_stats(args, names)
@@ -288,7 +299,8 @@ def run_config(args, methods: tuple[str, ...]) -> RunConfig:
                           class_weights=args.class_weights),
         paths=PathsConfig(segnet_file=args.segnet_file, obsnet_file=args.obsnet_file,
                           tboard=args.tboard, ensemble=ensemble_files(args.ensemble),
-                          export_scores=args.export_scores, resume=args.resume,
+                          export_scores=args.export_scores, export_bravo=args.export_bravo,
+                          resume=args.resume,
                           overwrite=args.overwrite),
         test=TestConfig(split=args.test_split, methods=methods,
                         T=args.T, Temp=args.Temp, sampling_score=args.sampling_score,
@@ -305,7 +317,7 @@ def ensemble_files(value: str | None) -> tuple[str, ...]:
 
 
 PATH_FLAGS = ("dset_folder", "segnet_file", "obsnet_file", "tboard", "export_scores",
-              "vgg_weights", "backbone_weights", "ensemble")
+              "export_bravo", "vgg_weights", "backbone_weights", "ensemble")
 
 
 def check_path_flags(args) -> None:

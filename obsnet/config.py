@@ -91,13 +91,14 @@ class OptimConfig:
 @dataclass(frozen=True)
 class PathsConfig:
     """Where a run reads and writes: --segnet_file, --obsnet_file (folder, or a file to test),
-    --tboard, the --ensemble members, --export_scores; --resume and --overwrite."""
+    --tboard, the --ensemble members, --export_scores, --export_bravo; --resume and --overwrite."""
 
     segnet_file: str = "ckpt/camvid/segnet.pth"
     obsnet_file: str = "ckpt/camvid/"
     tboard: str = "logs/camvid"
     ensemble: tuple[str, ...] = ()
     export_scores: str | None = None
+    export_bravo: str | None = None
     resume: bool = False
     overwrite: bool = False
 

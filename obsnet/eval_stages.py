@@ -3,6 +3,7 @@ and --test_only (every method of --test_multi, its table and files)."""
 import warnings
 from pathlib import Path
 
+from obsnet import bravo_export
 from obsnet.component_eval import wants_components
 from obsnet.config import RunConfig, TestConfig
 from obsnet.data.errors import DatasetError
@@ -90,10 +91,16 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
         raise UsageError(f"--test_only --data {spec.name}: the component metrics need every "
                          f"frame in one process; run it without torchrun (one process)")
     m, paths, names, split = cfg.model, cfg.paths, list(cfg.test.methods), cfg.test.split
+    if rt.distributed and paths.export_bravo is not None:  # each rank sees a share of the frames
+        raise UsageError("--export_bravo writes every frame from one process; run it without "
+                         "torchrun")
     loader = loader_for(cfg.data, spec, split, False, rt, cfg.seed)
-    export_dir = paths.export_scores
+    export_dir, pairs = paths.export_scores, loader.dataset.samples
     if export_dir is not None:  # refused before any work: files of an earlier export
-        check_export_targets(export_dir, spec.name, names, loader.dataset.samples, paths.overwrite)
+        check_export_targets(export_dir, spec.name, names, pairs, paths.overwrite)
+    if paths.export_bravo is not None:
+        bravo_export.check_export_targets(paths.export_bravo, names, cfg.data.folder, pairs,
+                                          paths.overwrite)
     segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
     refuse_missing_dropout(segnet, m.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
@@ -103,10 +110,15 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
     try:
         methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
+        bravo = None
+        if paths.export_bravo is not None and rt.is_main:
+            bravo = bravo_export.BravoExport(paths.export_bravo, names, cfg.data.folder, pairs,
+                                             methods)
         results, preview, meters = evaluate(
             segnet, obsnet, loader, names, spec, rt.device, methods, m.nclass, split,
             amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),
-            on_scores=export and export.add, image_counts=wants_image_counts(frozen))
+            on_scores=_fan_out(export and export.add, bravo and bravo.add_scores),
+            on_pred=bravo and bravo.add_pred, image_counts=wants_image_counts(frozen))
         if frozen is not None:
             for name, rates in frozen_rates(frozen, meters).items():
                 results["methods"][name]["frozen"] = rates
@@ -117,6 +129,9 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
         else:  # nothing scored: no results file
             log(rt, f"--test_split {split}: no labels, nothing scored; "
                     f"{files.results_json.name} and {files.results_csv.name} not written")
+        if bravo is not None:
+            log(rt, f"--export_bravo: {len(bravo.written)} file(s) written under "
+                    f"{paths.export_bravo}")
         if export is not None:  # after the table: a failed export must not hide it
             written = export.finish()
             log(rt, f"--export_scores: {len(written)} file(s) written under "
@@ -171,6 +186,12 @@ def stage_fit_threshold(cfg: RunConfig, spec, rt, writer) -> None:
     save_thresholds(path, record)
     log(rt, format_frozen_table(record["methods"], record))
     log(rt, f"thresholds written to {path}; --test_only reports what they give")
+def _fan_out(*callbacks):
+    """One ``on_scores`` calling each of ``callbacks`` that is not None (None when none is)."""
+    live = [c for c in callbacks if c]
+    if not live:
+        return None
+    return lambda name, maps: [c(name, maps) for c in live]
 
 
 def report_test(rt, writer, results, preview, meters, spec, files: RunFiles) -> None:

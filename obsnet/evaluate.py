@@ -9,6 +9,7 @@ from obsnet.data.native import LabelGrid
 from obsnet.data.specs import DatasetSpec
 from obsnet.distributed import in_process_group
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
+from obsnet.metrics.bravo import BravoMeter, bravo_confidence
 from obsnet.metrics.confusion import ConfusionMeter
 from obsnet.metrics.ood import OODMeter
 from obsnet.metrics.per_image import PerImageMeter
@@ -20,9 +21,10 @@ class _Meters:
     """Meters of one method: OOD protocol pooled over the split and per image (anomaly-seg's),
     error protocol, and time."""
 
-    def __init__(self, image_counts: bool = False):
+    def __init__(self, nclass: int, image_counts: bool = False):
         self.ood, self.error, self.seconds = OODMeter(), OODMeter(), 0.0
         self.ood_image = PerImageMeter()
+        self.bravo = BravoMeter(nclass)  # the BRAVO toolkit's metrics (docs/bravo.md)
         self.images = ImageCounts() if image_counts else None  # per image, for conformal
 
 
@@ -52,11 +54,13 @@ def _timed(device, fn, *args, **kwargs):
 
 
 def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device,
-                 grid: LabelGrid, frames=None, on_scores=None):
+                 grid: LabelGrid, frames=None, on_scores=None, classes=None):
     """Run every method on one batch, bring its scores to the labels' resolution (``grid``)
     and feed its meters (and ``frames``, a ``ComponentFrames`` or None); ``on_scores(name,
-    maps)`` gets the maps at the images' size (``--export_scores``)."""
+    maps)`` gets the maps at the images' size (``--export_scores``); ``classes``: (predicted,
+    label) classes at the labels' resolution, for the BRAVO metrics."""
     error, err_valid, anomaly, ood_valid, image_valid = masks
+    pred, labels = classes
     for name in names:
         method = METHODS[name]
         scores, seconds = _timed(device, method.fn, batch, cfg)
@@ -74,6 +78,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         m.ood.update(scores, anomaly, ood_valid)
         if anomaly.any():
             m.ood_image.update(scores, anomaly, image_valid)
+        m.bravo.update(bravo_confidence(method, scores, cfg), pred, labels,
+                       ood_valid & ~anomaly, ood_valid & anomaly)
         if frames is not None:
             frames.add_scores(name, grid.frames(scores))
 
@@ -81,7 +87,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
              nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=(),
-             on_scores=None, image_counts: bool = False):
+             on_scores=None, on_pred=None, image_counts: bool = False):
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
@@ -93,7 +99,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     their loaders give labels at each file's resolution, and every map computed at the
     images' size is resized to it (``obsnet.data.native``).
     ``ensemble``: extra SegNets for the "ensemble" method. ``on_scores(name, maps)``: called
-    with every method's B×h×w maps of every batch, in loader order (``--export_scores``).
+    with every method's B×h×w maps of every batch, in loader order (``--export_scores``);
+    ``on_pred(pred)`` with the B×h×w predicted classes of every batch (``--export_bravo``).
+    Each method also gets ``bravo``: the BRAVO toolkit's metrics (``obsnet.metrics.bravo``).
     ``image_counts``: also count each image's correct and wrong pixels per score bin
     (``obsnet.metrics.risk.ImageCounts``, the meters' "images"; conformal thresholds).
     A split whose labels are hidden (``loader.dataset.labelled`` false) scores nothing.
@@ -101,7 +109,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     segnet.eval()
     if obsnet is not None:
         obsnet.eval()
-    meters = {name: _Meters(image_counts) for name in names}
+    meters = {name: _Meters(nclass, image_counts) for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
     labelled = getattr(getattr(loader, "dataset", None), "labelled", True)
@@ -117,7 +125,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             confusion.update(pred_at_labels, labels)
             masks = _label_masks(labels, pred_at_labels, spec, nclass)
             _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames,
-                         on_scores)
+                         on_scores, (pred_at_labels, labels))
+            if on_pred is not None:
+                on_pred(pred)
             if frames is not None:
                 frames.add_labels(grid.frames(benchmark_labels(masks[2], masks[3])))
             if preview is None:
@@ -160,7 +170,7 @@ def _results(split, confusion, meters, n_images, spec, device):
                       "iou": dict(zip(spec.class_names, seg["iou"]))},
            "methods": {}}
     for name, m in meters.items():
-        for meter in (m.error, m.ood, m.ood_image):
+        for meter in (m.error, m.ood, m.ood_image, m.bravo):
             meter.all_reduce()
         err, ood = m.error.compute(), m.ood.compute()
         # no class ground truth (spec.inlier_id): error metrics n/a, the tie share is the OOD one
@@ -183,6 +193,7 @@ def _results(split, confusion, meters, n_images, spec, device):
             entry["ood"] = {"auroc": ood["auroc"], "aupr": ood["ap"], "fpr95": ood["fpr95"]}
             per_image = m.ood_image.compute()
             entry["ood_per_image"] = {k: per_image[k] for k in ("auroc", "aupr", "fpr95")}
+        entry["bravo"] = m.bravo.compute(with_classes=has_classes)
         out["methods"][name] = entry
         # every method scores the same pixels: those a protocol counts, and the anomaly ones
         out["pixels"] = {"scored": max(err["n_pos"] + err["n_neg"], ood["n_pos"] + ood["n_neg"]),

@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
-from obsnet.data.specs import BENCHMARK_SPLITS, SPECS, DatasetSpec, anomaly_benchmark
+from obsnet.data.specs import (BENCHMARK_SPLITS, SPECS, UNLABELLED_PRESETS, DatasetSpec,
+                               anomaly_benchmark)
 from obsnet.errors import UsageError
 from obsnet.model_flags import MIN_SIDE
 from obsnet.models.checkpoint import CheckpointError, load_checkpoint
@@ -186,6 +187,8 @@ def preset_spec(data: str, preset: dict) -> DatasetSpec:
                    size=tuple(preset["size"]), colors=(*base.colors, *grey))
     if data in BENCHMARK_SPLITS:
         return anomaly_benchmark(data, BENCHMARK_SPLITS[data], base)
+    if data in UNLABELLED_PRESETS:
+        return UNLABELLED_PRESETS[data](base)
     return base
 
 
@@ -211,7 +214,7 @@ def adopt_segmenter_preset(given: Mapping, spec: DatasetSpec,
     ``--segnet_file``'s preset; ``spec`` itself (and nothing adopted) for other data or
     without a preset. ``given``: the command line's values; ``explicit``: the flags it gave,
     one that contradicts the preset is a UsageError (the weights could not be loaded)."""
-    if spec.name not in BENCHMARK_SPLITS:
+    if spec.name not in (*BENCHMARK_SPLITS, *UNLABELLED_PRESETS):
         return spec, {}
     preset = _preset_of_file(given["segnet_file"])
     return (spec, {}) if preset is None else adopt_preset(given, explicit, preset, spec.name)
@@ -232,7 +235,7 @@ def adopt_recorded_preset(given: Mapping, explicit=frozenset()) -> tuple[Dataset
     data = given["data"]
     if data is None:
         data = recorded or DEFAULT_DATA
-    elif recorded and data not in (recorded, *BENCHMARK_SPLITS):
+    elif recorded and data not in (recorded, *BENCHMARK_SPLITS, *UNLABELLED_PRESETS):
         raise UsageError(f"--data {data}: --segnet_file {segnet_file} was trained on "
                          f"{recorded}, whose classes and normalisation (mean, std) it needs; "
                          f"leave --data out (or give --data {recorded})")

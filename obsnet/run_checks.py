@@ -17,6 +17,7 @@ from obsnet.models.registry import observer_path
 from obsnet.outputs import Output, OutputLock
 from obsnet.ownership import Input, Planned, check_outputs_not_inputs, planned_in
 from obsnet.run_files import MANIFEST, RunFiles, stage_name
+from obsnet.bravo_export import planned_files as bravo_files
 from obsnet.score_export import planned_files as export_files
 from obsnet.stats import FITTED_METHODS
 from obsnet.thresholds import WRITER as THRESHOLDS_WRITER
@@ -33,9 +34,10 @@ def stage_outputs(cfg: RunConfig) -> list[Output]:
         return [Output("--fit_threshold", thresholds_path(paths.obsnet_file), folder=False),
                 *outputs]
     if cfg.stage == "test":
-        export = paths.export_scores
-        return [Output("--export_scores", Path(export), folder=True), *outputs] \
-            if export is not None else outputs
+        exports = [Output(flag, Path(folder), folder=True) for flag, folder in
+                   (("--export_scores", paths.export_scores),
+                    ("--export_bravo", paths.export_bravo)) if folder is not None]
+        return [*exports, *outputs]
     if cfg.stage == "train_segnet":
         return [Output("--segnet_file", Path(paths.segnet_file), folder=False), *outputs]
     return [Output("--obsnet_file", Path(paths.obsnet_file), folder=True), *outputs]
@@ -68,7 +70,7 @@ def planned_files(cfg: RunConfig) -> list[Planned]:
         return [Planned("--obsnet_file", Path(paths.obsnet_file),
                         thresholds_path(paths.obsnet_file)), *planned]
     if cfg.stage == "test":
-        return [*export_planned(cfg), *planned]
+        return [*export_planned(cfg), *bravo_planned(cfg), *planned]
     if cfg.stage == "train_segnet":
         return [Planned("--segnet_file", segnet, segnet),
                 Planned("--segnet_file", segnet, paths.segnet_last), *planned]
@@ -125,6 +127,16 @@ def export_planned(cfg: RunConfig) -> list[Planned]:
         return []
     files = export_files(root, cfg.data.name, list(cfg.test.methods), listing[1])
     return [Planned("--export_scores", Path(root), path) for path in files]
+
+
+def bravo_planned(cfg: RunConfig) -> list[Planned]:
+    """The prediction and confidence files --export_bravo writes for the frames of --test_split."""
+    root = cfg.paths.export_bravo
+    listing = split_listing(cfg.data, cfg.test.split) if root is not None else None
+    if listing is None:
+        return []
+    files = bravo_files(root, list(cfg.test.methods), cfg.data.folder, listing[1])
+    return [Planned("--export_bravo", Path(root), path) for path in files]
 
 
 def dataset_inputs(cfg: RunConfig, planned: list[Planned]) -> list[Input]:

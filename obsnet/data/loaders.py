@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from obsnet.data.base import PairDataset
 from obsnet.data.bdd_anomaly import BddAnomaly
+from obsnet.data.bravo import BRAVO
 from obsnet.data.camvid import CamVid
 from obsnet.data.cityscapes import Cityscapes
 from obsnet.data.errors import DatasetError, WorkerDied
@@ -35,7 +36,7 @@ DATASETS: dict[str, type[PairDataset]] = {"CamVid": CamVid, "Synthetic": CamVid,
                                           "BddAnomaly": BddAnomaly, "Cityscapes": Cityscapes,
                                           "RoadAnomaly21": RoadAnomaly21,
                                           "RoadObstacle21": RoadObstacle21,
-                                          "FishyscapesLAF": FishyscapesLAF}
+                                          "FishyscapesLAF": FishyscapesLAF, "BRAVO": BRAVO}
 assert set(DATASETS) <= set(SPECS), "every loader of DATASETS needs its spec in specs.SPECS"
 
 

@@ -1,5 +1,5 @@
 """Dataset specification registry: every per-dataset number lives here, once."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,3 +137,17 @@ BENCHMARK_SPLITS = {"RoadAnomaly21": "validation", "RoadObstacle21": "validation
                     "FishyscapesLAF": "val"}
 for _name, _split in BENCHMARK_SPLITS.items():
     SPECS[_name] = anomaly_benchmark(_name, _split, SPECS["Cityscapes"])
+
+
+def bravo_spec(base: DatasetSpec) -> DatasetSpec:
+    """The BRAVO benchmark (obsnet/data/bravo.py) for a segmenter trained on ``base``: its
+    classes, normalisation and size; labels hidden, test only. The benchmark scores the 19
+    Cityscapes classes: ``base`` must be a Cityscapes-trained segmenter's."""
+    return replace(base, name="BRAVO", anomaly_ids=(), void_id=None, void_logit=None,
+                   inlier_id=None, train_split="all", val_split="all", test_split="all",
+                   test_only=True)
+
+
+# Test-only presets built on the segmenter's own (obsnet/preset.py), besides BENCHMARK_SPLITS.
+UNLABELLED_PRESETS = {"BRAVO": bravo_spec}
+SPECS["BRAVO"] = bravo_spec(SPECS["Cityscapes"])
