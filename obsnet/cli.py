@@ -140,9 +140,14 @@ def _add_evaluation_flags(a) -> None:
     a("--fit_stats", action="store_true",
       help="fit the training-split statistics of sml, sml_post and mahalanobis for the frozen "
            "--segnet_file; written to <segnet_file stem>.stats.pth (--overwrite replaces it)")
+    a("--calibrate", action="store_true",
+      help="fit Platt scaling of the --obsnet_file observer's logit on --test_split (default: "
+           "the val split) and store it in that checkpoint (--overwrite replaces a calibration); "
+           "see docs/calibration.md")
     a("--test_split", default=None,
       help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
-           "CamVid); e.g. val_ood, written by python -m obsnet.paste")
+           "CamVid) or fitted by --calibrate (default: val); e.g. val_ood, written by "
+           "python -m obsnet.paste")
     a("--export_scores", default=None, metavar="DIR",
       help="--test_only on RoadAnomaly21 / RoadObstacle21 / FishyscapesLAF: also write each "
            "method's score maps as DIR/anomaly_p/<method>/<dset>/<frame>.hdf5 for the official "
@@ -214,7 +219,7 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
     args.tboard = args.tboard or f"logs/{tag}"
     args.nclass = spec.nclass if args.nclass is None else args.nclass
     args.size = tuple(args.size or spec.size)
-    args.test_split = args.test_split or spec.test_split
+    args.test_split = args.test_split or (spec.val_split if args.calibrate else spec.test_split)
     try:
         names = parse_methods(args.test_multi)
     except ValueError as exc:
@@ -230,10 +235,13 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
 
 
 def check_fit_stats(args, names) -> None:
-    """--fit_stats is a stage of its own; sml / mahalanobis need its file (UsageError)."""
-    if args.fit_stats and (args.test_only or args.train_segnet or args.resume):
-        raise UsageError("--fit_stats is a stage of its own: leave out --test_only, "
-                         "--train_segnet and --resume")
+    """--fit_stats and --calibrate are stages of their own; sml / mahalanobis need --fit_stats'
+    file (UsageError)."""
+    for flag in ("fit_stats", "calibrate"):
+        others = [f"--{o}" for o in ("test_only", "train_segnet", "resume", "fit_stats")
+                  if o != flag and getattr(args, o)]
+        if getattr(args, flag) and others:
+            raise UsageError(f"--{flag} is a stage of its own: leave out {others[0]}")
     fitted = [n for n in names if n in FITTED_METHODS]
     if args.test_only and fitted and not stats_path(args.segnet_file).is_file():
         raise UsageError(f"--test_multi {fitted[0]}: {stats_path(args.segnet_file)} not found; "
@@ -244,6 +252,8 @@ def stage_of(args) -> str:
     """The stage the resolved flags ask for (``obsnet.config.STAGES``)."""
     if args.fit_stats:
         return "fit_stats"
+    if args.calibrate:
+        return "calibrate"
     return "test" if args.test_only else "train_segnet" if args.train_segnet else "train_obsnet"
 
 

@@ -50,10 +50,11 @@ def _timed(device, fn, *args, **kwargs):
 
 
 def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device,
-                 grid: LabelGrid, frames=None, on_scores=None):
+                 grid: LabelGrid, frames=None, on_scores=None, on_error=None):
     """Run every method on one batch, bring its scores to the labels' resolution (``grid``)
     and feed its meters (and ``frames``, a ``ComponentFrames`` or None); ``on_scores(name,
-    maps)`` gets the maps at the images' size (``--export_scores``)."""
+    maps)`` gets the maps at the images' size (``--export_scores``), ``on_error(name, scores,
+    error, valid)`` the error protocol's pixels (``--calibrate``)."""
     error, err_valid, anomaly, ood_valid, image_valid = masks
     for name in names:
         method = METHODS[name]
@@ -67,6 +68,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
         probs = None if method.to_prob is None else method.to_prob(scores, cfg)
         m.error.update(scores, error, err_valid, probs=probs)
+        if on_error is not None:
+            on_error(name, scores, error, err_valid)
         m.ood.update(scores, anomaly, ood_valid)
         if anomaly.any():
             m.ood_image.update(scores, anomaly, image_valid)
@@ -77,7 +80,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
              nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=(),
-             on_scores=None):
+             on_scores=None, on_error=None):
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
@@ -89,7 +92,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     their loaders give labels at each file's resolution, and every map computed at the
     images' size is resized to it (``obsnet.data.native``).
     ``ensemble``: extra SegNets for the "ensemble" method. ``on_scores(name, maps)``: called
-    with every method's B×h×w maps of every batch, in loader order (``--export_scores``).
+    with every method's B×h×w maps of every batch, in loader order (``--export_scores``);
+    ``on_error(name, scores, error, valid)`` with its scores at the labels' resolution, the
+    error protocol's targets and the pixels it counts (``--calibrate``).
     A split whose labels are hidden (``loader.dataset.labelled`` false) scores nothing.
     """
     segnet.eval()
@@ -111,7 +116,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             confusion.update(pred_at_labels, labels)
             masks = _label_masks(labels, pred_at_labels, spec, nclass)
             _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames,
-                         on_scores)
+                         on_scores, on_error)
             if frames is not None:
                 frames.add_labels(grid.frames(benchmark_labels(masks[2], masks[3])))
             if preview is None:

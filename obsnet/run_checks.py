@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from obsnet.calibration import check_calibration_target
 from obsnet.config import DataConfig, RunConfig
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import dataset_builder
@@ -26,6 +27,8 @@ def stage_outputs(cfg: RunConfig) -> list[Output]:
     outputs = [Output("--tboard", Path(paths.tboard), folder=True)]
     if cfg.stage == "fit_stats":
         return [Output("--fit_stats", paths.stats_file, folder=False), *outputs]
+    if cfg.stage == "calibrate":  # the observer checkpoint it rewrites
+        return [Output("--obsnet_file", observer_path(paths.obsnet_file), folder=False), *outputs]
     if cfg.stage == "test":
         export = paths.export_scores
         return [Output("--export_scores", Path(export), folder=True), *outputs] \
@@ -39,6 +42,8 @@ def tboard_files(cfg: RunConfig) -> RunFiles:
     """The files the stage of ``cfg`` writes into --tboard: its config, a test's results
     (TensorBoard's event files aside: each run gives its own a new name)."""
     split = cfg.test.split if cfg.stage == "test" else None
+    if cfg.stage == "calibrate":
+        return RunFiles(Path(cfg.paths.tboard), "calibrate")
     return RunFiles(Path(cfg.paths.tboard),
                     stage_name(cfg.stage == "train_segnet", cfg.stage == "fit_stats", split), split)
 
@@ -58,6 +63,8 @@ def planned_files(cfg: RunConfig) -> list[Planned]:
         return [Planned("--segnet_file", segnet, paths.stats_file), *planned]
     if cfg.stage == "test":
         return [*export_planned(cfg), *planned]
+    if cfg.stage == "calibrate":  # its one other output is its input, rewritten on purpose
+        return planned
     if cfg.stage == "train_segnet":
         return [Planned("--segnet_file", segnet, segnet),
                 Planned("--segnet_file", segnet, paths.segnet_last), *planned]
@@ -77,6 +84,8 @@ def model_inputs(cfg: RunConfig) -> list[Input]:
         return [Input(flag, Path(value)) for flag, value in weights
                 if value and value != "imagenet"]
     inputs = [Input("--segnet_file", Path(paths.segnet_file))]
+    if cfg.stage == "calibrate":
+        return [*inputs, Input("--obsnet_file", observer_path(paths.obsnet_file))]
     if cfg.stage != "test":
         return inputs
     names = cfg.test.methods
@@ -92,7 +101,7 @@ def stage_splits(cfg: RunConfig) -> list[str]:
     spec = SPECS[cfg.data.name]
     if cfg.stage == "fit_stats":
         return [spec.train_split]
-    return [cfg.test.split] if cfg.stage == "test" else [spec.train_split, spec.val_split]
+    return [cfg.test.split] if cfg.stage in ("test", "calibrate") else [spec.train_split, spec.val_split]
 
 
 def split_listing(data: DataConfig, split: str):
@@ -159,6 +168,9 @@ def check_earlier_run(cfg: RunConfig) -> None:
             raise UsageError(f"--fit_stats: {paths.stats_file} already exists; add --overwrite "
                              f"to replace it")
         return
+    if cfg.stage == "calibrate":
+        check_calibration_target(paths.obsnet_file, paths.overwrite)
+        return
     if cfg.stage == "test":
         return
     flag, where, last, existing = earlier_checkpoints(cfg)
@@ -182,6 +194,8 @@ def stage_outputs_exist(cfg: RunConfig) -> bool:
     if cfg.stage == "test":
         files = tboard_files(cfg)
         return files.results_json.is_file() or files.results_csv.is_file()
+    if cfg.stage == "calibrate":  # its output is a checkpoint entry, written last
+        return False
     return bool(earlier_checkpoints(cfg)[3])
 
 
