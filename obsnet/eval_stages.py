@@ -10,9 +10,12 @@ from obsnet.data.specs import DatasetSpec
 from obsnet.errors import ObsnetWarning, UsageError
 from obsnet.evaluate import evaluate
 from obsnet.methods import MethodConfig
+from obsnet.calibration import calibration_summary
+from obsnet.models.calibration import calibration_of
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import load_observed, load_segmenter
 from obsnet.report import format_table, log_pr_curves, log_preview, log_scalars, write_csv, write_json
+from obsnet.reliability import diagram_bins, log_reliability, reliability_figure, write_png
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
 from obsnet.runtime import loader_for, log, refuse_missing_dropout
@@ -104,6 +107,10 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
             amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),
             on_scores=export and export.add)
         files = tboard_files(cfg)
+        record = calibration_of(obsnet) if obsnet is not None else None
+        if record is not None:  # the checkpoint's calibration, its ECE / ACE before and after
+            results["methods"]["obsnet"]["calibration"] = record
+            log(rt, f"--obsnet_file: {calibration_summary(record)}")
         if getattr(loader.dataset, "labelled", True):
             report_test(rt, writer, results, preview, meters, spec, files)
         else:  # nothing scored: no results file
@@ -126,10 +133,17 @@ def report_test(rt, writer, results, preview, meters, spec, files: RunFiles) -> 
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
+    bins = diagram_bins(meters)
+    figure = reliability_figure(bins, f"split {results['split']}") if bins else None
+    if figure is not None:
+        log_reliability(writer, figure, "Test/reliability")
     if rt.is_main:
         write_json(files.claim(files.results_json), results, files.flag)
         write_csv(files.claim(files.results_csv), results, files.flag)
-    log(rt, f"results written to {files.results_json} and {files.results_csv.name}")
+        if figure is not None:
+            write_png(files.claim(files.reliability_png), figure, files.flag)
+    diagram = f"; reliability diagram in {files.reliability_png.name}" if figure is not None else ""
+    log(rt, f"results written to {files.results_json} and {files.results_csv.name}{diagram}")
 
 
 def check_scorable(results: dict, spec: DatasetSpec, warn: bool = True) -> None:
