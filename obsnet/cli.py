@@ -148,9 +148,14 @@ def _add_evaluation_flags(a) -> None:
       help="--fit_threshold: share of the segmenter's correct pixels to accept (no alarm)")
     a("--target_risk", type=float, default=None,
       help="--fit_threshold: largest error rate among the accepted pixels (also fitted)")
+    a("--calibrate", action="store_true",
+      help="fit Platt scaling of the --obsnet_file observer's logit on --test_split (default: "
+           "the val split) and store it in that checkpoint (--overwrite replaces a calibration); "
+           "see docs/calibration.md")
     a("--test_split", default=None,
       help="split evaluated by --test_only (default: the dataset's test split, test_ood for "
-           "CamVid); e.g. val_ood, written by python -m obsnet.paste")
+           "CamVid) or fitted by --calibrate (default: val); e.g. val_ood, written by "
+           "python -m obsnet.paste")
     a("--export_scores", default=None, metavar="DIR",
       help="--test_only on RoadAnomaly21 / RoadObstacle21 / FishyscapesLAF: also write each "
            "method's score maps as DIR/anomaly_p/<method>/<dset>/<frame>.hdf5 for the official "
@@ -230,7 +235,8 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
     args.nclass = spec.nclass if args.nclass is None else args.nclass
     args.size = tuple(args.size or spec.size)
     check_fit_threshold(args)
-    args.test_split = args.test_split or (spec.val_split if args.fit_threshold else spec.test_split)
+    fitting = args.fit_threshold or args.calibrate  # on the val split by default
+    args.test_split = args.test_split or (spec.val_split if fitting else spec.test_split)
     try:
         names = parse_methods(args.test_multi)
     except ValueError as exc:
@@ -262,10 +268,13 @@ def check_fit_threshold(args) -> None:
 
 
 def check_fit_stats(args, names) -> None:
-    """--fit_stats is a stage of its own; sml / mahalanobis need its file (UsageError)."""
-    if args.fit_stats and (args.test_only or args.train_segnet or args.resume):
-        raise UsageError("--fit_stats is a stage of its own: leave out --test_only, "
-                         "--train_segnet and --resume")
+    """--fit_stats and --calibrate are stages of their own; sml / mahalanobis need --fit_stats'
+    file (UsageError)."""
+    for flag in ("fit_stats", "calibrate"):
+        others = [f"--{o}" for o in ("test_only", "train_segnet", "resume", "fit_stats")
+                  if o != flag and getattr(args, o)]
+        if getattr(args, flag) and others:
+            raise UsageError(f"--{flag} is a stage of its own: leave out {others[0]}")
     fitted = [n for n in names if n in FITTED_METHODS]
     if (args.test_only or args.fit_threshold) and fitted \
             and not stats_path(args.segnet_file).is_file():
@@ -279,6 +288,8 @@ def stage_of(args) -> str:
         return "fit_stats"
     if args.fit_threshold:
         return "fit_threshold"
+    if args.calibrate:
+        return "calibrate"
     return "test" if args.test_only else "train_segnet" if args.train_segnet else "train_obsnet"
 
 

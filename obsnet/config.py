@@ -3,7 +3,7 @@
 defaults. Everything below the command line reads these objects; nothing changes them.
 
     RunConfig
-      stage      train_segnet | train_obsnet | test | fit_stats
+      stage      train_segnet | train_obsnet | test | fit_stats | calibrate
       data       DataConfig: the dataset folder, the split read, image size, batches, workers
       model      ModelConfig: the segmenter (model, classes, width) and the observer asked for
       optim      OptimConfig: optimizer, epochs, attack, loss and training ablations
@@ -22,7 +22,7 @@ from pathlib import Path
 from obsnet.models.observer_spec import ObserverRequest
 from obsnet.stats import stats_path
 
-STAGES = ("train_segnet", "train_obsnet", "test", "fit_stats", "fit_threshold")
+STAGES = ("train_segnet", "train_obsnet", "test", "fit_stats", "fit_threshold", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class RunConfig:
                  **_renamed(test, {"split", "methods"}), "test_split": test.split,
                  "test_multi": ",".join(test.methods),
                  "train_segnet": self.stage == "train_segnet", "test_only": self.stage == "test",
-                 "fit_stats": self.stage == "fit_stats",
+                 "fit_stats": self.stage == "fit_stats", "calibrate": self.stage == "calibrate",
                  "fit_threshold": self.stage == "fit_threshold", "seed": self.seed, "amp": self.amp,
                  "channels_last": self.channels_last, "cudnn_benchmark": self.cudnn_benchmark,
                  "num_nodes": self.num_nodes}

@@ -9,12 +9,15 @@ from obsnet.config import RunConfig, TestConfig
 from obsnet.data.errors import DatasetError
 from obsnet.data.specs import DatasetSpec
 from obsnet.errors import ObsnetWarning, UsageError
-from obsnet.evaluate import evaluate
+from obsnet.evaluate import EvalHooks, evaluate
 from obsnet.methods import MethodConfig
+from obsnet.calibration import calibration_summary
+from obsnet.models.calibration import calibration_of
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import load_observed, load_segmenter
+from obsnet.reliability import diagram_bins, log_figure, reliability_figure, write_png
 from obsnet.report import (format_frozen_table, format_table, log_pr_curves, log_preview,
-                           log_scalars, write_csv, write_json, write_risk_coverage)
+                           log_scalars, risk_coverage_figure, write_csv, write_json)
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
 from obsnet.runtime import loader_for, log, refuse_missing_dropout
@@ -117,13 +120,18 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
         results, preview, meters = evaluate(
             segnet, obsnet, loader, names, spec, rt.device, methods, m.nclass, split,
             amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),
-            on_scores=_fan_out(export and export.add, bravo and bravo.add_scores),
-            on_pred=bravo and bravo.add_pred, image_counts=wants_image_counts(frozen))
+            hooks=EvalHooks(on_scores=_fan_out(export and export.add, bravo and bravo.add_scores),
+                            on_pred=bravo and bravo.add_pred,
+                            image_counts=wants_image_counts(frozen)))
         if frozen is not None:
             for name, rates in frozen_rates(frozen, meters).items():
                 results["methods"][name]["frozen"] = rates
             results["thresholds"] = {k: frozen[k] for k in ("split", "images", "targets")}
         files = tboard_files(cfg)
+        record = calibration_of(obsnet) if obsnet is not None else None
+        if record is not None:  # the checkpoint's calibration, its ECE / ACE before and after
+            results["methods"]["obsnet"]["calibration"] = record
+            log(rt, f"--obsnet_file: {calibration_summary(record)}")
         if getattr(loader.dataset, "labelled", True):
             report_test(rt, writer, results, preview, meters, spec, files)
         else:  # nothing scored: no results file
@@ -171,7 +179,8 @@ def stage_fit_threshold(cfg: RunConfig, spec, rt, writer) -> None:
     methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
     results, _, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device, methods,
                                   m.nclass, split, amp=cfg.amp, progress=rt.is_main,
-                                  ensemble=load_ensemble(cfg, rt.device), image_counts=True)
+                                  ensemble=load_ensemble(cfg, rt.device),
+                                  hooks=EvalHooks(image_counts=True))
     check_scorable(results, spec, rt.is_main)
     if results["pixels"]["anomaly"]:
         raise DatasetError(f"--fit_threshold: --test_split {split} holds "
@@ -205,15 +214,20 @@ def report_test(rt, writer, results, preview, meters, spec, files: RunFiles) -> 
     log_scalars(writer, results, "Test", 0)
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
+    bins = diagram_bins(meters)
+    figures = [(figure, path) for figure, path in (
+        (risk_coverage_figure(meters, results["split"]), files.risk_coverage_png),
+        (reliability_figure(bins, f"split {results['split']}") if bins else None,
+         files.reliability_png)) if figure is not None]
+    for figure, path in figures:  # TensorBoard: Test/risk_coverage, Test/reliability
+        log_figure(writer, figure, f"Test/{path.stem.rsplit('_', 1)[0]}")
     if rt.is_main:
         write_json(files.claim(files.results_json), results, files.flag)
         write_csv(files.claim(files.results_csv), results, files.flag)
-        drawn = any("error" in entry for entry in results["methods"].values()) and \
-            write_risk_coverage(files.claim(files.risk_coverage_png), writer, meters,
-                                results["split"], "Test", 0, files.flag)
-    log(rt, f"results written to {files.results_json} and {files.results_csv.name}")
-    if rt.is_main and drawn:
-        log(rt, f"risk–coverage curves in {files.risk_coverage_png}")
+        for figure, path in figures:
+            write_png(files.claim(path), figure, files.flag)
+    drawn = "".join(f"; {path.name}" for _, path in figures)
+    log(rt, f"results written to {files.results_json} and {files.results_csv.name}{drawn}")
 
 
 def check_scorable(results: dict, spec: DatasetSpec, warn: bool = True) -> None:

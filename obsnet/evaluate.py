@@ -1,5 +1,7 @@
 """One evaluation pass: the SegNet once per batch, every method, streaming meters."""
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -15,6 +17,22 @@ from obsnet.metrics.ood import OODMeter
 from obsnet.metrics.per_image import PerImageMeter
 from obsnet.metrics.risk import COVERAGE_KEYS, ImageCounts
 from obsnet.utils import autocast
+
+
+@dataclass(frozen=True)
+class EvalHooks:
+    """What an evaluation hands out besides its results, each in loader order:
+    ``on_scores(name, maps)``: every method's B×h×w maps at the images' size
+    (``--export_scores``, ``--export_bravo``); ``on_pred(pred)``: the B×h×w predicted classes
+    (``--export_bravo``); ``on_error(name, scores, error, valid)``: every method's scores at
+    the labels' resolution with the error protocol's targets and the pixels it counts
+    (``--calibrate``); ``image_counts``: count each image's correct and wrong pixels per score
+    bin (``obsnet.metrics.risk.ImageCounts``: the meters' "images", conformal thresholds)."""
+
+    on_scores: Callable | None = None
+    on_pred: Callable | None = None
+    on_error: Callable | None = None
+    image_counts: bool = False
 
 
 class _Meters:
@@ -54,11 +72,12 @@ def _timed(device, fn, *args, **kwargs):
 
 
 def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, device,
-                 grid: LabelGrid, frames=None, on_scores=None, classes=None):
+                 grid: LabelGrid, frames=None, hooks: "EvalHooks" = None, classes=None):
     """Run every method on one batch, bring its scores to the labels' resolution (``grid``)
-    and feed its meters (and ``frames``, a ``ComponentFrames`` or None); ``on_scores(name,
-    maps)`` gets the maps at the images' size (``--export_scores``); ``classes``: (predicted,
-    label) classes at the labels' resolution, for the BRAVO metrics."""
+    and feed its meters (and ``frames``, a ``ComponentFrames`` or None) and ``hooks``'
+    callbacks (``EvalHooks``); ``classes``: (predicted, label) classes at the labels'
+    resolution, for the BRAVO metrics."""
+    hooks = hooks or EvalHooks()
     error, err_valid, anomaly, ood_valid, image_valid = masks
     pred, labels = classes
     for name in names:
@@ -66,8 +85,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         scores, seconds = _timed(device, method.fn, batch, cfg)
         if torch.isnan(scores).any():
             raise FloatingPointError(f"method '{name}' produced NaN scores")
-        if on_scores is not None:
-            on_scores(name, scores)
+        if hooks.on_scores is not None:
+            hooks.on_scores(name, scores)
         scores = grid.scores(scores)
         m = meters[name]
         m.seconds += seconds + (forward_seconds if method.uses_shared_forward else 0.0)
@@ -75,6 +94,8 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
         m.error.update(scores, error, err_valid, probs=probs)
         if m.images is not None:
             m.images.update(scores, error, err_valid)
+        if hooks.on_error is not None:
+            hooks.on_error(name, scores, error, err_valid)
         m.ood.update(scores, anomaly, ood_valid)
         if anomaly.any():
             m.ood_image.update(scores, anomaly, image_valid)
@@ -87,7 +108,7 @@ def _score_batch(batch: EvalBatch, names, meters, masks, cfg, forward_seconds, d
 @torch.no_grad()
 def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: MethodConfig,
              nclass: int, split: str, amp: bool = False, progress: bool = True, ensemble=(),
-             on_scores=None, on_pred=None, image_counts: bool = False):
+             hooks: "EvalHooks" = None):
     """Evaluate the methods ``names`` over ``loader``.
 
     Returns (results dict, maps of the split's first images, meters by method and protocol).
@@ -98,18 +119,17 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     mean F1: ``obsnet/component_eval.py``), from frames kept on the CPU (one process only);
     their loaders give labels at each file's resolution, and every map computed at the
     images' size is resized to it (``obsnet.data.native``).
-    ``ensemble``: extra SegNets for the "ensemble" method. ``on_scores(name, maps)``: called
-    with every method's B×h×w maps of every batch, in loader order (``--export_scores``);
-    ``on_pred(pred)`` with the B×h×w predicted classes of every batch (``--export_bravo``).
-    Each method also gets ``bravo``: the BRAVO toolkit's metrics (``obsnet.metrics.bravo``).
-    ``image_counts``: also count each image's correct and wrong pixels per score bin
-    (``obsnet.metrics.risk.ImageCounts``, the meters' "images"; conformal thresholds).
+    ``ensemble``: extra SegNets for the "ensemble" method.
+    ``hooks`` (``EvalHooks``): callbacks that get the scores, predictions or error pixels,
+    and per-image counts. Each method also gets ``bravo``: the BRAVO toolkit's metrics
+    (``obsnet.metrics.bravo``).
     A split whose labels are hidden (``loader.dataset.labelled`` false) scores nothing.
     """
+    hooks = hooks or EvalHooks()
     segnet.eval()
     if obsnet is not None:
         obsnet.eval()
-    meters = {name: _Meters(nclass, image_counts) for name in names}
+    meters = {name: _Meters(nclass, hooks.image_counts) for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
     labelled = getattr(getattr(loader, "dataset", None), "labelled", True)
@@ -125,9 +145,9 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             confusion.update(pred_at_labels, labels)
             masks = _label_masks(labels, pred_at_labels, spec, nclass)
             _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames,
-                         on_scores, (pred_at_labels, labels))
-            if on_pred is not None:
-                on_pred(pred)
+                         hooks, (pred_at_labels, labels))
+            if hooks.on_pred is not None:
+                hooks.on_pred(pred)
             if frames is not None:
                 frames.add_labels(grid.frames(benchmark_labels(masks[2], masks[3])))
             if preview is None:

@@ -25,6 +25,7 @@ from obsnet.errors import UsageError
 from obsnet.exit_codes import explicit_flags, parse_checked, run_friendly
 from obsnet.model_flags import (MIN_SIDE, add_model_flags, check_model_flags, check_nclass_and_size,
                                 observer_request)
+from obsnet.models.calibration import calibration_of
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.generic import logits_of
 from obsnet.models.observer_spec import observer_path
@@ -80,7 +81,8 @@ class ExportGraph(nn.Module):
         """What the ONNX file records of where it comes from (its ``metadata_props``): the
         fingerprints of the segmenter's and the observer's weights
         (``obsnet.models.checkpoint.weights_fingerprint``, as the observer's checkpoint and the
-        statistics files record them), the normalisation, the dataset preset ``data``, and the
+        statistics files record them), the observer's calibration (``obsnet.calibration``,
+        ``a=...,b=...``, when its checkpoint has one), the normalisation, the dataset preset ``data``, and the
         smallest image side the graph is defined for (``obsnet.min_side``: below it onnxruntime
         may still run the graph, on maps PyTorch cannot compute, or fail inside ScatterND)."""
         props = {"obsnet.segmenter": weights_fingerprint(self.segmenter),
@@ -88,7 +90,11 @@ class ExportGraph(nn.Module):
                  "obsnet.mean": ",".join(f"{v:g}" for v in self.normalize.mean.flatten().tolist()),
                  "obsnet.std": ",".join(f"{v:g}" for v in self.normalize.std.flatten().tolist())}
         if self.observer is not None:
-            props["obsnet.observer"] = weights_fingerprint(self.observer)
+            record = calibration_of(self.observer)
+            weights = self.observer if record is None else self.observer.observer
+            props["obsnet.observer"] = weights_fingerprint(weights)
+            if record is not None:  # observer_prob is sigmoid(a * logit + b): say so
+                props["obsnet.calibration"] = f"a={record['a']!r},b={record['b']!r}"
         if self.alarm_logit is not None:
             props["obsnet.alarm_logit"] = repr(float(self.alarm_logit))
         return props | ({"obsnet.data": data} if data else {})

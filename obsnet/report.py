@@ -186,21 +186,6 @@ def risk_coverage_figure(meters: dict, split: str):
     return fig
 
 
-def write_risk_coverage(path, writer, meters: dict, split: str, prefix: str, step: int,
-                        label: str | None = None) -> bool:
-    """The risk–coverage figure of ``meters`` as a PNG at ``path`` (atomically; ``label``:
-    the flag naming its folder in messages) and in TensorBoard (``prefix``/risk_coverage);
-    False when there is nothing to draw (no method has an error protocol)."""
-    fig = risk_coverage_figure(meters, split)
-    if fig is None:
-        return False
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write(path, lambda f: f.write(png.getbuffer()), label)
-    writer.add_figure(f"{prefix}/risk_coverage", fig, step)
-    return True
-
-
 def log_scalars(writer, results: dict, prefix: str, step: int) -> None:
     """Every metric of every method as a TensorBoard scalar."""
     writer.add_scalar(f"{prefix}/segnet_miou", results["segnet"]["miou"], step)

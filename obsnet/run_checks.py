@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from obsnet.calibration import check_calibration_target
 from obsnet.config import DataConfig, RunConfig
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import dataset_builder
@@ -33,6 +34,8 @@ def stage_outputs(cfg: RunConfig) -> list[Output]:
     if cfg.stage == "fit_threshold":
         return [Output("--fit_threshold", thresholds_path(paths.obsnet_file), folder=False),
                 *outputs]
+    if cfg.stage == "calibrate":  # the observer checkpoint it rewrites
+        return [Output("--obsnet_file", observer_path(paths.obsnet_file), folder=False), *outputs]
     if cfg.stage == "test":
         exports = [Output(flag, Path(folder), folder=True) for flag, folder in
                    (("--export_scores", paths.export_scores),
@@ -49,6 +52,8 @@ def tboard_files(cfg: RunConfig) -> RunFiles:
     split = cfg.test.split if cfg.stage == "test" else None
     if cfg.stage == "fit_threshold":
         return RunFiles(Path(cfg.paths.tboard), "fit_threshold")
+    if cfg.stage == "calibrate":
+        return RunFiles(Path(cfg.paths.tboard), "calibrate")
     return RunFiles(Path(cfg.paths.tboard),
                     stage_name(cfg.stage == "train_segnet", cfg.stage == "fit_stats", split), split)
 
@@ -71,6 +76,8 @@ def planned_files(cfg: RunConfig) -> list[Planned]:
                         thresholds_path(paths.obsnet_file)), *planned]
     if cfg.stage == "test":
         return [*export_planned(cfg), *bravo_planned(cfg), *planned]
+    if cfg.stage == "calibrate":  # its one other output is its input, rewritten on purpose
+        return planned
     if cfg.stage == "train_segnet":
         return [Planned("--segnet_file", segnet, segnet),
                 Planned("--segnet_file", segnet, paths.segnet_last), *planned]
@@ -90,6 +97,8 @@ def model_inputs(cfg: RunConfig) -> list[Input]:
         return [Input(flag, Path(value)) for flag, value in weights
                 if value and value != "imagenet"]
     inputs = [Input("--segnet_file", Path(paths.segnet_file))]
+    if cfg.stage == "calibrate":
+        return [*inputs, Input("--obsnet_file", observer_path(paths.obsnet_file))]
     if cfg.stage not in ("test", "fit_threshold"):
         return inputs
     names = cfg.test.methods
@@ -105,7 +114,7 @@ def stage_splits(cfg: RunConfig) -> list[str]:
     spec = SPECS[cfg.data.name]
     if cfg.stage == "fit_stats":
         return [spec.train_split]
-    if cfg.stage in ("test", "fit_threshold"):
+    if cfg.stage in ("test", "fit_threshold", "calibrate"):
         return [cfg.test.split]
     return [spec.train_split, spec.val_split]
 
@@ -186,6 +195,8 @@ def check_earlier_run(cfg: RunConfig) -> None:
         return
     if cfg.stage == "fit_threshold":
         check_earlier_thresholds(thresholds_path(paths.obsnet_file), paths.overwrite)
+    if cfg.stage == "calibrate":
+        check_calibration_target(paths.obsnet_file, paths.overwrite)
         return
     if cfg.stage == "test":
         return
@@ -228,6 +239,8 @@ def stage_outputs_exist(cfg: RunConfig) -> bool:
     if cfg.stage == "test":
         files = tboard_files(cfg)
         return files.results_json.is_file() or files.results_csv.is_file()
+    if cfg.stage == "calibrate":  # its output is a checkpoint entry, written last
+        return False
     return bool(earlier_checkpoints(cfg)[3])
 
 

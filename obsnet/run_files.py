@@ -3,7 +3,8 @@
 Each stage writes files of its own, so that stages sharing a folder (the README's training and
 test commands share one --tboard) never replace each other's: ``config_<stage>.json``, with
 stage ``train_segnet``, ``train_obsnet``, ``fit_stats`` or ``test_<split>``, and a test's
-``results_<split>.json`` and ``results_<split>.csv`` (split: the evaluated one). TensorBoard's
+``results_<split>.json``, ``results_<split>.csv`` and ``reliability_<split>.png`` (split: the
+evaluated one). TensorBoard's
 event files have unique names already.
 
 Every such file is listed in the folder's manifest (``MANIFEST``, ``ownership.write_listing``)
@@ -72,11 +73,15 @@ class RunFiles:
     def risk_coverage_png(self) -> Path:
         """``risk_coverage_<split>.png`` (a test stage only): every method's curve."""
         return self.folder / f"risk_coverage_{file_part(self.split)}.png"
+    def reliability_png(self) -> Path:
+        """``reliability_<split>.png``: the reliability diagrams (a test stage only)."""
+        return self.folder / f"reliability_{file_part(self.split)}.png"
 
     @property
     def planned(self) -> list[Path]:
         """Every file this stage may write here."""
-        results = [self.results_json, self.results_csv, self.risk_coverage_png] \
+        results = [self.results_json, self.results_csv, self.risk_coverage_png,
+                   self.reliability_png] \
             if self.split is not None else []
         return [self.config, *results]
 

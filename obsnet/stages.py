@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from obsnet.attacks import AttackConfig, parse_attack
+from obsnet.calibration import stage_calibrate
 from obsnet.config import RunConfig
 from obsnet.data.class_weights import WEIGHTING_POWERS, class_frequencies, median_frequency_weights
 from obsnet.data.loaders import build_dataset
@@ -223,7 +224,7 @@ def observer_stage(cfg: RunConfig, spec, rt, writer, run: ObserverRun) -> Stage:
 
 STAGE_RUNNERS = {"train_segnet": stage_train_segnet, "train_obsnet": stage_train_obsnet,
                  "test": stage_test, "fit_stats": stage_fit_stats,
-                 "fit_threshold": stage_fit_threshold}
+                 "fit_threshold": stage_fit_threshold, "calibrate": stage_calibrate}
 
 
 def run_stage(cfg: RunConfig, spec) -> None:

@@ -141,7 +141,7 @@ def load_thresholds(path: Path, segmenter: str, observer: str | None) -> dict:
         raise UsageError(f"{where}: fitted for another segmenter than --segnet_file; run "
                          f"--fit_threshold again (or move the file away)")
     if "obsnet" in record["methods"] and observer is not None and record.get("observer") != observer:
-        raise UsageError(f"{where}: fitted for another observer than --obsnet_file; run "
+        raise UsageError(f"{where}: fitted for another observer (or calibration) than --obsnet_file; run "
                          f"--fit_threshold again (or move the file away)")
     methods = {}
     for name, points in record["methods"].items():

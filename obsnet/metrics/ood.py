@@ -123,6 +123,16 @@ def _calibration(pos: np.ndarray, count: np.ndarray, prob_sum: np.ndarray):
     return float(np.mean(ace_gaps)), ece
 
 
+def reliability_bins(pos: np.ndarray, count: np.ndarray, prob_sum: np.ndarray,
+                     groups: int = CALIBRATION_GROUPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels, sum of probs, positives) per uniform range of [0, 1], each score bin in the
+    range holding its mean prob: ECE's groups (``_calibration``), for a reliability diagram."""
+    keep = count > 0
+    group = np.clip(np.floor(prob_sum[keep] / count[keep] * groups), 0, groups - 1).astype(np.int64)
+    return tuple(np.bincount(group, weights=w[keep], minlength=groups)
+                 for w in (count, prob_sum, pos))
+
+
 class OODMeter:
     """Streaming binary-ranking meter on float32 scores, with bounded memory.
 
@@ -459,6 +469,13 @@ class OODMeter:
         1/2/5%, and the curve)."""
         neg, pos, _, _ = self.table()
         return risk_coverage(pos, neg)
+    def reliability(self):
+        """``reliability_bins`` of the pixels counted (None unless every update gave
+        ``probs``): from the bins, whatever the pixel count."""
+        if not self.has_probs:
+            return None
+        neg, pos, prob_sum, _ = self.table()
+        return reliability_bins(pos, pos + neg, prob_sum)
 
     def pr_curve_counts(self):
         """(tp, fp, tn, fn) int64 tensors, one entry per occupied threshold, high score first.

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from obsnet.models.checkpoint import (CheckpointError, check_same_segmenter, load_weights,
                                      recorded_fingerprint, weights_fingerprint)
+from obsnet.models.calibration import calibrated
 from obsnet.models.deeplabv3plus import DeepLabV3Plus, Obsnet_DeepLab
 from obsnet.models.generic import FeatureTap, build_tap, is_generic, layer_observer
 from obsnet.models.obsnet import Obsnet_Seg, Obsnet_Small, SegNetLayerObserver
@@ -116,10 +117,11 @@ def load_segmenter(model: str, nclass: int, width_mult: float, path, device="cpu
 
 
 def load_observer(path, given: ObserverRequest | ObserverSpec, segmenter: nn.Module, nclass: int,
-                  width_mult: float, device="cpu",
-                  segnet_where: str = "--segnet_file") -> tuple[nn.Module, ObserverSpec]:
+                  width_mult: float, device="cpu", segnet_where: str = "--segnet_file",
+                  calibrate: bool = True) -> tuple[nn.Module, ObserverSpec]:
     """(the observer of checkpoint ``path`` for ``segmenter``, with its weights, on ``device``;
-    its spec).
+    its spec). A checkpoint calibrated by ``main.py --calibrate`` gives a
+    ``CalibratedObserver`` (its logit ``a * logit + b``), unless ``calibrate`` is false.
 
     ``path``: a checkpoint file or a folder (its ``best.pth``). The spec is the one the
     checkpoint records, else ``given``'s (``resolve_observer``: a contradicting request is a
@@ -143,22 +145,25 @@ def load_observer(path, given: ObserverRequest | ObserverSpec, segmenter: nn.Mod
     observer = build_observer(spec, segmenter, nclass, width_mult)
     checkpoint = load_weights(observer, observer_path(path), "--obsnet_file")
     check_observer_segmenter(checkpoint, path, segmenter, segnet_where)
+    if calibrate:
+        observer = calibrated(observer, checkpoint, f"--obsnet_file {observer_path(path)}")
     return observer.to(device), spec
 
 
 def load_observed(obsnet_file, given: ObserverRequest, model: str, nclass: int,
-                  width_mult: float, segnet_file, device="cpu",
-                  probe_size=None) -> tuple[nn.Module, nn.Module, ObserverSpec]:
+                  width_mult: float, segnet_file, device="cpu", probe_size=None,
+                  calibrate: bool = True) -> tuple[nn.Module, nn.Module, ObserverSpec]:
     """(frozen segmenter of ``segnet_file``, the observer of ``obsnet_file`` for it, the
     observer's spec): how every command runs an observer checkpoint (``--test_only``,
     inference.py, the ONNX export). The spec is resolved first (the checkpoint's record; a
     request ``given`` that contradicts it is a one-line CheckpointError), so that a generic
-    segmenter's tap observes the recorded layers (see ``load_observer``)."""
+    segmenter's tap observes the recorded layers (see ``load_observer``; ``calibrate``: apply
+    the checkpoint's calibration, as every command does but --calibrate itself)."""
     spec = resolve_observer(obsnet_file, given)
     segmenter = load_segmenter(model, nclass, width_mult, segnet_file, device, layers=spec.layers,
                                probe_size=probe_size)
     observer, spec = load_observer(obsnet_file, spec, segmenter, nclass, width_mult, device,
-                                   f"--segnet_file {segnet_file}")
+                                   f"--segnet_file {segnet_file}", calibrate)
     return segmenter, observer, spec
 
 

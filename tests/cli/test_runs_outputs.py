@@ -284,15 +284,16 @@ def test_a_test_run_keeps_the_training_config_and_never_replaces_a_users_file(sy
     assert json.loads((logs / "results_test_ood.json").read_text())["split"] == "test_ood"
     assert f"results written to {logs / 'results_test_ood.json'} and results_test_ood.csv" in stdout
     assert json.loads((logs / MANIFEST).read_text())["files"] == [
-        "config_test_test_ood.json", "config_train_obsnet.json", "results_test_ood.csv",
-        "results_test_ood.json", "risk_coverage_test_ood.png"]
-    assert f"risk–coverage curves in {logs / 'risk_coverage_test_ood.png'}" in stdout
+        "config_test_test_ood.json", "config_train_obsnet.json", "reliability_test_ood.png",
+        "results_test_ood.csv", "results_test_ood.json", "risk_coverage_test_ood.png"]
+    assert "risk_coverage_test_ood.png; reliability_test_ood.png" in stdout
 
     first = {p.name: p.stat().st_mtime_ns for p in logs.glob("*_test_ood.*")}
     code, _, line = main_in_process(capsys, *test)  # a second test of the split
     assert code == 2 and line == (
         f"main.py: error: --tboard {logs}: config_test_test_ood.json, results_test_ood.json, "
-        f"results_test_ood.csv, risk_coverage_test_ood.png of an earlier run are there; add "
+        f"results_test_ood.csv, risk_coverage_test_ood.png, reliability_test_ood.png of an "
+        f"earlier run are there; add "
         f"--overwrite to replace them")
     assert {p.name: p.stat().st_mtime_ns for p in logs.glob("*_test_ood.*")} == first
     code, _, line = main_in_process(capsys, *test, "--overwrite")

@@ -21,7 +21,7 @@ from obsnet import check
 from obsnet.data.errors import DatasetError
 from obsnet.data.loaders import DATASETS, build_dataset, build_loader
 from obsnet.data.specs import SPECS
-from obsnet.evaluate import evaluate
+from obsnet.evaluate import EvalHooks, evaluate
 from obsnet.methods import METHODS, MethodConfig, parse_methods
 from obsnet.models.generic import FeatureTap, LayerObserver
 from obsnet.models.obsnet import Obsnet_Seg
@@ -82,7 +82,8 @@ def test_method_recipe_is_scored_by_the_evaluation(monkeypatch):
     maps = []
     results, _, _ = evaluate(segnet, None, tiny_batches(), ["margin", "mcp"], SPECS["Synthetic"],
                              torch.device("cpu"), MethodConfig(), 12, "test", progress=False,
-                             on_scores=lambda name, m: maps.append(m) if name == "margin" else None)
+                             hooks=EvalHooks(on_scores=lambda name, m: maps.append(m)
+                                             if name == "margin" else None))
     scores = torch.cat(maps)
     images, labels = (torch.cat(t) for t in zip(*tiny_batches()))
     with torch.no_grad():
