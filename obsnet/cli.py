@@ -258,9 +258,9 @@ def resolve_args(args, explicit=frozenset()) -> tuple[DatasetSpec, tuple[str, ..
 def check_fit_threshold(args) -> None:
     """--fit_threshold is a stage of its own; its targets are shares (UsageError)."""
     if args.fit_threshold and (args.test_only or args.train_segnet or args.resume
-                               or args.fit_stats):
+                               or args.fit_stats or args.calibrate):
         raise UsageError("--fit_threshold is a stage of its own: leave out --test_only, "
-                         "--train_segnet, --resume and --fit_stats")
+                         "--train_segnet, --resume, --fit_stats and --calibrate")
     if not 0 < args.target_tpr <= 1:
         raise UsageError(f"--target_tpr must be in (0, 1] (got {args.target_tpr})")
     if args.target_risk is not None and not 0 <= args.target_risk < 1:
@@ -271,8 +271,8 @@ def check_fit_stats(args, names) -> None:
     """--fit_stats and --calibrate are stages of their own; sml / mahalanobis need --fit_stats'
     file (UsageError)."""
     for flag in ("fit_stats", "calibrate"):
-        others = [f"--{o}" for o in ("test_only", "train_segnet", "resume", "fit_stats")
-                  if o != flag and getattr(args, o)]
+        others = [f"--{o}" for o in ("test_only", "train_segnet", "resume", "fit_stats",
+                                     "fit_threshold") if o != flag and getattr(args, o)]
         if getattr(args, flag) and others:
             raise UsageError(f"--{flag} is a stage of its own: leave out {others[0]}")
     fitted = [n for n in names if n in FITTED_METHODS]

@@ -47,7 +47,7 @@ def reliability_figure(bins: dict, title: str) -> Figure:
 
 def figure_rgb(fig: Figure) -> np.ndarray:
     """The rendered figure as an H×W×3 uint8 array."""
-    canvas = fig.canvas
+    canvas = FigureCanvasAgg(fig)  # whichever canvas it was made with
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

@@ -165,9 +165,7 @@ def log_pr_curves(writer, meters: dict, prefix: str, step: int, points: int = 12
 def risk_coverage_figure(meters: dict, split: str):
     """A matplotlib figure: the risk–coverage curve of every method (error protocol, pixels
     accepted from the most confident), AURC in the legend; None when no method has one."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
     curves = {name: m["error"].risk_coverage() for name, m in meters.items()}
     curves = {name: c for name, c in curves.items() if len(c["coverage"])}

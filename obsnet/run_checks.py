@@ -195,6 +195,7 @@ def check_earlier_run(cfg: RunConfig) -> None:
         return
     if cfg.stage == "fit_threshold":
         check_earlier_thresholds(thresholds_path(paths.obsnet_file), paths.overwrite)
+        return
     if cfg.stage == "calibrate":
         check_calibration_target(paths.obsnet_file, paths.overwrite)
         return

@@ -73,6 +73,8 @@ class RunFiles:
     def risk_coverage_png(self) -> Path:
         """``risk_coverage_<split>.png`` (a test stage only): every method's curve."""
         return self.folder / f"risk_coverage_{file_part(self.split)}.png"
+
+    @property
     def reliability_png(self) -> Path:
         """``reliability_<split>.png``: the reliability diagrams (a test stage only)."""
         return self.folder / f"reliability_{file_part(self.split)}.png"
