@@ -22,6 +22,7 @@ import torch
 from scipy.special import digamma
 
 from obsnet.metrics.common import NAN
+from obsnet.metrics.keys import bin_edge_scores, score_bins
 
 RISK_TARGETS = (0.01, 0.02, 0.05)  # the selective risks whose coverage is reported
 
@@ -157,8 +158,6 @@ class ImageCounts:
 
     def update(self, scores: torch.Tensor, errors: torch.Tensor, valid: torch.Tensor) -> None:
         """Add the B images of B×H×W ``scores`` (``errors``, ``valid``: bool, same shape)."""
-        from obsnet.metrics.ood import score_bins  # ood imports this module
-
         keys = score_bins(scores.float(), self.BITS).long()
         wrong = errors.long()
         for k, w, v in zip(keys, wrong, valid):
@@ -170,8 +169,6 @@ class ImageCounts:
 
     def edges(self) -> np.ndarray:
         """The upper score edge of every bin occupied in some image, ascending."""
-        from obsnet.metrics.ood import bin_edge_scores
-
         bins = np.unique(np.concatenate([b for b, _, _ in self.images])) if self.images \
             else np.zeros(0, np.uint32)
         width = 1 << (32 - self.BITS)
@@ -180,8 +177,6 @@ class ImageCounts:
     def rejected_correct(self, candidates: np.ndarray) -> np.ndarray:
         """images × candidates: each image's share of correct pixels with score above each
         candidate threshold (0 for an image without correct pixels)."""
-        from obsnet.metrics.ood import bin_edge_scores
-
         width = 1 << (32 - self.BITS)
         out = np.zeros((len(self.images), len(candidates)))
         for i, (bins, correct, _) in enumerate(self.images):

@@ -10,7 +10,7 @@ from PIL import Image
 from obsnet.data.bravo import BRAVO
 from tests.helpers import bravo_reference as ref
 from tests.helpers.bravo import FRAMES, make_bravo, submission_name
-from tests.helpers.cityscapes import make_cityscapes
+from tests.helpers.cityscapes import train_cityscapes_pair
 from tests.helpers.runner import main_py
 
 H, W = 32, 64
@@ -21,14 +21,7 @@ METHODS = ("obsnet", "mcp")
 def trained(tmp_path_factory):
     """A tiny Cityscapes SegNet and observer (one epoch each), and its generated data."""
     root = tmp_path_factory.mktemp("bravo")
-    cs = make_cityscapes(root / "cs")
-    common = ["--size", str(H), str(W), "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1",
-              "--seed", "0", "--segnet_file", str(root / "segnet.pth"),
-              "--obsnet_file", str(root / "obs")]
-    for extra in (["--train_segnet"], []):
-        out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), *common,
-                      "--tboard", str(root / "train"), *extra)
-        assert out.returncode == 0, out.stdout + out.stderr
+    cs, common = train_cityscapes_pair(root, (H, W))
     return root, cs, common
 
 

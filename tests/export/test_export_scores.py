@@ -12,7 +12,7 @@ from obsnet.errors import UsageError
 from obsnet.score_export import (IDENTITY, LOG1P, apply_mapping, choose_mapping, frame_target,
                                  write_score_map)
 from tests.helpers.runner import main_py
-from tests.helpers.cityscapes import H, W, make_cityscapes
+from tests.helpers.cityscapes import H, W, make_cityscapes, train_cityscapes_pair
 from tests.helpers.smiyc import (ANOMALY_STEMS, FISHY, OBSTACLE_STEMS, make_anomaly, make_fishy, make_track,
                         mcp_reference)
 
@@ -70,14 +70,7 @@ def test_export_refused_for_other_data(tmp_path):
 
 
 def test_cli_export_layout_round_trip_and_refusal(tmp_path):
-    cs = make_cityscapes(tmp_path / "cs")
-    common = ["--size", str(H), str(W), "--width_mult", "0.0625", "--bsize", "2", "--epoch", "1",
-              "--seed", "0", "--segnet_file", str(tmp_path / "segnet.pth"),
-              "--obsnet_file", str(tmp_path / "obs")]
-    for extra in (["--train_segnet"], []):
-        out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), *common,
-                      "--tboard", str(tmp_path / "cl"), *extra)
-        assert out.returncode == 0, out.stdout + out.stderr
+    cs, common = train_cityscapes_pair(tmp_path, (H, W))
     datasets = tmp_path / "datasets"
     track = make_anomaly(datasets)
     export = tmp_path / "export"

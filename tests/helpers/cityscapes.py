@@ -40,3 +40,20 @@ def make_cityscapes(root: Path, kind: str = "trainIds") -> Path:
             for k in range(FRAMES):
                 write_frame(root, split, city, k, rng, kind)
     return root
+
+
+def train_cityscapes_pair(root: Path, size=(32, 64)) -> tuple[Path, list[str]]:
+    """Generated Cityscapes data in ``root / "cs"``, a tiny SegNet and observer trained one
+    epoch each on it by main.py; returns (data folder, the flags naming size, width and the
+    two checkpoints, for later runs)."""
+    from tests.helpers.runner import main_py
+
+    cs = make_cityscapes(root / "cs")
+    common = ["--size", str(size[0]), str(size[1]), "--width_mult", "0.0625", "--bsize", "2",
+              "--epoch", "1", "--seed", "0", "--segnet_file", str(root / "segnet.pth"),
+              "--obsnet_file", str(root / "obs")]
+    for extra in (["--train_segnet"], []):
+        out = main_py("--data", "Cityscapes", "--dset_folder", str(cs), *common,
+                      "--tboard", str(root / "train"), *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+    return cs, common
