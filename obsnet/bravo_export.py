@@ -12,6 +12,8 @@ that ``python -m bravo_toolkit.util.encode_submission`` takes.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,16 @@ from obsnet.errors import UsageError
 from obsnet.metrics.bravo import bravo_confidence, quantise
 from obsnet.methods import METHODS
 from obsnet.models.blocks import resize
-from obsnet.outputs import atomic_write
+from obsnet.outputs import atomic_write, temp_folder
 
 FLAG = "--export_bravo"
 
 
 def frame_stem(root: Path, dset_folder, image) -> Path:
-    """``DIR``-relative stem of an image's files: its path under --dset_folder, no suffix."""
-    image, folder = Path(image).resolve(), Path(dset_folder).expanduser().resolve()
+    """``DIR``-relative stem of an image's files: its path under --dset_folder, no suffix.
+    Symbolic links are not followed (a linked ``bravo_ACDC/`` keeps its name in the tree)."""
+    image = Path(os.path.abspath(image))
+    folder = Path(os.path.abspath(Path(dset_folder).expanduser()))
     try:
         rel = image.relative_to(folder)
     except ValueError:
@@ -78,13 +82,23 @@ def image_size(path) -> tuple[int, int]:
 class BravoExport:
     """``--export_bravo`` of one evaluation pass: ``add_scores`` keeps each method's maps of the
     current batch, ``add_pred`` (the batch's classes, after every method) writes the batch's
-    files. ``cfg``: the methods' ``MethodConfig`` (for their probability of error)."""
+    files into a temporary folder in ``DIR``; ``finish`` moves them into place after the table
+    is out, ``discard`` removes what a stopped run wrote. A write that fails does not stop the
+    pass: ``finish`` raises its OutputError. ``cfg``: the methods' ``MethodConfig`` (for their
+    probability of error)."""
 
     def __init__(self, root, names, dset_folder, pairs, cfg):
         self.root, self.names, self.dset_folder = Path(root), list(names), dset_folder
         self.pairs, self.cfg, self.count = list(pairs), cfg, 0
         self.pending: dict[str, torch.Tensor] = {}
-        self.written: list[Path] = []
+        self.written: list[Path] = []  # final paths, their files still in ``tmp``
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_folder(self.root / "bravo")  # those of killed runs removed first
+        self.failure: OSError | None = None
+
+    def _aside(self, path: Path) -> Path:
+        """Where ``path`` is written until ``finish``."""
+        return self.tmp / path.relative_to(self.root)
 
     def add_scores(self, name: str, maps: torch.Tensor) -> None:
         """The B×h×w scores of the current batch for method ``name``."""
@@ -92,6 +106,16 @@ class BravoExport:
 
     def add_pred(self, pred: torch.Tensor) -> None:
         """The B×h×w classes of the current batch: write every method's files for its frames."""
+        if self.failure is not None:
+            return
+        try:
+            self._write_batch(pred)
+        except OSError as exc:
+            self.failure = exc
+            self.discard()
+        self.pending.clear()
+
+    def _write_batch(self, pred: torch.Tensor) -> None:
         for i in range(len(pred)):
             image = self.pairs[self.count].image
             size = image_size(image)
@@ -100,8 +124,24 @@ class BravoExport:
                 score = resize(self.pending[name][i: i + 1, None], size)[0, 0]
                 levels = quantise(bravo_confidence(METHODS[name], score, self.cfg))
                 pred_file, conf_file = frame_files(self.root, name, self.dset_folder, image)
-                write_png(pred_file, classes)
-                write_png(conf_file, levels.cpu().numpy().astype(np.uint16))
+                for path in (pred_file, conf_file):
+                    self._aside(path).parent.mkdir(parents=True, exist_ok=True)
+                write_png(self._aside(pred_file), classes)
+                write_png(self._aside(conf_file), levels.cpu().numpy().astype(np.uint16))
                 self.written += [pred_file, conf_file]
             self.count += 1
-        self.pending.clear()
+
+    def finish(self) -> list[Path]:
+        """Move every file into its place in ``DIR``; returns them (the OutputError of a failed
+        write, if any, instead)."""
+        if self.failure is not None:
+            raise self.failure
+        for path in self.written:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._aside(path), path)
+        self.discard()
+        return self.written
+
+    def discard(self) -> None:
+        """Remove the temporary folder this export created (nothing else)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ from obsnet.models.checkpoint import CheckpointError, load_checkpoint, model_sta
 from obsnet.models.observer_spec import observer_path
 from obsnet.models.registry import load_observed
 from obsnet.runtime import loader_for, log
+from obsnet.thresholds import thresholds_path
 
 MAX_PIXELS = 1_000_000  # the fit's sample: O(1 / sqrt(n)) on a and b, 16 MB of memory
 SAMPLE_SEED = 0
@@ -185,6 +186,9 @@ def stage_calibrate(cfg: RunConfig, spec, rt, writer) -> None:
     for key in ("a", "b", "ece_before", "ece_after", "ace_before", "ace_after"):
         writer.add_scalar(f"Calibrate/{key}", record[key], 0)
     log(rt, calibration_summary(record) + f"; stored in {path}")
+    if thresholds_path(paths.obsnet_file).is_file():  # fitted on the uncalibrated logit
+        log(rt, f"note: {thresholds_path(paths.obsnet_file)} was fitted before this calibration; "
+                f"its obsnet thresholds no longer apply: run --fit_threshold again")
 
 
 def calibration_summary(record: dict) -> str:

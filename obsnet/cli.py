@@ -143,7 +143,8 @@ def _add_evaluation_flags(a) -> None:
     a("--fit_threshold", action="store_true",
       help="fit, on a labelled split without anomalies (--test_split; default: val), each "
            "method's thresholds for --target_tpr (and --target_risk), pooled and conformal; "
-           "written next to the observer (thresholds.json), reported by later --test_only runs")
+           "written next to the observer (best.thresholds.json in a folder), reported by later "
+           "--test_only runs")
     a("--target_tpr", type=float, default=0.95,
       help="--fit_threshold: share of the segmenter's correct pixels to accept (no alarm)")
     a("--target_risk", type=float, default=None,

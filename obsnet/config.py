@@ -3,7 +3,7 @@
 defaults. Everything below the command line reads these objects; nothing changes them.
 
     RunConfig
-      stage      train_segnet | train_obsnet | test | fit_stats | calibrate
+      stage      train_segnet | train_obsnet | test | fit_stats | fit_threshold | calibrate
       data       DataConfig: the dataset folder, the split read, image size, batches, workers
       model      ModelConfig: the segmenter (model, classes, width) and the observer asked for
       optim      OptimConfig: optimizer, epochs, attack, loss and training ablations

@@ -23,8 +23,8 @@ from obsnet.run_files import RunFiles
 from obsnet.runtime import loader_for, log, refuse_missing_dropout
 from obsnet.score_export import ScoreExport, check_export_targets
 from obsnet.stats import FITTED_METHODS, fit_class_stats, load_stats, save_stats
-from obsnet.thresholds import (Targets, fit_points, frozen_rates, load_thresholds, save_thresholds,
-                               thresholds_path, thresholds_record)
+from obsnet.thresholds import (Targets, fit_points, frozen_rates, load_thresholds, method_settings,
+                               save_thresholds, stale_methods, thresholds_path, thresholds_record)
 
 
 def method_config(test: TestConfig, spec, nclass: int, class_stats=None) -> MethodConfig:
@@ -107,22 +107,23 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
     segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
     refuse_missing_dropout(segnet, m.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
-    frozen = frozen_thresholds(cfg, segnet, obsnet)
-    export = None
+    ensemble = load_ensemble(cfg, rt.device)
+    frozen = frozen_thresholds(cfg, segnet, obsnet, ensemble)
+    export = bravo = None
     if export_dir is not None and rt.is_main:
         export = ScoreExport(export_dir, spec.name, names, loader.dataset.samples)
     try:
         methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
-        bravo = None
         if paths.export_bravo is not None and rt.is_main:
             bravo = bravo_export.BravoExport(paths.export_bravo, names, cfg.data.folder, pairs,
                                              methods)
         results, preview, meters = evaluate(
             segnet, obsnet, loader, names, spec, rt.device, methods, m.nclass, split,
-            amp=cfg.amp, progress=rt.is_main, ensemble=load_ensemble(cfg, rt.device),
+            amp=cfg.amp, progress=rt.is_main, ensemble=ensemble,
             hooks=EvalHooks(on_scores=_fan_out(export and export.add, bravo and bravo.add_scores),
                             on_pred=bravo and bravo.add_pred,
-                            image_counts=wants_image_counts(frozen)))
+                            # per-image counts are not gathered across ranks
+                            image_counts=wants_image_counts(frozen) and not rt.distributed))
         if frozen is not None:
             for name, rates in frozen_rates(frozen, meters).items():
                 results["methods"][name]["frozen"] = rates
@@ -137,26 +138,36 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
         else:  # nothing scored: no results file
             log(rt, f"--test_split {split}: no labels, nothing scored; "
                     f"{files.results_json.name} and {files.results_csv.name} not written")
-        if bravo is not None:
-            log(rt, f"--export_bravo: {len(bravo.written)} file(s) written under "
+        if bravo is not None:  # after the table: a failed export must not hide it
+            log(rt, f"--export_bravo: {len(bravo.finish())} file(s) written under "
                     f"{paths.export_bravo}")
-        if export is not None:  # after the table: a failed export must not hide it
+        if export is not None:
             written = export.finish()
             log(rt, f"--export_scores: {len(written)} file(s) written under "
                     f"{Path(export_dir) / 'anomaly_p'}")
     finally:
-        if export is not None:
-            export.discard()
+        for partial in (export, bravo):
+            if partial is not None:
+                partial.discard()
 
 
-def frozen_thresholds(cfg: RunConfig, segnet, obsnet) -> dict | None:
-    """The thresholds --fit_threshold wrote next to --obsnet_file (checked: for these networks),
-    or None when there are none."""
+def frozen_thresholds(cfg: RunConfig, segnet, obsnet, ensemble) -> dict | None:
+    """The thresholds --fit_threshold wrote next to --obsnet_file (checked: for this
+    segmenter), without the methods whose scores differ now (another observer or
+    calibration, other method flags: each said in a warning); None when there are none."""
     path = thresholds_path(cfg.paths.obsnet_file)
     if not path.is_file():
         return None
-    return load_thresholds(path, weights_fingerprint(segnet),
-                           None if obsnet is None else weights_fingerprint(obsnet))
+    record = load_thresholds(path, weights_fingerprint(segnet))
+    settings = method_settings(cfg.test, map(weights_fingerprint, ensemble))
+    stale = stale_methods(record, None if obsnet is None else weights_fingerprint(obsnet),
+                          settings)
+    for name, why in stale.items():
+        if name in cfg.test.methods:
+            warnings.warn(f"{path}: {name}'s thresholds were {why}: not reported; run "
+                          f"--fit_threshold again", ObsnetWarning, stacklevel=2)
+    methods = {n: p for n, p in record["methods"].items() if n not in stale}
+    return record | {"methods": methods}
 
 
 def wants_image_counts(record: dict | None) -> bool:
@@ -177,10 +188,10 @@ def stage_fit_threshold(cfg: RunConfig, spec, rt, writer) -> None:
     refuse_missing_dropout(segnet, m.model,
                            [f"--test_multi {n}" for n in names if n == "mc_dropout"])
     methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
+    ensemble = load_ensemble(cfg, rt.device)
     results, _, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device, methods,
                                   m.nclass, split, amp=cfg.amp, progress=rt.is_main,
-                                  ensemble=load_ensemble(cfg, rt.device),
-                                  hooks=EvalHooks(image_counts=True))
+                                  ensemble=ensemble, hooks=EvalHooks(image_counts=True))
     check_scorable(results, spec, rt.is_main)
     if results["pixels"]["anomaly"]:
         raise DatasetError(f"--fit_threshold: --test_split {split} holds "
@@ -188,9 +199,11 @@ def stage_fit_threshold(cfg: RunConfig, spec, rt, writer) -> None:
                            f"on in-distribution data: use a split without anomalies (default: "
                            f"{spec.val_split}); nothing written")
     targets = Targets(cfg.test.target_tpr, cfg.test.target_risk)
+    networks = (weights_fingerprint(segnet),
+                None if obsnet is None else weights_fingerprint(obsnet))
     record = thresholds_record(fit_points(meters, targets), split, targets, results["n_images"],
-                               weights_fingerprint(segnet),
-                               None if obsnet is None else weights_fingerprint(obsnet))
+                               networks, method_settings(cfg.test,
+                                                         map(weights_fingerprint, ensemble)))
     path = thresholds_path(cfg.paths.obsnet_file)
     save_thresholds(path, record)
     log(rt, format_frozen_table(record["methods"], record))
@@ -215,18 +228,22 @@ def report_test(rt, writer, results, preview, meters, spec, files: RunFiles) -> 
     log_pr_curves(writer, meters, "Test", 0)
     log_preview(writer, preview, spec.colors, spec.mean, spec.std, "Test", 0)
     bins = diagram_bins(meters)
-    figures = [(figure, path) for figure, path in (
-        (risk_coverage_figure(meters, results["split"]), files.risk_coverage_png),
-        (reliability_figure(bins, f"split {results['split']}") if bins else None,
-         files.reliability_png)) if figure is not None]
-    for figure, path in figures:  # TensorBoard: Test/risk_coverage, Test/reliability
-        log_figure(writer, figure, f"Test/{path.stem.rsplit('_', 1)[0]}")
+    figures = ((risk_coverage_figure(meters, results["split"]), files.risk_coverage_png,
+                "Test/risk_coverage"),
+               (reliability_figure(bins, f"split {results['split']}") if bins else None,
+                files.reliability_png, "Test/reliability"))
+    for figure, _, tag in figures:
+        if figure is not None:
+            log_figure(writer, figure, tag)
     if rt.is_main:
         write_json(files.claim(files.results_json), results, files.flag)
         write_csv(files.claim(files.results_csv), results, files.flag)
-        for figure, path in figures:
-            write_png(files.claim(path), figure, files.flag)
-    drawn = "".join(f"; {path.name}" for _, path in figures)
+        for figure, path, _ in figures:
+            if figure is not None:
+                write_png(files.claim(path), figure, files.flag)
+            else:  # nothing to draw this time: no figure of an earlier test left beside
+                files.withdraw(path)
+    drawn = "".join(f"; {path.name}" for figure, path, _ in figures if figure is not None)
     log(rt, f"results written to {files.results_json} and {files.results_csv.name}{drawn}")
 
 

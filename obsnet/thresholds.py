@@ -31,6 +31,7 @@ from obsnet.metrics.risk import (
     rates_at,
 )
 from obsnet.models.checkpoint import weights_fingerprint
+from obsnet.models.observer_spec import observer_path
 from obsnet.outputs import atomic_write
 
 KINDS = ("tpr", "risk", "conformal_tpr")  # the operating points, in the order they are shown
@@ -47,12 +48,42 @@ class Targets:
 
 
 def thresholds_path(obsnet_file) -> Path:
-    """Where an observer's thresholds live: ``thresholds.json`` in its folder, or
-    ``<stem>.thresholds.json`` next to an observer file."""
-    path = Path(obsnet_file)
-    if path.is_dir() or str(obsnet_file).endswith(("/", "\\")):
-        return path / "thresholds.json"
+    """Where an observer's thresholds live: ``<stem>.thresholds.json`` next to its checkpoint,
+    ``best.thresholds.json`` for a folder (its ``best.pth``), however --obsnet_file names it."""
+    path = observer_path(obsnet_file)
+    if not path.suffix and not path.exists():  # a folder not made yet
+        path = path / "best.pth"
     return path.with_name(f"{path.stem}.thresholds.json")
+
+
+# The flags each method's score depends on, besides the networks (``TestConfig`` fields; the
+# ensemble's members by their fingerprints): a frozen threshold is used only with the same.
+METHOD_SETTINGS = {"mc_dropout": ("T", "sampling_score"), "temp_scale": ("Temp",),
+                   "odin": ("odin_eps", "odin_temp"),
+                   "gauss": ("T", "gauss_lambda", "sampling_score"),
+                   "mcda": ("T", "sampling_score"), "ensemble": ("sampling_score", "ensemble")}
+SETTINGS = ("T", "Temp", "sampling_score", "gauss_lambda", "odin_eps", "odin_temp", "ensemble")
+
+
+def method_settings(test, ensemble_fingerprints) -> dict:
+    """The settings of ``SETTINGS`` a run scores with (``test``: its ``TestConfig``)."""
+    return {**{k: getattr(test, k) for k in SETTINGS[:-1]},
+            "ensemble": list(ensemble_fingerprints)}
+
+
+def stale_methods(record: dict, observer: str | None, settings: dict) -> dict:
+    """Method -> why its frozen thresholds do not apply to this run's scores: another
+    observer (or calibration) for ``obsnet``, other flags for the methods of
+    ``METHOD_SETTINGS``."""
+    stale = {}
+    for name in record["methods"]:
+        if name == "obsnet" and observer is not None and record["observer"] != observer:
+            stale[name] = "fitted for another observer (or calibration) than --obsnet_file"
+        changed = [k for k in METHOD_SETTINGS.get(name, ()) if record["settings"].get(k) != settings[k]]
+        if changed:
+            stale[name] = "fitted with other " + ", ".join(
+                "--ensemble members" if k == "ensemble" else f"--{k}" for k in changed)
+    return stale
 
 
 def fit_points(meters: dict, targets: Targets) -> dict:
@@ -95,11 +126,14 @@ def frozen_rates(record: dict, meters: dict) -> dict:
 
 
 def thresholds_record(points: dict, split: str, targets: Targets, n_images: int,
-                      segmenter: str, observer: str | None) -> dict:
-    """The thresholds file's content (JSON): what was fitted, on what, for which networks."""
+                      networks: tuple[str, str | None], settings: dict) -> dict:
+    """The thresholds file's content (JSON): what was fitted, on what, for which networks
+    (fingerprints of the segmenter and the observer, None without one) and with which method
+    settings (``method_settings``)."""
     return {"written_by": WRITER, "split": split, "images": n_images,
             "targets": {"tpr": targets.tpr, "risk": targets.risk},
-            "segmenter": segmenter, "observer": observer, "methods": points}
+            "segmenter": networks[0], "observer": networks[1], "settings": settings,
+            "methods": points}
 
 
 def _json_value(value):
@@ -126,9 +160,27 @@ def _threshold_of(value, where: str) -> float:
     raise UsageError(f"{where}: a threshold is not a number ({str(value)[:40]!r})")
 
 
-def load_thresholds(path: Path, segmenter: str, observer: str | None) -> dict:
-    """The checked content of a thresholds file written for this segmenter (and observer,
-    when the file holds the observer's thresholds); UsageError in one line otherwise."""
+def _check_header(record, where: str) -> None:
+    """UsageError unless the file's split, image count, targets and settings are data of the
+    expected types."""
+    targets, settings = record.get("targets"), record.get("settings")
+    ok = (isinstance(record.get("split"), str) and type(record.get("images")) is int
+          and isinstance(targets, dict) and _is_share(targets.get("tpr"))
+          and (targets.get("risk") is None or _is_share(targets.get("risk")))
+          and isinstance(settings, dict) and set(SETTINGS) <= set(settings)
+          and (record.get("observer") is None or isinstance(record.get("observer"), str)))
+    if not ok:
+        raise UsageError(f"{where}: its split, images, targets, settings or observer entry is "
+                         f"not what {WRITER} writes; run --fit_threshold again")
+
+
+def _is_share(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def load_thresholds(path: Path, segmenter: str) -> dict:
+    """The checked content of a thresholds file written for this segmenter; UsageError in one
+    line otherwise (which methods it still applies to: ``stale_methods``)."""
     where = f"{path}"
     try:
         record = json.loads(path.read_text())
@@ -137,11 +189,9 @@ def load_thresholds(path: Path, segmenter: str, observer: str | None) -> dict:
     if not isinstance(record, dict) or record.get("written_by") != WRITER \
             or not isinstance(record.get("methods"), dict):
         raise UsageError(f"{where}: not a thresholds file of {WRITER}")
+    _check_header(record, where)
     if record.get("segmenter") != segmenter:
         raise UsageError(f"{where}: fitted for another segmenter than --segnet_file; run "
-                         f"--fit_threshold again (or move the file away)")
-    if "obsnet" in record["methods"] and observer is not None and record.get("observer") != observer:
-        raise UsageError(f"{where}: fitted for another observer (or calibration) than --obsnet_file; run "
                          f"--fit_threshold again (or move the file away)")
     methods = {}
     for name, points in record["methods"].items():
@@ -166,8 +216,12 @@ def alarm_logit(value: str, obsnet_file, segmenter, observer) -> float:
         if not path.is_file():
             raise UsageError(f"--threshold {value}: {path} not found; run main.py "
                              f"--fit_threshold with this --obsnet_file first")
-        record = load_thresholds(path, weights_fingerprint(segmenter),
-                                 weights_fingerprint(observer))
+        record = load_thresholds(path, weights_fingerprint(segmenter))
+        stale = stale_methods(record, weights_fingerprint(observer),
+                              {**record["settings"]}).get("obsnet")
+        if stale:
+            raise UsageError(f"--threshold {value}: {path}: {stale}; run main.py --fit_threshold "
+                             f"again")
         point = record["methods"].get("obsnet", {}).get(value)
         if point is None:
             raise UsageError(f"--threshold {value}: {path} holds no {value} threshold for the "

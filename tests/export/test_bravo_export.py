@@ -101,3 +101,50 @@ def test_bravo_refuses_a_segmenter_of_other_classes(tmp_path):
                   "--tboard", str(tmp_path / "logs"), "--test_multi", "mcp")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "19" in lines[0], out.stderr
+
+
+def _one_image_export(tmp_path, root):
+    from types import SimpleNamespace
+
+    from obsnet.bravo_export import BravoExport
+    from obsnet.methods import MethodConfig
+    data = tmp_path / "data" / "bravo_ACDC" / "night"
+    data.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(data / "a.png")
+    pairs = [SimpleNamespace(image=data / "a.png", label=None)]
+    return BravoExport(root, ["mcp"], tmp_path / "data", pairs, MethodConfig())
+
+
+def test_export_files_appear_only_when_finished_and_a_failed_write_leaves_none(tmp_path,
+                                                                                monkeypatch):
+    import torch
+
+    from obsnet import bravo_export
+    export = _one_image_export(tmp_path, tmp_path / "out")
+    export.add_scores("mcp", torch.rand(1, 8, 12))
+    export.add_pred(torch.zeros(1, 8, 12, dtype=torch.long))
+    final = tmp_path / "out" / "mcp" / "bravo_ACDC" / "night" / "a_conf.png"
+    assert not final.exists()  # aside until the table is out
+    assert export.finish() and final.is_file()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mcp"]  # no temporary folder left
+
+    def full_disk(path, array):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bravo_export, "write_png", full_disk)
+    failed = _one_image_export(tmp_path / "again", tmp_path / "out2")
+    failed.add_scores("mcp", torch.rand(1, 8, 12))
+    failed.add_pred(torch.zeros(1, 8, 12, dtype=torch.long))  # the pass goes on
+    with pytest.raises(OSError, match="No space left"):
+        failed.finish()
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
+def test_a_linked_subset_folder_keeps_its_place_in_the_tree(tmp_path):
+    from obsnet.bravo_export import frame_files
+    store = tmp_path / "store" / "ACDC" / "night"
+    store.mkdir(parents=True)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "bravo_ACDC").symlink_to(tmp_path / "store" / "ACDC")
+    pred, _ = frame_files(tmp_path / "out", "obsnet", tmp_path / "ds",
+                          tmp_path / "ds" / "bravo_ACDC" / "night" / "a.png")
+    assert pred == tmp_path / "out" / "obsnet" / "bravo_ACDC" / "night" / "a_pred.png"

@@ -187,8 +187,15 @@ def test_a_foreign_or_mismatched_thresholds_file_is_refused(run_dir, tmp_path):
         test = main_py(*TINY, *paths(root), "--test_only", "--tboard", str(tmp_path / "t"))
         assert test.returncode == 2 and "not a thresholds file" in test.stderr
         record = {"written_by": "main.py --fit_threshold", "segmenter": "0" * 16, "methods": {}}
-        path.write_text(json.dumps(record))
+        path.write_text(json.dumps(record))  # no split, images, targets nor settings
         test = main_py(*TINY, *paths(root), "--test_only", "--tboard", str(tmp_path / "u"))
+        assert test.returncode == 2 and "its split, images, targets" in test.stderr
+        settings = {k: None for k in ("T", "Temp", "sampling_score", "gauss_lambda", "odin_eps",
+                                      "odin_temp", "ensemble")}
+        record |= {"split": "val", "images": 4, "targets": {"tpr": 0.9, "risk": None},
+                   "observer": None, "settings": settings}
+        path.write_text(json.dumps(record))
+        test = main_py(*TINY, *paths(root), "--test_only", "--tboard", str(tmp_path / "v"))
         assert test.returncode == 2 and "fitted for another segmenter" in test.stderr
     finally:
         path.unlink()
@@ -268,3 +275,66 @@ def test_onnx_alarm_output_follows_the_threshold(fitted, tmp_path):
     assert alarm.dtype == np.uint8 and alarm.shape == prob.shape
     clear = np.abs(prob - 1 / (1 + np.exp(-t))) > 1e-5  # away from the threshold itself
     np.testing.assert_array_equal(alarm[clear] == 1, prob[clear] > 1 / (1 + np.exp(-t)))
+
+
+def test_the_file_is_found_however_the_observer_is_named(tmp_path):
+    folder = tmp_path / "obs"
+    assert thresholds_path(folder) == folder / "best.thresholds.json"  # not made yet
+    folder.mkdir()
+    (folder / "best.pth").write_bytes(b"")
+    assert thresholds_path(folder) == thresholds_path(folder / "best.pth") \
+        == thresholds_path(f"{folder}/") == folder / "best.thresholds.json"
+    assert thresholds_path(tmp_path / "mine.pt") == tmp_path / "mine.thresholds.json"
+
+
+def test_thresholds_of_changed_scores_are_skipped_with_a_warning(fitted, tmp_path):
+    """Another --T for mc_dropout, another observer fingerprint (retrained, or calibrated:
+    ``test_a_calibration_changes_the_observer_fingerprint``) for obsnet: only those
+    methods' frozen rates go, each said in a warning; the others are still reported."""
+    root, _ = fitted
+    fit = main_py(*TINY, *paths(root), "--fit_threshold", "--overwrite", "--target_tpr", "0.7",
+                  "--test_multi", "obsnet,mcp,mc_dropout", "--T", "2",
+                  "--tboard", str(tmp_path / "fit"))
+    assert fit.returncode == 0, fit.stderr
+    test = main_py(*TINY, *paths(root), "--test_only", "--test_multi", "obsnet,mcp,mc_dropout",
+                   "--T", "3", "--tboard", str(tmp_path / "t1"))
+    assert test.returncode == 0, test.stderr
+    assert "mc_dropout's thresholds were fitted with other --T: not reported" in test.stderr
+    results = json.loads((tmp_path / "t1" / "results_test_ood.json").read_text())
+    assert "frozen" not in results["methods"]["mc_dropout"]
+    assert {"obsnet", "mcp"} <= {n for n, e in results["methods"].items() if "frozen" in e}
+    path = thresholds_path(root / "obsnet")  # as if the observer were retrained or calibrated
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record | {"observer": "f" * len(record["observer"])}))
+    test = main_py(*TINY, *paths(root), "--test_only", "--test_multi", "obsnet,mcp",
+                   "--tboard", str(tmp_path / "t2"))
+    assert test.returncode == 0, test.stderr
+    assert "obsnet's thresholds were fitted for another observer (or calibration)" in test.stderr
+    results = json.loads((tmp_path / "t2" / "results_test_ood.json").read_text())
+    assert "frozen" not in results["methods"]["obsnet"] and "frozen" in results["methods"]["mcp"]
+
+
+def test_a_calibration_changes_the_observer_fingerprint():
+    from obsnet.models.calibration import CalibratedObserver
+    from obsnet.models.checkpoint import weights_fingerprint
+    from obsnet.models.obsnet import Obsnet_Seg
+    observer = Obsnet_Seg(3, 1, width_mult=0.0625)
+    prints = {weights_fingerprint(observer),
+              weights_fingerprint(CalibratedObserver(observer, 1.5, -0.5, {})),
+              weights_fingerprint(CalibratedObserver(observer, 1.5, -0.25, {}))}
+    assert len(prints) == 3
+
+
+def test_a_figure_not_drawn_again_is_withdrawn(fitted, tmp_path):
+    """A test whose methods give no probability of error leaves no reliability diagram of an
+    earlier test of the split beside its new results."""
+    root, _ = fitted
+    logs = tmp_path / "logs"
+    first = main_py(*TINY, *paths(root), "--test_only", "--test_multi", "mcp", "--tboard", str(logs))
+    assert first.returncode == 0 and (logs / "reliability_test_ood.png").is_file()
+    again = main_py(*TINY, *paths(root), "--test_only", "--test_multi", "entropy", "--overwrite",
+                    "--tboard", str(logs))
+    assert again.returncode == 0, again.stderr
+    assert not (logs / "reliability_test_ood.png").exists()
+    assert (logs / "risk_coverage_test_ood.png").is_file()
+    assert "reliability_test_ood.png" not in json.loads((logs / ".obsnet-written.json").read_text())["files"]
