@@ -15,9 +15,10 @@ from obsnet.calibration import calibration_summary
 from obsnet.models.calibration import calibration_of
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.registry import load_observed, load_segmenter
-from obsnet.reliability import diagram_bins, log_figure, reliability_figure, write_png
+from obsnet.figures import (diagram_bins, log_figure, reliability_figure, risk_coverage_figure,
+                            write_png)
 from obsnet.report import (format_frozen_table, format_table, log_pr_curves, log_preview,
-                           log_scalars, risk_coverage_figure, write_csv, write_json)
+                           log_scalars, write_csv, write_json)
 from obsnet.run_checks import tboard_files
 from obsnet.run_files import RunFiles
 from obsnet.runtime import loader_for, log, refuse_missing_dropout
@@ -74,17 +75,24 @@ def load_ensemble(cfg: RunConfig, device) -> list:
             for f in cfg.paths.ensemble]
 
 
-def load_tested(cfg: RunConfig, rt, observed: bool):
-    """(frozen segmenter, observer or None) of a test, in ``rt``'s memory format: the observer
-    of --obsnet_file as its checkpoint records it (``observed``: --test_multi has obsnet)."""
-    m, paths = cfg.model, cfg.paths
-    if not observed:
+def load_tested(cfg: RunConfig, rt) -> tuple:
+    """(frozen segmenter, observer or None, --ensemble members) that the methods of
+    --test_multi run, in ``rt``'s memory format: the observer of --obsnet_file as its
+    checkpoint records it, when obsnet is among them; a segmenter without dropout layers is
+    refused for mc_dropout."""
+    m, paths, names = cfg.model, cfg.paths, cfg.test.methods
+    if "obsnet" in names:
+        segnet, obsnet, _ = load_observed(paths.obsnet_file, m.observer, m.model, m.nclass,
+                                          m.width_mult, paths.segnet_file, rt.device,
+                                          cfg.data.size)
+        obsnet = obsnet.to(memory_format=rt.memory_format)
+    else:
         segnet = load_segmenter(m.model, m.nclass, m.width_mult, paths.segnet_file, rt.device,
                                 layers=m.observe_layers, probe_size=cfg.data.size)
-        return segnet.to(memory_format=rt.memory_format), None
-    segnet, obsnet, _ = load_observed(paths.obsnet_file, m.observer, m.model, m.nclass,
-                                      m.width_mult, paths.segnet_file, rt.device, cfg.data.size)
-    return (net.to(memory_format=rt.memory_format) for net in (segnet, obsnet))
+        obsnet = None
+    refuse_missing_dropout(segnet, m.model,
+                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
+    return segnet.to(memory_format=rt.memory_format), obsnet, load_ensemble(cfg, rt.device)
 
 
 def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
@@ -104,10 +112,7 @@ def stage_test(cfg: RunConfig, spec, rt, writer) -> None:
     if paths.export_bravo is not None:
         bravo_export.check_export_targets(paths.export_bravo, names, cfg.data.folder, pairs,
                                           paths.overwrite)
-    segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
-    refuse_missing_dropout(segnet, m.model,
-                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
-    ensemble = load_ensemble(cfg, rt.device)
+    segnet, obsnet, ensemble = load_tested(cfg, rt)
     frozen = frozen_thresholds(cfg, segnet, obsnet, ensemble)
     export = bravo = None
     if export_dir is not None and rt.is_main:
@@ -184,11 +189,8 @@ def stage_fit_threshold(cfg: RunConfig, spec, rt, writer) -> None:
         raise UsageError("--fit_threshold runs in one process: run it without torchrun")
     m, names, split = cfg.model, list(cfg.test.methods), cfg.test.split
     loader = loader_for(cfg.data, spec, split, False, rt, cfg.seed)
-    segnet, obsnet = load_tested(cfg, rt, "obsnet" in names)
-    refuse_missing_dropout(segnet, m.model,
-                           [f"--test_multi {n}" for n in names if n == "mc_dropout"])
+    segnet, obsnet, ensemble = load_tested(cfg, rt)
     methods = method_config(cfg.test, spec, m.nclass, class_stats_for(cfg, segnet))
-    ensemble = load_ensemble(cfg, rt.device)
     results, _, meters = evaluate(segnet, obsnet, loader, names, spec, rt.device, methods,
                                   m.nclass, split, amp=cfg.amp, progress=rt.is_main,
                                   ensemble=ensemble, hooks=EvalHooks(image_counts=True))

@@ -11,7 +11,7 @@ from obsnet.data.native import LabelGrid
 from obsnet.data.specs import DatasetSpec
 from obsnet.distributed import in_process_group
 from obsnet.methods import METHODS, EvalBatch, MethodConfig
-from obsnet.metrics.bravo import BravoMeter, bravo_confidence
+from obsnet.metrics.bravo import BravoMeter, ValidConfusion, bravo_confidence
 from obsnet.metrics.confusion import ConfusionMeter
 from obsnet.metrics.ood import OODMeter
 from obsnet.metrics.per_image import PerImageMeter
@@ -39,10 +39,11 @@ class _Meters:
     """Meters of one method: OOD protocol pooled over the split and per image (anomaly-seg's),
     error protocol, and time."""
 
-    def __init__(self, nclass: int, image_counts: bool = False):
+    def __init__(self, nclass: int, valid_confusion: ValidConfusion, image_counts: bool = False):
         self.ood, self.error, self.seconds = OODMeter(), OODMeter(), 0.0
         self.ood_image = PerImageMeter()
-        self.bravo = BravoMeter(nclass)  # the BRAVO toolkit's metrics (docs/bravo.md)
+        # the BRAVO toolkit's metrics (docs/bravo.md); the valid pixels' confusion is shared
+        self.bravo = BravoMeter(nclass, valid_confusion)
         self.images = ImageCounts() if image_counts else None  # per image, for conformal
 
 
@@ -129,7 +130,8 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
     segnet.eval()
     if obsnet is not None:
         obsnet.eval()
-    meters = {name: _Meters(nclass, hooks.image_counts) for name in names}
+    valid_confusion = ValidConfusion(nclass)  # BRAVO's mIoU: one for every method
+    meters = {name: _Meters(nclass, valid_confusion, hooks.image_counts) for name in names}
     confusion = ConfusionMeter(nclass, ignore_ids=tuple(i for i in (spec.void_id,) if i is not None))
     n_images, preview = 0, None
     labelled = getattr(getattr(loader, "dataset", None), "labelled", True)
@@ -144,6 +146,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
             pred_at_labels = grid.classes(pred)
             confusion.update(pred_at_labels, labels)
             masks = _label_masks(labels, pred_at_labels, spec, nclass)
+            valid_confusion.update(pred_at_labels, labels, masks[3] & ~masks[2])
             _score_batch(batch, names, meters, masks, cfg, forward_seconds, device, grid, frames,
                          hooks, (pred_at_labels, labels))
             if hooks.on_pred is not None:
@@ -154,6 +157,7 @@ def evaluate(segnet, obsnet, loader, names, spec: DatasetSpec, device, cfg: Meth
                 small = grid.to_size(labels, images.shape[-2:])
                 preview = _preview(batch, names, cfg, small, pred, pred != small)
         n_images += len(images)
+    valid_confusion.all_reduce()
     results = _results(split, confusion, meters, n_images, spec, device)
     if frames is not None:
         for name, components in frames.compute().items():

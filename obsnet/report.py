@@ -7,7 +7,6 @@ import math
 import torch
 from torchvision.utils import make_grid
 
-from obsnet.metrics.risk import curve_points
 from obsnet.outputs import atomic_write
 from obsnet.visual import colorize_labels, viridis
 
@@ -160,28 +159,6 @@ def log_pr_curves(writer, meters: dict, prefix: str, step: int, points: int = 12
             recall = tp / (tp + fn).clamp_min(1)
             writer.add_pr_curve_raw(f"{prefix}/{name}/{protocol}", tp, fp, tn, fn, precision,
                                     recall, step, num_thresholds=points)
-
-
-def risk_coverage_figure(meters: dict, split: str):
-    """A matplotlib figure: the risk–coverage curve of every method (error protocol, pixels
-    accepted from the most confident), AURC in the legend; None when no method has one."""
-    from matplotlib.figure import Figure  # no pyplot: no display, no global state
-
-    curves = {name: m["error"].risk_coverage() for name, m in meters.items()}
-    curves = {name: c for name, c in curves.items() if len(c["coverage"])}
-    if not curves:
-        return None
-    fig = Figure(figsize=(6, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    for name, c in curves.items():
-        x, y = curve_points(c["coverage"], c["risk"])
-        ax.plot(x, y, label=f"{name} (AURC {100 * c['aurc']:.2f})", linewidth=1.2)
-    ax.set(xlabel="coverage (share of pixels accepted)", ylabel="selective risk (error rate)",
-           title=f"risk–coverage, {split}", xlim=(0, 1))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def log_scalars(writer, results: dict, prefix: str, step: int) -> None:

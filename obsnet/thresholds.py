@@ -32,7 +32,7 @@ from obsnet.metrics.risk import (
 )
 from obsnet.models.checkpoint import weights_fingerprint
 from obsnet.models.observer_spec import observer_path
-from obsnet.outputs import atomic_write
+from obsnet.report import write_json
 
 KINDS = ("tpr", "risk", "conformal_tpr")  # the operating points, in the order they are shown
 WRITER = "main.py --fit_threshold"
@@ -90,25 +90,31 @@ def fit_points(meters: dict, targets: Targets) -> dict:
     """Per method: each operating point's threshold and what it gives on the fit split."""
     out = {}
     for name, m in meters.items():
-        table = m["error"].coarse_table()
-        points = {"tpr": fit_tpr_threshold(table, targets.tpr)}
+        tables = _tables(m)
+        points = {"tpr": fit_tpr_threshold(tables[0], targets.tpr)}
         if targets.risk is not None:
-            points["risk"] = fit_risk_threshold(table, targets.risk)
+            points["risk"] = fit_risk_threshold(tables[0], targets.risk)
         images = m.get("images")
         if images is not None:
             points["conformal_tpr"], _ = conformal_tpr_threshold(images, targets.tpr)
-        out[name] = {kind: {"threshold": t, "fit": _rates(t, m)} for kind, t in points.items()}
+        out[name] = {kind: {"threshold": t, "fit": _rates(t, tables, images)}
+                     for kind, t in points.items()}
     return out
 
 
-def _rates(threshold: float, meters: dict) -> dict:
-    """``rates_at`` on one method's meters, plus the per-image mean share of correct pixels
-    accepted when the meters counted images."""
+def _tables(meters: dict) -> tuple:
+    """One method's (error, OOD) ``OODMeter.coarse_table()``, built once for all its points."""
+    return meters["error"].coarse_table(), meters["ood"].coarse_table()
+
+
+def _rates(threshold: float, tables: tuple, images=None) -> dict:
+    """``rates_at`` on one method's tables (``_tables``), plus the per-image mean share of
+    correct pixels accepted when ``images`` (its ``ImageCounts``) were counted."""
     if math.isnan(threshold):
         return {}
-    rates = rates_at(threshold, meters["error"].coarse_table(), meters["ood"].coarse_table())
-    if meters.get("images") is not None:
-        rates["image_accepted_correct"] = image_accepted_correct(meters["images"], threshold)
+    rates = rates_at(threshold, *tables)
+    if images is not None:
+        rates["image_accepted_correct"] = image_accepted_correct(images, threshold)
     return rates
 
 
@@ -119,8 +125,9 @@ def frozen_rates(record: dict, meters: dict) -> dict:
     for name, m in meters.items():
         points = record["methods"].get(name)
         if points:
+            tables = _tables(m)
             out[name] = {kind: {"threshold": p["threshold"], "fit": p["fit"],
-                                "test": _rates(p["threshold"], m)}
+                                "test": _rates(p["threshold"], tables, m.get("images"))}
                          for kind, p in points.items()}
     return out
 
@@ -136,26 +143,20 @@ def thresholds_record(points: dict, split: str, targets: Targets, n_images: int,
             "methods": points}
 
 
-def _json_value(value):
-    """JSON has no infinities or NaN: they are written as strings and read back."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    return value
-
-
 def save_thresholds(path: Path, record: dict) -> None:
-    """Write ``record`` to ``path`` atomically."""
-    text = json.dumps(_json_value(record), indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()), "--obsnet_file")
+    """Write ``record`` to ``path`` atomically, as the results files are written (NaN as null,
+    an infinity as "inf" / "-inf": ``obsnet.report.write_json``)."""
+    write_json(path, record, "--obsnet_file")
 
 
 def _threshold_of(value, where: str) -> float:
-    """A recorded threshold: a number or "inf" / "-inf" / "nan" (UsageError otherwise)."""
+    """A recorded threshold or rate: a number, null (NaN) or "inf" / "-inf" (UsageError
+    otherwise)."""
+    if value is None:
+        return math.nan
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if value in ("inf", "-inf", "nan"):
+    if value in ("inf", "-inf"):
         return float(value)
     raise UsageError(f"{where}: a threshold is not a number ({str(value)[:40]!r})")
 

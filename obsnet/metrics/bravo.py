@@ -179,41 +179,73 @@ def metrics_from_counts(right, wrong, invalid, confusion=None, semantic: bool = 
     return out
 
 
-class BravoMeter:
-    """Per-level counts of valid right, valid wrong and invalid pixels (3 × 65536 int64) and
-    the valid pixels' confusion matrix, on the device; summed across DDP ranks."""
+class ValidConfusion:
+    """The confusion matrix of the valid pixels (BRAVO's mIoU), on the device; summed across
+    DDP ranks. It does not depend on the uncertainty method: an evaluation counts it once and
+    gives it to every method's ``BravoMeter``."""
 
     def __init__(self, nclass: int):
         self.nclass = nclass
         self.counts = None
-        self.confusion = None
 
-    def _init_state(self, device):
-        self.counts = torch.zeros(3, LEVELS, dtype=torch.int64, device=device)
-        self.confusion = torch.zeros(self.nclass * self.nclass, dtype=torch.int64, device=device)
+    def update(self, pred, labels, valid) -> None:
+        """Count one batch's valid pixels whose prediction and label are classes."""
+        if self.counts is None:
+            self.counts = torch.zeros(self.nclass ** 2, dtype=torch.int64, device=pred.device)
+        classed = valid & (pred >= 0) & (pred < self.nclass) & (labels >= 0) & \
+            (labels < self.nclass)  # none without class labels
+        cells = labels[classed] * self.nclass + pred[classed]
+        self.counts += torch.bincount(cells, minlength=self.nclass ** 2)
+
+    def all_reduce(self):
+        """Sum the counts over the default process group; a no-op without one."""
+        if in_process_group():
+            if self.counts is None:
+                self.counts = torch.zeros(self.nclass ** 2, dtype=torch.int64,
+                                          device=dist_device())
+            dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
+        return self
+
+    def matrix(self) -> np.ndarray | None:
+        """nclass × nclass counts (None before any update)."""
+        return None if self.counts is None else \
+            self.counts.cpu().numpy().reshape(self.nclass, self.nclass)
+
+
+class BravoMeter:
+    """Per-level counts of valid right, valid wrong and invalid pixels (3 × 65536 int64) on
+    the device, summed across DDP ranks, and the valid pixels' confusion (``confusion``: a
+    ``ValidConfusion`` counted by the caller, shared by several meters; None: its own)."""
+
+    def __init__(self, nclass: int, confusion: ValidConfusion | None = None):
+        self.nclass = nclass
+        self.counts = None
+        self.own = confusion is None
+        self.confusion = ValidConfusion(nclass) if confusion is None else confusion
 
     def update(self, conf, pred, labels, valid, invalid):
         """Count one batch: ``conf`` confidences in [0, 1], ``pred``/``labels`` classes (compared
         on valid pixels only), ``valid``/``invalid`` boolean masks (void pixels in neither)."""
         if self.counts is None:
-            self._init_state(conf.device)
+            self.counts = torch.zeros(3, LEVELS, dtype=torch.int64, device=conf.device)
         levels = quantise(conf)
         valid = valid & (pred >= 0) & (pred < self.nclass)
         right = valid & (pred == labels)
         for row, mask in enumerate((right, valid & ~right, invalid & ~valid)):
             self.counts[row] += torch.bincount(levels[mask], minlength=LEVELS)
-        classed = valid & (labels >= 0) & (labels < self.nclass)  # none without class labels
-        cells = labels[classed] * self.nclass + pred[classed]
-        self.confusion += torch.bincount(cells, minlength=self.nclass ** 2)
+        if self.own:
+            self.confusion.update(pred, labels, valid)
 
     def all_reduce(self):
-        """Sum the counts over the default process group; a no-op without one."""
+        """Sum the counts (and an own confusion) over the default process group; a no-op
+        without one."""
         if not in_process_group():
             return self
         if self.counts is None:
-            self._init_state(dist_device())
+            self.counts = torch.zeros(3, LEVELS, dtype=torch.int64, device=dist_device())
         dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
-        dist.all_reduce(self.confusion, op=dist.ReduceOp.SUM)
+        if self.own:
+            self.confusion.all_reduce()
         return self
 
     def compute(self, with_classes: bool = True) -> dict:
@@ -222,5 +254,5 @@ class BravoMeter:
         if self.counts is None:
             return {}
         right, wrong, invalid = self.counts.cpu().numpy()
-        confusion = self.confusion.cpu().numpy().reshape(self.nclass, self.nclass)
-        return metrics_from_counts(right, wrong, invalid, confusion, semantic=with_classes)
+        return metrics_from_counts(right, wrong, invalid, self.confusion.matrix(),
+                                   semantic=with_classes)

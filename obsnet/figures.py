@@ -1,13 +1,14 @@
-"""Reliability diagrams of the methods whose score is a probability of error: observed error
-rate against mean predicted probability in ECE's 15 uniform groups (``OODMeter.reliability``,
-from the meter's bins: no pixel is stored), one panel per method, as a PNG and in
-TensorBoard."""
+"""The figures of a test, drawn from the meters' bins (no pixel is stored), written as PNGs
+and to TensorBoard: the risk–coverage curve of every method, and the reliability diagrams of
+the methods whose score is a probability of error (observed error rate against mean
+predicted probability in ECE's 15 uniform groups, ``OODMeter.reliability``)."""
 import io
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from obsnet.metrics.risk import curve_points
 from obsnet.outputs import atomic_write
 
 
@@ -41,6 +42,26 @@ def reliability_figure(bins: dict, title: str) -> Figure:
             ax.set_ylabel("observed error rate")
             ax.legend(fontsize=6, loc="upper left")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def risk_coverage_figure(meters: dict, split: str):
+    """A matplotlib figure: the risk–coverage curve of every method (error protocol, pixels
+    accepted from the most confident), AURC in the legend; None when no method has one."""
+    curves = {name: m["error"].risk_coverage() for name, m in meters.items()}
+    curves = {name: c for name, c in curves.items() if len(c["coverage"])}
+    if not curves:
+        return None
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for name, c in curves.items():
+        x, y = curve_points(c["coverage"], c["risk"])
+        ax.plot(x, y, label=f"{name} (AURC {100 * c['aurc']:.2f})", linewidth=1.2)
+    ax.set(xlabel="coverage (share of pixels accepted)", ylabel="selective risk (error rate)",
+           title=f"risk–coverage, {split}", xlim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
